@@ -1,0 +1,32 @@
+# make setup: idempotent; creates .venv/ and installs the library, the app, tests and offline assets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup app test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-assets.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+app: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python app.py
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m compression bench --out bench
+
+clean:
+	rm -rf $(VENV)
