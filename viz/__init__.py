@@ -1,0 +1,24 @@
+"""Plotly figures for compression Reports (plain dicts; no torch, no ``compression`` import)."""
+from .figures import (
+    accuracy_figure,
+    error_figure,
+    influence_figure,
+    leverage_figure,
+    loss_figure,
+    pareto_figure,
+    sizes_figure,
+    spectra_overview_figure,
+    spectrum_figure,
+)
+
+__all__ = [
+    "spectrum_figure",
+    "spectra_overview_figure",
+    "leverage_figure",
+    "error_figure",
+    "influence_figure",
+    "sizes_figure",
+    "pareto_figure",
+    "loss_figure",
+    "accuracy_figure",
+]
