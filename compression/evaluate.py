@@ -55,13 +55,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def speed(model, prompt_len: int = 512, new_tokens: int = 128, repeats: int = 3,
-          vocab_low: int = 1000, seed: int = 0) -> dict[str, float]:
+def speed(model, prompt_len: int = 512, new_tokens: int = 128, repeats: int = 3, seed: int = 0) -> dict[str, float]:
     """Median prefill tokens/s on a ``prompt_len`` prompt and decode tokens/s over ``new_tokens``
     greedy steps with the KV cache (EOS ignored so every run decodes the same number of tokens)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(vocab_low, vocab_low + 1000, (1, prompt_len), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     prefill, decode = [], []

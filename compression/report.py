@@ -28,7 +28,7 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     heal: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The compressed model object itself (not serialised): methods may return a new wrapper module.
+    compressed: Any = field(default=None, repr=False, compare=False)
 
     @property
     def ratio_achieved(self) -> float:
@@ -74,7 +76,9 @@ class Report:
         return 1.0 - self.block_params_compressed / self.block_params_dense
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("compressed", "layers")}
+        d = json.loads(json.dumps(d))  # a deep copy of plain data only
+        d["layers"] = [asdict(layer) for layer in self.layers]
         d["ratio_achieved"] = self.ratio_achieved
         return d
 
@@ -83,7 +87,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
-        d = {k: v for k, v in d.items() if k != "ratio_achieved"}
+        d = {k: v for k, v in d.items() if k not in ("ratio_achieved", "compressed")}
         layers = [LayerReport(**layer) for layer in d.pop("layers", [])]
         return cls(layers=layers, **d)
 

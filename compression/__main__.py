@@ -1,0 +1,159 @@
+"""Command line: ``python -m compression compress|eval ...``, printing and writing JSON.
+
+Bad input (unknown model, unsupported architecture, ratio outside [0, 0.9], too little calibration
+text) exits with status 2 and one line on stderr, before any long work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import methods
+from .api import compress
+from .arch import arch_for
+from .data import CalibrationError, TextSpec, evaluation_windows
+from .evaluate import perplexity, sizes, speed
+from .models import DEFAULT_MODEL, ModelError, load_config, load_model
+
+
+class UsageError(ValueError):
+    pass
+
+
+def tqdm_progress(desc: str):
+    """A progress(fraction, message) callback drawing one tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+        bar.set_postfix_str(message, refresh=True)
+    progress.close = bar.close
+    return progress
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, HF id or local folder")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
+    p.add_argument("--eval-windows", type=int, default=32, help="1024-token wiki windows for ppl")
+    p.add_argument("--eval-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m compression", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a model, write DIR/report.json and DIR/model/")
+    add_common(c)
+    c.add_argument("--method", required=True, choices=sorted(methods.METHODS))
+    c.add_argument("--ratio", type=float, default=None,
+                   help="fraction of decoder-block parameters to remove, in [0, 0.9]")
+    methods.add_method_arguments(c)
+    c.add_argument("--calib-samples", type=int, default=64)
+    c.add_argument("--calib-len", type=int, default=512)
+    c.add_argument("--calib-batch", type=int, default=8)
+    c.add_argument("--no-eval", action="store_true", help="skip dense/compressed perplexity")
+    c.add_argument("--out", required=True, type=Path)
+    e = sub.add_parser("eval", help="perplexity, size and speed of a model; JSON out")
+    add_common(e)
+    e.add_argument("--json", type=Path, default=None, help="write the results here")
+    e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks (lm-eval), e.g. piqa,hellaswag")
+    e.add_argument("--limit", type=int, default=None, help="zero-shot items per task")
+    return ap.parse_args(argv)
+
+
+def check_model(name: str, trust_remote_code: bool):
+    config = load_config(name, trust_remote_code)
+    arch_for(config)
+    return config
+
+
+def cmd_compress(args) -> dict:
+    if args.ratio is not None and not 0.0 <= args.ratio <= 0.9:
+        raise UsageError(f"--ratio must be in [0, 0.9], got {args.ratio}")
+    config = methods.config_from_args(args)  # validates method options before loading anything
+    check_model(args.model, args.trust_remote_code)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    t0 = time.perf_counter()
+    calib = TextSpec(args.calib_samples, args.calib_len).batches(tokenizer)
+    tokenize_seconds = time.perf_counter() - t0
+    windows = None if args.no_eval else evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
+    ppl_dense = None
+    if windows is not None:
+        bar = tqdm_progress("dense perplexity")
+        ppl_dense = perplexity(model, windows, progress=bar)
+        bar.close()
+    bar = tqdm_progress(f"{args.method}")
+    report = compress(model, config, calib, progress=bar)
+    bar.close()
+    model = report.compressed
+    report.model = args.model
+    report.ppl_dense = ppl_dense
+    report.calibration_seconds += tokenize_seconds
+    if windows is not None:
+        bar = tqdm_progress("compressed perplexity")
+        report.ppl_compressed = perplexity(model, windows, progress=bar)
+        bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out / "model")
+    tokenizer.save_pretrained(args.out / "model")
+    report.save(args.out / "report.json")
+    summary = {k: v for k, v in report.to_dict().items() if not isinstance(v, (list, dict))}
+    summary["out"] = str(args.out)
+    return summary
+
+
+def cmd_eval(args) -> dict:
+    tasks = None
+    if args.tasks:
+        from .zeroshot import TASKS
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise UsageError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    check_model(args.model, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    windows = evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
+    result = {"model": args.model, **sizes(model)}
+    bar = tqdm_progress("perplexity")
+    result["ppl"] = perplexity(model, windows, progress=bar)
+    bar.close()
+    if not args.no_speed:
+        result.update(speed(model))
+    if tasks:
+        from .zeroshot import zero_shot
+        result["zero_shot"] = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=args.limit)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        result = {"compress": cmd_compress, "eval": cmd_eval}[args.command](args)
+    except (UsageError, ModelError, CalibrationError, ValueError) as err:
+        if os.environ.get("COMPRESSION_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Running a model block by block on calibration tokens, and float64 statistics of activations.
+
+``capture_block_inputs`` runs only the embeddings: the block list is swapped for a single module that
+records what the first block would have received (hidden states and the keyword arguments the base
+model passes: masks, rotary tables, positions) and returns it unchanged. Methods then push those
+inputs through one block at a time (:func:`run_block`), so statistics stream per block and only one
+block's activations are held at once.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import ModelView
+
+CAPTURED_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: hidden states (b, T, d) and the block keyword arguments."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.kwargs)
+
+
+class _Recorder(nn.Module):
+    """Stands in for the block list during capture: records block-0 inputs, returns them unchanged."""
+
+    def __init__(self, sink: BlockInputs):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, hidden_states, **kwargs):
+        self.sink.hidden.append(hidden_states)
+        self.sink.kwargs.append({k: kwargs.get(k) for k in CAPTURED_KWARGS})
+        return hidden_states
+
+
+@contextmanager
+def _blocks_replaced(mv: ModelView, module: nn.Module):
+    decoder = mv.decoder
+    layers, n = decoder.layers, decoder.config.num_hidden_layers
+    decoder.layers = nn.ModuleList([module])
+    decoder.config.num_hidden_layers = 1
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+        decoder.config.num_hidden_layers = n
+
+
+@torch.no_grad()
+def capture_block_inputs(mv: ModelView, tokens: torch.Tensor, batch_size: int = 8) -> BlockInputs:
+    """Inputs of the first block for ``tokens`` (N, T), in batches of ``batch_size`` sequences."""
+    sink = BlockInputs()
+    with _blocks_replaced(mv, _Recorder(sink)):
+        for start in range(0, tokens.shape[0], batch_size):
+            mv.decoder(tokens[start:start + batch_size].to(mv.device), use_cache=False)
+    return sink
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for every calibration batch."""
+    return [block(h, use_cache=False, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
+class Gram:
+    """Accumulates XᵀX (float64) and the token count over batches of rows X (..., d)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)
+        self.xtx += x.T @ x
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """XᵀX / n: the uncentred correlation."""
+        return self.xtx / max(self.count, 1)
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], dims: dict[str, int] | None = None):
+    """Accumulate the Gram matrix of each named module's input while the context is open.
+
+    Yields ``{name: Gram}``; hooks are removed on exit.
+    """
+    grams: dict[str, Gram] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            if name not in grams:
+                grams[name] = Gram(x.shape[-1], x.device)
+            grams[name].add(x)
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(hook_for(name)))
+    try:
+        yield grams
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def cosine_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of 1 − cos(x_in, x_out) and the token count (Block Influence, ShortGPT)."""
+    a = x_in.reshape(-1, x_in.shape[-1]).double()
+    b = x_out.reshape(-1, x_out.shape[-1]).double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return float((1.0 - cos).sum()), a.shape[0]
+
+
+@torch.no_grad()
+def block_influence(mv: ModelView, inputs: BlockInputs, progress=None) -> list[float]:
+    """Block Influence of every block: 1 − mean cosine between its input and output hidden states.
+
+    Runs the dense model block by block over the calibration inputs (one forward pass in total).
+    """
+    scores = []
+    hidden = inputs.hidden
+    blocks = mv.layers
+    for i, block in enumerate(blocks):
+        outputs = run_block(block, inputs.with_hidden(hidden))
+        total, count = 0.0, 0
+        for x_in, x_out in zip(hidden, outputs):
+            s, n = cosine_influence(x_in, x_out)
+            total, count = total + s, count + n
+        scores.append(total / count)
+        hidden = outputs
+        if progress:
+            progress((i + 1) / len(blocks), f"block influence {i + 1}/{len(blocks)}")
+    return scores

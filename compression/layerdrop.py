@@ -1,0 +1,110 @@
+"""Layer dropping: the pruning step of LayerChop (Jha et al., arXiv 2305.14864).
+
+Which layers go is decided by Block Influence (ShortGPT, Men et al. 2024): BI_i = 1 − E[cos(x_i, x_i+1)]
+over calibration tokens, the lowest-influence blocks being the most redundant. The model keeps its own
+class: dropped blocks are deleted and the rest renumbered, so ``save_pretrained`` output reloads with
+plain ``AutoModelForCausalLM.from_pretrained``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .arch import ModelView, count_params, view
+
+
+@dataclass
+class LayerDropConfig:
+    """Drop whole decoder blocks.
+
+    ratio: fraction of decoder-block parameters to remove; the fewest lowest-influence blocks whose
+        removal reaches it are dropped. Ignored when ``layers`` is given.
+    layers: explicit indices of the blocks to drop.
+    """
+
+    ratio: float | None = 0.25
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.layers is not None:
+            self.layers = tuple(sorted(set(int(i) for i in self.layers)))
+        elif self.ratio is None or not 0.0 <= self.ratio <= 0.9:
+            raise ValueError(f"ratio must be in [0, 0.9], got {self.ratio}")
+
+    def validate_for(self, num_layers: int) -> None:
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"layer indices {bad} out of range for a model with {num_layers} layers")
+            if len(self.layers) >= num_layers:
+                raise ValueError("cannot drop every layer")
+
+
+def layers_to_drop(influence: list[float], block_sizes: list[int], ratio: float) -> list[int]:
+    """The fewest lowest-influence blocks whose parameters reach ``ratio`` of all block parameters."""
+    target = ratio * sum(block_sizes)
+    order = sorted(range(len(influence)), key=lambda i: influence[i])
+    chosen, removed = [], 0
+    for i in order:
+        if removed >= target - 1e-9 or len(chosen) == len(order) - 1:
+            break
+        chosen.append(i)
+        removed += block_sizes[i]
+    return sorted(chosen)
+
+
+def drop_layers(mv: ModelView, drop: list[int]) -> None:
+    """Delete blocks ``drop`` in place and renumber what indexes layers (cache slots, layer types)."""
+    keep = [i for i in range(len(mv.layers)) if i not in set(drop)]
+    decoder, config = mv.decoder, mv.config
+    decoder.layers = nn.ModuleList(mv.layers[i] for i in keep)
+    for new_index, block in enumerate(decoder.layers):
+        attn = block.self_attn
+        attn.layer_idx = new_index
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    outer = mv.model.config
+    if outer is not config:  # compressed format: the outer config mirrors the base
+        outer.num_hidden_layers = len(keep)
+        if hasattr(mv.model, "sync_config"):
+            mv.model.sync_config()
+
+
+def block_sizes(mv: ModelView) -> list[int]:
+    return [count_params(block) for block in mv.layers]
+
+
+def compress_layerdrop(model, config: LayerDropConfig, calibration, progress) -> "Report":
+    """Block Influence on the calibration tokens, then drop the chosen blocks."""
+    import time
+
+    from .calibration import block_influence, capture_block_inputs
+    from .report import LayerReport, Report
+
+    mv = view(model)
+    config.validate_for(len(mv.layers))
+    sizes = block_sizes(mv)
+    t0 = time.perf_counter()
+    influence = None
+    if calibration is not None:
+        inputs = capture_block_inputs(mv, calibration)
+        influence = block_influence(mv, inputs, progress)
+        del inputs
+    calibration_seconds = time.perf_counter() - t0
+    if config.layers is not None:
+        drop = list(config.layers)
+    else:
+        if influence is None:
+            raise ValueError("layer dropping by ratio needs calibration tokens for Block Influence")
+        drop = layers_to_drop(influence, sizes, config.ratio)
+    drop_layers(mv, drop)
+    layers = [LayerReport(index=i, removed=i in drop, params_dense=n,
+                          params_compressed=0 if i in drop else n,
+                          influence=None if influence is None else influence[i])
+              for i, n in enumerate(sizes)]
+    return Report(method="layerdrop", config={"ratio": config.ratio, "layers": drop},
+                  ratio_target=config.ratio if config.layers is None else None,
+                  calibration_seconds=calibration_seconds, block_influence=influence,
+                  layers=layers, compressed=model)
