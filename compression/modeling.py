@@ -100,11 +100,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec["d_in"], self.num_kv_heads * self.qk_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(spec["d_in"], self.num_kv_heads * self.v_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, spec["d_mid"], bias=spec.get("o_bias", False))
-        if self.qk_dim < self.head_dim:  # (kv groups, kept pairs): frequency index of each kept pair
-            self.register_buffer("rope_index", torch.zeros(self.num_kv_heads, self.qk_dim // 2,
-                                                           dtype=torch.long))
-        else:
-            self.rope_index = None
+        # (kv groups, kept pairs): the frequency index of each kept rotary pair; None keeps all.
+        partial = self.qk_dim < self.head_dim
+        self.register_buffer("rope_index", torch.zeros(self.num_kv_heads, self.qk_dim // 2,
+                                                       dtype=torch.long) if partial else None)
 
     def rotary(self, cos: torch.Tensor, sin: torch.Tensor):
         """cos/sin (B, T, head_dim) -> per-head tables broadcastable to q (B, H, T, qk_dim)."""
@@ -195,6 +194,15 @@ class CompressedDecoderLayer(nn.Module):
         m = self.mlp(self.post_attention_layernorm(x))
         return (x if self.mlp_skip is None else self.mlp_skip(x)) + m  # (B, T, d_out)
 
+    def attention_out(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """What attention adds to the stream for input ``x`` (calibration helper, no cache)."""
+        return self.self_attn(self.input_layernorm(x), position_embeddings=kwargs["position_embeddings"],
+                              attention_mask=kwargs.get("attention_mask"))[0]
+
+    def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the stream for its block-internal input ``x``."""
+        return self.mlp(self.post_attention_layernorm(x))
+
     def spec(self) -> dict:
         """The shape dict that rebuilds this layer (read off the modules, so never stale)."""
         attn, mlp = self.self_attn, self.mlp
@@ -218,6 +226,23 @@ def dense_spec(base) -> dict:
             "qkv_bias": bool(getattr(base, "attention_bias", False) or base.model_type == "qwen2"),
             "o_bias": bool(getattr(base, "attention_bias", False)),
             "mlp_bias": bool(getattr(base, "mlp_bias", False))}
+
+
+def spec_params(spec: dict, base) -> int:
+    """Parameters of a block with shape ``spec``: a forecast before any compression work."""
+    heads = base.num_attention_heads
+    kv = getattr(base, "num_key_value_heads", None) or heads
+    d_in, d_mid, d_out, m = spec["d_in"], spec["d_mid"], spec["d_out"], spec["mlp_dim"]
+    qk, v = spec["qk_dim"], spec["v_dim"]
+    n = d_in * (heads + kv) * qk + d_in * kv * v + heads * v * d_mid      # q, k, v, o
+    n += 2 * d_mid * m + m * d_out                                         # gate, up, down
+    n += spec.get("branch_rank", 0) * (d_mid + d_out)                      # low-rank branch
+    n += d_in * d_mid * bool(spec.get("attn_skip")) + d_mid * d_out * bool(spec.get("mlp_skip"))
+    n += (d_in + d_mid) * spec.get("norm_scale", True)
+    if spec.get("qkv_bias"):
+        n += (heads + kv) * qk + kv * v
+    n += d_mid * spec.get("o_bias", False) + (2 * m + d_out) * spec.get("mlp_bias", False)
+    return n
 
 
 class CompressedForCausalLM(PreTrainedModel, GenerationMixin):

@@ -174,3 +174,11 @@ def test_chunk_errors_when_text_is_short():
 def test_speed_reports_positive_rates():
     result = speed(tiny_model(), prompt_len=16, new_tokens=4, repeats=1)
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+
+
+def test_spec_params_forecast_matches_modules(model):
+    from compression.modeling import spec_params
+    compressed = to_compressed(model)
+    base = compressed.model.config
+    for layer in compressed.model.layers:
+        assert spec_params(layer.spec(), base) == count_params(layer)

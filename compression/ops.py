@@ -1,0 +1,97 @@
+"""Pure tensor math shared by the methods (float64 where it matters, no model knowledge).
+
+Linear weights follow ``nn.Linear``: W has shape (out, in) and y = x Wᵀ + b.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+# --- covariance spectra ---------------------------------------------------------------------------
+
+def damped(c: torch.Tensor, damping: float) -> torch.Tensor:
+    """C + damping · mean(diag C) · I (SliceGPT's relative damping keeps eigh well conditioned)."""
+    c = c.double()
+    return c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+
+
+def pca(c: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns, same order) of a symmetric matrix."""
+    vals, vecs = torch.linalg.eigh(damped(c, damping) if damping else c.double())
+    order = torch.argsort(vals, descending=True)
+    return vals[order], vecs[:, order]
+
+
+def sqrt_psd(c: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^{1/2} and C^{-1/2} of a PSD matrix (eigenvalues clipped at ``eps``)."""
+    vals, vecs = torch.linalg.eigh(c.double())
+    vals = vals.clamp_min(eps)
+    root = vals.sqrt()
+    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
+    return (vecs * root) @ vecs.T, (vecs * inv) @ vecs.T
+
+
+def ridge_leverage(c: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ridge leverage scores diag(C (C + λI)⁻¹) of a PSD correlation C (one per channel)."""
+    c = c.double()
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return torch.linalg.solve(c + lam * eye, c).diagonal().clone()
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """‖approx − exact‖_F / ‖exact‖_F."""
+    exact = exact.double()
+    return float((approx.double() - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
+# --- rewriting linear layers ----------------------------------------------------------------------
+
+def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               keep_bias: bool = True) -> None:
+    """Replace a Linear's weight (and bias) in place, shapes may change; dtype/device kept."""
+    dtype, device = linear.weight.dtype, linear.weight.device
+    linear.weight = nn.Parameter(weight.to(device, dtype).contiguous(), requires_grad=False)
+    linear.out_features, linear.in_features = weight.shape
+    if linear.bias is not None and keep_bias:
+        b = linear.bias if bias is None else bias
+        linear.bias = nn.Parameter(b.to(device, dtype).contiguous(), requires_grad=False)
+
+
+def scale_inputs(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """W ← W · diag(scale): folds a norm's per-feature scale into the layer that reads the norm."""
+    set_linear(linear, linear.weight.double() * scale.double()[None, :])
+
+
+def rotate_inputs(linear: nn.Linear, q: torch.Tensor) -> None:
+    """W ← W Q: the layer now reads coordinates in the basis Q (columns), (in, d) -> in d."""
+    set_linear(linear, linear.weight.double() @ q.double())
+
+
+def rotate_outputs(linear: nn.Linear, q: torch.Tensor) -> None:
+    """W ← Qᵀ W, b ← Qᵀ b: the layer now writes coordinates in the basis Q (out, d)."""
+    q = q.double()
+    bias = None if linear.bias is None else q.T @ linear.bias.double()
+    set_linear(linear, q.T @ linear.weight.double(), bias)
+
+
+def select_outputs(linear: nn.Linear, index: torch.Tensor) -> None:
+    """Keep output features ``index`` (rows of W and entries of b)."""
+    bias = None if linear.bias is None else linear.bias[index]
+    set_linear(linear, linear.weight[index], bias)
+
+
+def select_inputs(linear: nn.Linear, index: torch.Tensor) -> None:
+    """Keep input features ``index`` (columns of W)."""
+    set_linear(linear, linear.weight[:, index])
+
+
+def new_linear(weight: torch.Tensor, like: torch.Tensor) -> nn.Linear:
+    """A bias-free Linear holding ``weight`` (out, in) with the dtype/device of ``like``."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.to(like.device, like.dtype).contiguous(), requires_grad=False)
+    return layer
+
+
+def round_down(x: float, multiple: int) -> int:
+    return max(multiple, int(x) - int(x) % multiple) if multiple > 1 else max(1, int(x))

@@ -1,0 +1,178 @@
+"""SliceGPT (Ashkboos et al., 2024, arXiv 2401.15024): rotate the residual stream, delete directions.
+
+1. Fold every block norm's scale into the linear layers that read it; the norms become scale-free, so
+   an orthogonal Q with QᵀQ = I passes through them: RMSNorm(x Q) = RMSNorm(x) Q.
+2. Layer by layer, in sequence (each PCA sees the already-sliced layers before it): the principal
+   components of the residual stream entering the MLP (Q_mid) and leaving the block (Q_out), from the
+   uncentred XᵀX of calibration activations (float64, relative damping). Weights that read the stream
+   are rotated on their inputs, weights that write it on their outputs, and only the top-d directions
+   are kept. The skip connection carries the small matrix between consecutive bases.
+
+Unlike the reference code, which rotates the embeddings and unties a tied lm_head (adding vocab x
+hidden parameters), the stream enters block 0 and leaves the last block in the original basis: block 0
+reads the full-width embeddings and its skip matrix maps D -> d, the last block's skip and down
+projection map back d -> D, and the final norm and (tied) head stay untouched.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .arch import view
+from .calibration import Gram, capture_block_inputs
+from .modeling import spec_params, to_compressed
+from .ops import (new_linear, pca, relative_error, rotate_inputs, rotate_outputs, round_down,
+                  scale_inputs)
+from .report import LayerReport, Report
+
+
+@dataclass
+class SliceGPTConfig:
+    """Exactly one of ``slicing`` (fraction of hidden dims deleted, the paper's knob), ``ratio``
+    (fraction of block parameters to remove, skip matrices counted) or ``widths`` (one kept width per
+    layer) sets the sizes."""
+
+    slicing: float | None = None
+    ratio: float | None = None
+    widths: tuple[int, ...] | None = None
+    round_to: int = 8          # kept widths are multiples of this (hardware friendly, as the paper)
+    damping: float = 0.01      # relative eigh damping (the reference implementation's value)
+    error_batches: int = 2     # calibration batches on which per-layer errors vs dense are measured
+    batch_size: int = 8
+
+    def __post_init__(self):
+        given = [x is not None for x in (self.slicing, self.ratio, self.widths)]
+        if sum(given) != 1:
+            raise ValueError("SliceGPT needs exactly one of slicing, ratio or widths")
+        if self.slicing is not None and not 0.0 <= self.slicing < 1.0:
+            raise ValueError(f"slicing must be in [0, 1), got {self.slicing}")
+        if self.ratio is not None and not 0.0 <= self.ratio <= 0.9:
+            raise ValueError(f"ratio must be in [0, 0.9], got {self.ratio}")
+        if self.widths is not None:
+            self.widths = tuple(int(w) for w in self.widths)
+            if min(self.widths) < 1:
+                raise ValueError("widths must be positive")
+
+
+def sliced_specs(base, widths: list[int]) -> list[dict]:
+    """Block shapes when layer i keeps ``widths[i]`` directions (the last block writes width D)."""
+    from .modeling import dense_spec
+
+    D, last = base.hidden_size, len(widths) - 1
+    specs = []
+    for i, w in enumerate(widths):
+        spec = dense_spec(base)
+        spec.update(d_in=D if i == 0 else widths[i - 1], d_mid=w, d_out=D if i == last else w,
+                    attn_skip=True, mlp_skip=True, norm_scale=False)
+        specs.append(spec)
+    return specs
+
+
+def plan_widths(config: SliceGPTConfig, base) -> list[int]:
+    """Per-layer kept widths from the config (validated against the model)."""
+    D, L = base.hidden_size, base.num_hidden_layers
+    if config.widths is not None:
+        if len(config.widths) != L or max(config.widths) > D:
+            raise ValueError(f"widths must be {L} values in [1, {D}]")
+        return list(config.widths)
+    if config.slicing is not None:
+        return [round_down((1 - config.slicing) * D, config.round_to)] * L
+    from .modeling import dense_spec
+
+    dense = L * spec_params(dense_spec(base), base)
+    for d in range(round_down(D, config.round_to), 0, -config.round_to):  # widest that reaches it
+        widths = [d] * L
+        if 1 - sum(spec_params(s, base) for s in sliced_specs(base, widths)) / dense >= config.ratio - 1e-9:
+            return widths
+    raise ValueError(f"ratio {config.ratio} cannot be reached by slicing")
+
+
+def fold_norms(layer) -> None:
+    """Fold both block norms' scales into q/k/v and gate/up; the norms become scale-free."""
+    attn, mlp = layer.self_attn, layer.mlp
+    for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                          (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+        if norm.weight is not None:
+            for linear in readers:
+                scale_inputs(linear, norm.weight.detach())
+            norm.weight = None
+
+
+def principal_basis(signals: list[torch.Tensor], width: int, damping: float):
+    """Eigenvalues and the top-``width`` eigenvectors (D, width) of Σ xxᵀ over the signals."""
+    gram = Gram(signals[0].shape[-1], signals[0].device)
+    for x in signals:
+        gram.add(x)
+    vals, vecs = pca(gram.mean, damping)
+    return vals, vecs[:, :width]
+
+
+def slice_layer(layer, inputs: list[torch.Tensor], kwargs: list[dict], q_in: torch.Tensor,
+                width: int, last: bool, damping: float):
+    """Rotate and slice one block whose inputs are in basis ``q_in`` (D, d_in).
+
+    Returns (outputs in the new basis, q_out, spectra).
+    """
+    dev = inputs[0].device
+    attn, mlp = layer.self_attn, layer.mlp
+    for linear in (attn.q_proj, attn.k_proj, attn.v_proj):
+        rotate_inputs(linear, q_in)
+    # Stream entering the MLP, in the original basis: x Q_inᵀ + attention output.
+    z = [x.double() @ q_in.T + layer.attention_out(x, kw).double() for x, kw in zip(inputs, kwargs)]
+    vals_mid, q_mid = principal_basis(z, width, damping)
+    like = attn.o_proj.weight
+    layer.attn_skip = new_linear((q_mid.T @ q_in).to(dev), like)     # (d_mid, d_in)
+    rotate_outputs(attn.o_proj, q_mid)
+    rotate_inputs(mlp.gate_proj, q_mid)
+    rotate_inputs(mlp.up_proj, q_mid)
+    x_mid = [(zi @ q_mid).to(like.dtype) for zi in z]
+    # Stream leaving the block, original basis: x_mid Q_midᵀ + MLP output on the sliced input.
+    u = [xm.double() @ q_mid.T + layer.mlp_out(xm).double() for xm in x_mid]
+    if last:
+        vals_out, q_out = principal_basis(u, u[0].shape[-1], damping)
+        q_out = torch.eye(u[0].shape[-1], dtype=torch.float64, device=dev)
+    else:
+        vals_out, q_out = principal_basis(u, width, damping)
+    layer.mlp_skip = new_linear((q_out.T @ q_mid).to(dev), like)     # (d_out, d_mid)
+    rotate_outputs(mlp.down_proj, q_out)
+    outputs = [(ui @ q_out).to(like.dtype) for ui in u]
+    return outputs, q_out, {"mlp_input": vals_mid.tolist(), "block_output": vals_out.tolist()}
+
+
+def compress_slicegpt(model, config: SliceGPTConfig, calibration, progress) -> Report:
+    if calibration is None:
+        raise ValueError("SliceGPT needs calibration tokens")
+    model = to_compressed(model)
+    mv = view(model)
+    base = mv.config
+    widths = plan_widths(config, base)
+    D = base.hidden_size
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(mv, calibration, config.batch_size)
+    n_err = min(config.error_batches, len(inputs))
+    dense_hidden = [h.clone() for h in inputs.hidden[:n_err]]
+    calibration_seconds = time.perf_counter() - t0
+    hidden, q_in = inputs.hidden, torch.eye(D, dtype=torch.float64, device=mv.device)
+    layers, last = [], len(mv.layers) - 1
+    for i, layer in enumerate(mv.layers):
+        params_dense = sum(p.numel() for p in layer.parameters())
+        dense_hidden = [layer(h, **kw) for h, kw in zip(dense_hidden, inputs.kwargs)]
+        fold_norms(layer)
+        hidden, q_out, spectra = slice_layer(layer, hidden, inputs.kwargs, q_in, widths[i],
+                                             i == last, config.damping)
+        errors = {"block": relative_error(torch.cat([h.double() @ q_out.T for h in hidden[:n_err]]),
+                                          torch.cat(dense_hidden))} if n_err else {}
+        q_in = q_out
+        layers.append(LayerReport(
+            index=i, params_dense=params_dense, params_compressed=sum(p.numel() for p in layer.parameters()),
+            sizes={k: layer.spec()[k] for k in ("d_in", "d_mid", "d_out")}, spectra=spectra,
+            kept={"mlp_input": widths[i], "block_output": D if i == last else widths[i]},
+            errors=errors))
+        progress((i + 1) / len(mv.layers), f"sliced layer {i + 1}/{len(mv.layers)}")
+    model.sync_config()
+    return Report(method="slicegpt", ratio_target=config.ratio, layers=layers, compressed=model,
+                  calibration_seconds=calibration_seconds,
+                  config={"slicing": config.slicing, "ratio": config.ratio, "widths": widths,
+                          "damping": config.damping, "round_to": config.round_to})
