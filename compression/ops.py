@@ -95,3 +95,59 @@ def new_linear(weight: torch.Tensor, like: torch.Tensor) -> nn.Linear:
 
 def round_down(x: float, multiple: int) -> int:
     return max(multiple, int(x) - int(x) % multiple) if multiple > 1 else max(1, int(x))
+
+
+# --- structured decompositions (MoDeGPT, Olica) ------------------------------------------------
+
+
+def nystrom_mlp(c: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float):
+    """Channels to keep and the refitted down projection.
+
+    c: (m, m) correlation of the intermediate activations; w_down: (D, m) as in nn.Linear.
+    Returns (kept indices (keep,), new down weight (D, keep), leverage scores (m,)).
+    """
+    c = c.double()
+    lam = ridge * c.diagonal().mean()
+    scores = ridge_leverage(c, float(lam))
+    index = torch.sort(torch.topk(scores, keep).indices).values
+    c_ss = c[index][:, index]                       # SᵀCS
+    c_s = c[index]                                  # SᵀC    (keep, m)
+    refit = torch.linalg.lstsq(c_ss, c_s @ w_down.double().T).solution  # (keep, D)
+    return index, refit.T, scores
+
+
+def rotary_pair_scores(q_diag: torch.Tensor, k_diag: torch.Tensor, groups: int) -> torch.Tensor:
+    """CR scores of rotary pairs per kv group.
+
+    q_diag: (H, hd) diagonal of each query head's output correlation; k_diag: (Hkv, hd).
+    A pair (i, i + hd/2) has norm² C_ii + C_jj; its score is ‖k pair‖ · Σ_heads in group ‖q pair‖.
+    Returns (Hkv, hd/2).
+    """
+    half = q_diag.shape[-1] // 2
+    q_pair = (q_diag[:, :half] + q_diag[:, half:]).clamp_min(0).sqrt()
+    k_pair = (k_diag[:, :half] + k_diag[:, half:]).clamp_min(0).sqrt()
+    q_group = q_pair.view(k_diag.shape[0], groups, half).sum(1)
+    return k_pair * q_group
+
+
+def head_columns(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Column indices inside a head for kept pairs: [pairs, pairs + hd/2] (rotate-half order)."""
+    return torch.cat([pairs, pairs + head_dim // 2])
+
+
+def vo_decomposition(w_v: torch.Tensor, w_o: torch.Tensor, gram: torch.Tensor, keep: int,
+                     eps: float = 1e-8):
+    """Low-rank value-output of one kv group, weighted by the input correlation.
+
+    w_v: (d_in, hd) value projection of the group; w_o: (hd, G·D) its query heads' output projections
+    side by side; gram: (d_in, d_in). Minimises ‖C^{1/2}(W_V W_O − W_V' W_O')‖ with rank ``keep``,
+    computed on the small factor: C^{1/2} W_V = U₁ S₁ V₁ᵀ (from eig of W_Vᵀ C W_V), then the SVD of
+    S₁ V₁ᵀ W_O = U₂ S₂ V₂ᵀ; W_V' = W_V V₁ S₁⁻¹ U₂ₖ, W_O' = S₂ₖ V₂ₖᵀ.
+    Returns (map M (hd, keep) with W_V' = W_V M, W_O' (keep, G·D), singular values S₂).
+    """
+    w_v, w_o = w_v.double(), w_o.double()
+    vals, v1 = torch.linalg.eigh(w_v.T @ gram.double() @ w_v)
+    s1 = vals.clamp_min(eps * vals.max().clamp_min(1e-30)).sqrt()
+    u2, s2, v2t = torch.linalg.svd((s1[:, None] * v1.T) @ w_o, full_matrices=False)
+    m = (v1 / s1[None, :]) @ u2[:, :keep]
+    return m, s2[:keep, None] * v2t[:keep], s2

@@ -59,6 +59,7 @@ __all__ = [
     "TASK_PREFIX",
     "task_dir",
     "data_root",
+    "available_tasks",
     "zero_shot",
     "confidence_interval",
 ]
@@ -159,7 +160,10 @@ def _write_dir(parent: Path, files: dict[str, str]) -> Path:
     return final
 
 
-_MISSING: tuple[str, ...] = ()
+def available_tasks() -> tuple[str, ...]:
+    """The names in ``TASKS`` whose validation data are present on this machine."""
+    _, missing = _render_all(data_root())
+    return tuple(t for t in TASKS if t not in missing)
 
 
 def task_dir() -> Path:
@@ -168,22 +172,20 @@ def task_dir() -> Path:
     The YAMLs are rendered from the templates in ``compression/tasks/`` with this
     machine's absolute data paths and written (once, atomically) under
     ``~/.cache/compression/lm_eval_tasks/<content hash>/`` (``$COMPRESSION_CACHE`` or
-    ``$XDG_CACHE_HOME`` move it; an unwritable home falls back to the temp folder).
-    Use it as ``TaskManager(include_path=task_dir())``. Tasks whose data are missing
-    are left out (``zero_shot`` then says so).
+    ``$XDG_CACHE_HOME`` move it; an unwritable cache falls back to the temp folder),
+    next to a copy of ``compression/tasks/utils.py``. Use it as
+    ``TaskManager(include_path=task_dir())``. Tasks whose data are missing are left out
+    (see :func:`available_tasks`).
     """
-    global _MISSING
-    files, missing = _render_all(data_root())
-    if len(files) == 1:  # only utils.py: no data at all
-        raise FileNotFoundError(
-            f"no Arrow validation files found under {data_root()} for any of {TASKS}"
-        )
-    _MISSING = tuple(missing)
+    root = data_root()
+    files, missing = _render_all(root)
+    if len(missing) == len(TASKS):
+        raise FileNotFoundError(f"no Arrow validation files under {root} for any of {TASKS}")
     try:
         return _write_dir(_cache_root() / "lm_eval_tasks", files)
     except OSError:
-        fallback = Path(tempfile.gettempdir()) / f"compression-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-        return _write_dir(fallback / "lm_eval_tasks", files)
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        return _write_dir(Path(tempfile.gettempdir()) / f"compression-{user}" / "lm_eval_tasks", files)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -346,13 +348,13 @@ def zero_shot(
     batch_size = int(batch_size)
 
     start = time.perf_counter()
-    include = task_dir()
-    unavailable = [n for n in names if n in _MISSING]
+    available = available_tasks()
+    unavailable = [n for n in names if n not in available]
     if unavailable:
         raise FileNotFoundError(
-            f"no local data for {unavailable} under {data_root()}; available: "
-            f"{[t for t in TASKS if t not in _MISSING]}"
+            f"no local data for {unavailable} under {data_root()}; available: {list(available)}"
         )
+    include = task_dir()
 
     from lm_eval import simple_evaluate
 

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from compression import compress
 from compression.arch import count_params
-from compression.modegpt import (MoDeGPTConfig, nystrom_mlp, rotary_pair_scores, vo_decomposition)
+from compression.modegpt import MoDeGPTConfig
+from compression.ops import nystrom_mlp, rotary_pair_scores, vo_decomposition
 from compression.plan import Allocation, entropic_allocation
 
 

@@ -317,3 +317,19 @@ def test_custom_model_class_untied_head_left_alone(tokenizer):
     assert result["average"] is None  # not all headline tasks
     assert torch.equal(model.lm_head.weight, head)
     assert "tie_weights" not in vars(model)
+
+
+def test_missing_data_is_reported(tmp_path, monkeypatch, model, tokenizer):
+    data = tmp_path / "data"
+    (data / "piqa" / "plain_text").mkdir(parents=True)
+    (data / "piqa" / "plain_text" / "validation").symlink_to(
+        zs.data_root() / "piqa" / "plain_text" / "validation"
+    )
+    monkeypatch.setenv("COMPRESSION_EVAL_DATA", str(data))
+    monkeypatch.setenv("COMPRESSION_CACHE", str(tmp_path / "cache"))
+    assert zs.available_tasks() == ("piqa",)
+    d = zs.task_dir()
+    assert d.is_relative_to(tmp_path / "cache")
+    assert sorted(p.name for p in d.iterdir()) == ["offline_piqa.yaml", "utils.py"]
+    with pytest.raises(FileNotFoundError, match="hellaswag"):
+        zs.zero_shot(model, tokenizer, tasks=["piqa", "hellaswag"])

@@ -1,0 +1,52 @@
+"""Rewriting attention modules of the compressed format to smaller inner widths (MoDeGPT, Olica)."""
+from __future__ import annotations
+
+import torch
+
+from .ops import head_columns, rotary_pair_scores, select_outputs, set_linear, vo_decomposition
+
+
+def keep_rotary_pairs(attn, gram: torch.Tensor, keep_pairs: int) -> torch.Tensor:
+    """Cut q_proj/k_proj to ``keep_pairs`` rotary pairs per head; returns the scores (Hkv, hd/2)."""
+    H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    g = gram.double()
+    wq = attn.q_proj.weight.double().view(H, hd, -1)   # (H, hd, d_in)
+    wk = attn.k_proj.weight.double().view(Hkv, hd, -1)
+    q_diag = torch.einsum("hid,de,hie->hi", wq, g, wq)  # diag(W_qᵀ G W_q) per head
+    k_diag = torch.einsum("hid,de,hie->hi", wk, g, wk)
+    if attn.q_proj.bias is not None:  # biases shift the outputs: add their second moment
+        q_diag += attn.q_proj.bias.double().view(H, hd) ** 2
+        k_diag += attn.k_proj.bias.double().view(Hkv, hd) ** 2
+    scores = rotary_pair_scores(q_diag, k_diag, attn.num_key_value_groups)
+    if keep_pairs >= hd // 2:
+        return scores
+    pairs = torch.sort(torch.topk(scores, keep_pairs, dim=-1).indices, dim=-1).values  # (Hkv, r)
+    k_rows = torch.cat([g_ * hd + head_columns(pairs[g_], hd) for g_ in range(Hkv)])
+    q_rows = torch.cat([h * hd + head_columns(pairs[h // attn.num_key_value_groups], hd)
+                        for h in range(H)])
+    select_outputs(attn.q_proj, q_rows)
+    select_outputs(attn.k_proj, k_rows)
+    attn.qk_dim = 2 * keep_pairs
+    attn.register_buffer("rope_index", pairs.to(attn.q_proj.weight.device))
+    return scores
+
+
+def compress_value_output(attn, gram: torch.Tensor, keep: int) -> list[list[float]]:
+    """Rewrite v_proj/o_proj to ``keep`` value dims per kv group; returns each group's spectrum."""
+    H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
+    wv = attn.v_proj.weight.double().view(Hkv, hd, -1)          # (Hkv, hd, d_in)
+    wo = attn.o_proj.weight.double().view(-1, H, hd)             # (d_mid, H, hd)
+    new_v, new_b, new_o, spectra = [], [], [], []
+    for g in range(Hkv):
+        heads = range(g * G, (g + 1) * G)
+        w_o = torch.cat([wo[:, h, :].T for h in heads], dim=1)  # (hd, G·d_mid)
+        m, w_o_new, s2 = vo_decomposition(wv[g].T, w_o, gram, keep)
+        new_v.append((wv[g].T @ m).T)                            # (keep, d_in)
+        if attn.v_proj.bias is not None:
+            new_b.append(attn.v_proj.bias.double().view(Hkv, hd)[g] @ m)
+        new_o.extend(w_o_new.view(keep, G, -1).unbind(1))       # per head (keep, d_mid)
+        spectra.append((s2 ** 2).tolist())
+    set_linear(attn.v_proj, torch.cat(new_v), torch.cat(new_b) if new_b else None)
+    set_linear(attn.o_proj, torch.cat([o.T for o in new_o], dim=1))
+    attn.v_dim = keep
+    return spectra
