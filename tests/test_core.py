@@ -182,3 +182,18 @@ def test_spec_params_forecast_matches_modules(model):
     base = compressed.model.config
     for layer in compressed.model.layers:
         assert spec_params(layer.spec(), base) == count_params(layer)
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: LayerDropConfig(ratio=0.4),
+    lambda: __import__("compression.slicegpt", fromlist=["x"]).SliceGPTConfig(slicing=0.25),
+    lambda: __import__("compression.modegpt", fromlist=["x"]).MoDeGPTConfig(ratio=0.3),
+    lambda: __import__("compression.olica", fromlist=["x"]).OlicaConfig(ratio=0.3, calibrate_layers=0),
+], ids=["layerdrop", "slicegpt", "modegpt", "olica"])
+def test_forecast_matches_result(make_config, tokens):
+    from compression.forecast import forecast
+    model = tiny_model("llama", layers=4)
+    predicted = forecast(model, make_config())
+    report = compress(model, make_config(), tokens)
+    assert predicted["params"] == report.params_compressed
+    assert predicted["block_params"] == report.block_params_compressed
