@@ -197,3 +197,25 @@ def test_forecast_matches_result(make_config, tokens):
     report = compress(model, make_config(), tokens)
     assert predicted["params"] == report.params_compressed
     assert predicted["block_params"] == report.block_params_compressed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "./missing-folder"], "does not exist"),
+    (["--ratio", "1.5"], "[0, 0.9]"),
+    (["--method", "slicegpt", "--slicing", "0.2"], "exactly one"),
+    (["--method", "olica", "--ratio", "0.2", "--calibrate-rank", "-1"], "must be >= 0"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, message, capsys, tmp_path):
+    from compression.__main__ import main
+    base = ["compress", "--method", "layerdrop", "--ratio", "0.25", "--out", str(tmp_path / "x")]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_rejects_unsupported_architecture(tmp_path, capsys):
+    from compression.__main__ import main
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(tmp_path / "gpt2")
+    assert main(["eval", "--model", str(tmp_path / "gpt2")]) == 2
+    assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
