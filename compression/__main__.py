@@ -71,6 +71,21 @@ def parse(argv):
     e.add_argument("--tasks", default=None,
                    help="comma-separated zero-shot tasks (lm-eval), e.g. piqa,hellaswag")
     e.add_argument("--limit", type=int, default=None, help="zero-shot items per task")
+    b = sub.add_parser("bench", help="every method at several ratios; results.json + BENCHMARKS.md")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--device", default=None)
+    b.add_argument("--out", type=Path, default=Path("bench"))
+    b.add_argument("--ratios", default="0.1,0.2,0.25,0.3")
+    b.add_argument("--slicing", default="0.1,0.2,0.25,0.3", help="SliceGPT's native slicing fractions")
+    b.add_argument("--methods", default=None, help="comma-separated subset, e.g. slicegpt,olica")
+    b.add_argument("--allocation", default="uniform", choices=("uniform", "auto"))
+    b.add_argument("--tasks", default=None, help="zero-shot tasks (default: the five headline tasks)")
+    b.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: all)")
+    b.add_argument("--calib-samples", type=int, default=64)
+    b.add_argument("--calib-len", type=int, default=512)
+    b.add_argument("--eval-windows", type=int, default=32)
+    b.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    b.add_argument("--assets", type=Path, default=Path("assets"))
     return ap.parse_args(argv)
 
 
@@ -93,9 +108,7 @@ def cmd_compress(args) -> dict:
     windows = None if args.no_eval else evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
     ppl_dense = None
     if windows is not None:
-        bar = tqdm_progress("dense perplexity")
-        ppl_dense = perplexity(model, windows, progress=bar)
-        bar.close()
+        ppl_dense = cached_dense_perplexity(args, model, windows)
     bar = tqdm_progress(f"{args.method}")
     report = compress(model, config, calib, progress=bar)
     bar.close()
@@ -114,6 +127,32 @@ def cmd_compress(args) -> dict:
     summary = {k: v for k, v in report.to_dict().items() if not isinstance(v, (list, dict))}
     summary["out"] = str(args.out)
     return summary
+
+
+def cached_dense_perplexity(args, model, windows) -> float:
+    """Dense perplexity, remembered per (weights file, protocol): the dense model never changes, and
+    recomputing it costs minutes on a CPU. The key includes the weights' size and mtime."""
+    from .models import cache_root, resolve_source
+
+    source = Path(resolve_source(args.model))
+    weights = sorted(source.glob("*.safetensors")) if source.is_dir() else []
+    key = None
+    if weights:
+        stat = weights[0].stat()
+        key = f"{weights[0].resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tuple(windows.shape)}|" \
+              f"{hash(tuple(windows[:, :8].flatten().tolist()))}|{next(model.parameters()).dtype}|{next(model.parameters()).device.type}"
+    path = cache_root() / "dense_ppl.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if key and key in cache:
+        return cache[key]
+    bar = tqdm_progress("dense perplexity")
+    ppl = perplexity(model, windows, progress=bar)
+    bar.close()
+    if key:
+        cache[key] = ppl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1))
+    return ppl
 
 
 def cmd_eval(args) -> dict:
@@ -142,10 +181,29 @@ def cmd_eval(args) -> dict:
     return result
 
 
+def cmd_bench(args) -> dict:
+    from . import bench
+
+    floats = lambda text: tuple(float(x) for x in text.split(",") if x.strip())  # noqa: E731
+    tasks = None if args.tasks is None else tuple(t for t in args.tasks.split(",") if t)
+    check_model(args.model, False)
+    rows = bench.run(args.out, args.model, floats(args.ratios), floats(args.slicing),
+                     None if not args.methods else tuple(args.methods.split(",")), tasks,
+                     args.limit or None, (args.calib_samples, args.calib_len), args.eval_windows,
+                     args.allocation, args.device, log=lambda m: print(m, file=sys.stderr))
+    command = "python -m compression " + " ".join(sys.argv[1:] if argv_is_cli() else ["bench"])
+    bench.write_markdown(args.out / "results.json", args.markdown, args.assets, command)
+    return {"rows": len(rows), "results": str(args.out / "results.json"), "markdown": str(args.markdown)}
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name in ("__main__.py", "compression")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     try:
-        result = {"compress": cmd_compress, "eval": cmd_eval}[args.command](args)
+        result = {"compress": cmd_compress, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except (UsageError, ModelError, CalibrationError, ValueError) as err:
         if os.environ.get("COMPRESSION_DEBUG"):
             raise

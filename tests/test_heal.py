@@ -16,7 +16,7 @@ REPEATED = "the quick brown fox jumps over the lazy dog; " * 80
 
 def ascii_ids(text: str) -> np.ndarray:
     """One id per character, non-ASCII clipped to 127 (fits the tiny models' 128-token vocab)."""
-    return np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), VOCAB - 1)
+    return np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), VOCAB - 1).astype(np.int64)
 
 
 def as_text(ids) -> str:
@@ -29,6 +29,15 @@ class CharTokenizer:
 
 
 TOK = CharTokenizer()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and do not stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small(**kw) -> HealConfig:

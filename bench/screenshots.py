@@ -1,0 +1,126 @@
+"""Screenshots of every tab of the app after a small compression, taken with headless Chromium.
+
+    python bench/screenshots.py [--model smollm2-135m] [--method layerdrop --ratio 0.25] [--out assets]
+
+Launches the app in-process on a free local port (or uses --url), compresses, opens each tab, evaluates,
+chats, and writes assets/tab_<name>.png. Needs Debian's ``chromium`` and the ``playwright`` package
+(its bundled driver only: no browser download).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+METHOD_LABELS = {"layerdrop": "Layer dropping (ShortGPT / LayerChop)", "slicegpt": "SliceGPT",
+                 "modegpt": "MoDeGPT", "olica": "Olica"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_quiet(page, locator, timeout_s: float = 300, quiet_s: float = 1.5) -> str:
+    """Wait until ``locator``'s text stops changing (a streamed reply has finished)."""
+    last, since, end = None, time.time(), time.time() + timeout_s
+    while time.time() < end:
+        text = locator.inner_text()
+        if text != last:
+            last, since = text, time.time()
+        elif time.time() - since > quiet_s:
+            return text
+        page.wait_for_timeout(250)
+    return last
+
+
+def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s: float) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    ms = int(timeout_s * 1000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                                    headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("Training-free compression").first.wait_for(timeout=ms)
+        page.get_by_label(METHOD_LABELS[method]).check()
+        ratio_box = page.get_by_label("number input for Target ratio")
+        ratio_box.fill(str(ratio))
+        ratio_box.press("Enter")
+        page.wait_for_timeout(1000)
+        page.get_by_role("button", name="Compress", exact=True).click()
+        page.get_by_text("✅").first.wait_for(timeout=ms)
+        page.screenshot(path=str(out / "tab_compress.png"), full_page=True)
+        print("compress:", page.get_by_text("✅").first.inner_text())
+
+        page.get_by_role("tab", name="Inspect").click()
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=ms)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "tab_inspect.png"), full_page=True)
+
+        page.get_by_role("tab", name="Evaluate").click()
+        page.get_by_role("button", name="Evaluate dense vs compressed").click()
+        page.get_by_text("decode_tok_s").first.wait_for(timeout=ms)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(out / "tab_evaluate.png"), full_page=True)
+
+        page.get_by_role("tab", name="Chat").click()
+        box = page.get_by_placeholder("Message both models…")
+        box.fill(prompt)
+        box.press("Enter")
+        bots = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
+        page.wait_for_function(
+            "[...document.querySelectorAll('[data-testid=\"bot\"]')].filter(e => e.innerText.includes('tok/s')).length >= 2",
+            timeout=ms)
+        wait_quiet(page, page.locator("body"), timeout_s)
+        print("chat:", [t[:80] for t in bots.all_inner_texts()])
+        page.screenshot(path=str(out / "tab_chat.png"), full_page=True)
+
+        page.get_by_role("tab", name="Runs").click()
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(out / "tab_runs.png"), full_page=True)
+        browser.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None, help="a running app (default: launch one in-process)")
+    ap.add_argument("--model", default=None, help="default model of the launched app")
+    ap.add_argument("--method", default="layerdrop", choices=sorted(METHOD_LABELS))
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each step")
+    args = ap.parse_args()
+    demo = None
+    url = args.url
+    if url is None:
+        import app
+        from compression.models import DEFAULT_MODEL
+
+        demo = app.build_app(args.model or DEFAULT_MODEL)
+        demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            css=app.CSS, quiet=True)
+        url = demo.local_url
+    try:
+        shoot(url, args.out, args.method, args.ratio, args.prompt, args.timeout)
+    finally:
+        if demo is not None:
+            demo.close()
+    print("wrote", *sorted(str(p) for p in args.out.glob("tab_*.png")))
+
+
+if __name__ == "__main__":
+    main()

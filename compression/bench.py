@@ -1,0 +1,193 @@
+"""The benchmark: dense plus every method at several ratios on the same footing.
+
+Every row starts from a fresh load of the dense model, uses the same calibration tokens and the same
+evaluation (wiki perplexity, lm-eval zero-shot with a fixed per-task limit, prefill/decode speed in this
+one process with the same thread count). Rows are appended to ``results.json`` as they finish, and a
+rerun skips rows already there, so a long benchmark survives interruptions.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .api import compress
+from .data import TextSpec, evaluation_windows
+from .evaluate import perplexity, sizes, speed
+from .layerdrop import LayerDropConfig
+from .modegpt import MoDeGPTConfig
+from .models import load_model
+from .olica import OlicaConfig
+from .plan import Allocation
+from .slicegpt import SliceGPTConfig
+
+RATIOS = (0.10, 0.20, 0.25, 0.30)
+SLICING = (0.10, 0.20, 0.25, 0.30)
+
+
+def method_configs(ratios=RATIOS, slicing=SLICING, allocation: str = "uniform") -> list[tuple[str, float, object]]:
+    """(method label, ratio or slicing, config) for every benchmark row except dense."""
+    alloc = Allocation(kind=allocation)
+    rows = []
+    for r in ratios:
+        rows += [("layerdrop", r, LayerDropConfig(ratio=r)),
+                 ("slicegpt", r, SliceGPTConfig(ratio=r)),
+                 ("modegpt", r, MoDeGPTConfig(ratio=r, allocation=alloc)),
+                 ("olica", r, OlicaConfig(ratio=r, allocation=alloc))]
+    rows += [("slicegpt-slicing", s, SliceGPTConfig(slicing=s)) for s in slicing]
+    return rows
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def evaluate_row(model, tokenizer, windows, tasks, limit) -> dict:
+    row = {**sizes(model), "ppl": perplexity(model, windows)}
+    row.update(speed(model))
+    if tasks:
+        from .zeroshot import zero_shot
+
+        zs = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=limit)
+        row["zero_shot_avg"] = zs["average"]
+        row["zero_shot"] = {t: v["value"] for t, v in zs["tasks"].items()}
+        row["zero_shot_stderr"] = {t: v["stderr"] for t, v in zs["tasks"].items()}
+    return row
+
+
+def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLICING,
+        methods: tuple[str, ...] | None = None, tasks=None, limit: int | None = 100,
+        calib: tuple[int, int] = (64, 512), eval_windows: int = 32, allocation: str = "uniform",
+        device: str | None = None, log=print) -> list[dict]:
+    """Run (or resume) the benchmark; returns all rows of ``out/results.json``."""
+    from .zeroshot import HEADLINE_TASKS
+
+    tasks = HEADLINE_TASKS if tasks is None else tasks
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    data["machine"], data["settings"] = machine(), {
+        "model": model_name, "calibration": list(calib), "eval_windows": eval_windows,
+        "zero_shot_limit": limit, "tasks": list(tasks), "allocation": allocation}
+    done = {(r["model"], r["method"], r["ratio"], r.get("allocation")) for r in data["rows"]}
+
+    def save(row):
+        data["rows"].append(row)
+        path.write_text(json.dumps(data, indent=1))
+
+    model, tokenizer = load_model(model_name, device)
+    windows = evaluation_windows(tokenizer, eval_windows)
+    calibration = TextSpec(*calib).batches(tokenizer)
+    if (model_name, "dense", 0.0, None) not in done:
+        log("dense")
+        save({"model": model_name, "method": "dense", "ratio": 0.0, "allocation": None,
+              **evaluate_row(model, tokenizer, windows, tasks, limit)})
+    del model
+    for label, ratio, config in method_configs(ratios, slicing, allocation):
+        if methods and label.split("-")[0] not in methods:
+            continue
+        alloc = allocation if label in ("modegpt", "olica") else None
+        if (model_name, label, ratio, alloc) in done:
+            continue
+        log(f"{label} {ratio}")
+        model, tokenizer = load_model(model_name, device)
+        t0 = time.perf_counter()
+        report = compress(model, config, calibration)
+        row = {"model": model_name, "method": label, "ratio": ratio, "allocation": alloc,
+               "ratio_achieved": report.ratio_achieved, "compress_seconds": time.perf_counter() - t0,
+               "calibration_seconds": report.calibration_seconds}
+        row.update(evaluate_row(report.compressed, tokenizer, windows, tasks, limit))
+        save(row)
+        del model, report
+    return data["rows"]
+
+
+# --- BENCHMARKS.md ---------------------------------------------------------------------------------------
+
+def _fmt(x, spec=".2f"):
+    return "—" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
+    head = ["method", "ratio", "achieved", "params (M)", "wiki ppl", "0-shot avg", *tasks,
+            "compress s", "prefill tok/s", "decode tok/s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {"dense": 0, "layerdrop": 1, "slicegpt": 2, "slicegpt-slicing": 3, "modegpt": 4, "olica": 5}
+    for r in sorted(rows, key=lambda r: (r["ratio"], order.get(r["method"], 9))):
+        label = r["method"] + (f" ({r['allocation']})" if r.get("allocation") else "")
+        cells = [label, _fmt(r["ratio"]), _fmt(r.get("ratio_achieved", 0.0), ".3f"),
+                 _fmt(r["params"] / 1e6, ".1f"), _fmt(r["ppl"]), _fmt(r.get("zero_shot_avg"), ".3f"),
+                 *[_fmt(r.get("zero_shot", {}).get(t), ".3f") for t in tasks],
+                 _fmt(r.get("compress_seconds"), ".0f"), _fmt(r["prefill_tok_s"], ".0f"),
+                 _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("peak_mem_mb"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], assets: Path, stem: str) -> list[Path]:
+    """ppl-vs-params and zero-shot-vs-params PNGs (matplotlib: static files need no browser)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assets.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, ylabel, log in (("ppl", "wiki perplexity", True), ("zero_shot_avg", "zero-shot average", False)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["params"] / 1e6, r[key]) for r in rows
+                         if r["method"] == method and r.get(key) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="*" if method == "dense" else "o",
+                        linestyle="none" if method == "dense" else "-", label=method, markersize=9)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = assets / f"{stem}_{key}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_markdown(results: Path, markdown: Path, assets: Path, command: str) -> None:
+    data = json.loads(results.read_text())
+    rows, settings, m = data["rows"], data["settings"], data["machine"]
+    stem = "bench_" + settings["model"].replace("/", "_").replace(".", "")
+    pngs = plots(rows, assets, stem)
+    rel = [p.relative_to(markdown.parent) if p.is_relative_to(markdown.parent) else p for p in pngs]
+    limit = settings.get("zero_shot_limit")
+    text = f"""# Benchmarks: {settings['model']}
+
+Command: `{command}`
+
+Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads, device {m['device']}.
+Calibration: {settings['calibration'][0]} x {settings['calibration'][1]} tokens of the wiki calibration split.
+Perplexity: the first {settings['eval_windows']} non-overlapping 1024-token windows of the held-out wiki split.
+Zero-shot: lm-eval 0-shot on the offline task files, {limit if limit else 'all'} items per task
+(acc_norm for PIQA, HellaSwag, ARC; acc for WinoGrande, BoolQ); the average is over PIQA, HellaSwag,
+ARC-e, ARC-c and WinoGrande. At n = {limit} items a task accuracy has a 95% interval of about
+±{_fmt(100 * 1.96 * (0.25 / limit) ** 0.5 if limit else 0, '.0f')} points, the five-task average about
+±{_fmt(100 * 1.96 * (0.25 / (5 * limit)) ** 0.5 if limit else 0, '.0f')} points.
+`ratio` is the target fraction of decoder-block parameters removed (`slicegpt-slicing`: the paper's
+slicing fraction of the hidden size); `achieved` is what the method removed, skip matrices and
+calibration branches included. Speeds: prefill of a 512-token prompt and greedy decode of 128 tokens
+with the KV cache, median of 3, measured in one process.
+
+{table(rows)}
+
+![perplexity vs parameters]({rel[0]})
+![zero-shot vs parameters]({rel[1]})
+"""
+    markdown.write_text(text)

@@ -1,0 +1,43 @@
+"""Benchmark smoke run: one ratio, every method, tiny limits, on a tiny model with the real tokenizer."""
+import json
+
+import pytest
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from compression import bench
+from compression.models import resolve_source
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=1024, tie_word_embeddings=True)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
+    out = tmp_path / "bench"
+    rows = bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), limit=2,
+                     calib=(4, 64), eval_windows=2, log=lambda m: None)
+    methods = sorted(r["method"] for r in rows)
+    assert methods == ["dense", "layerdrop", "modegpt", "olica", "slicegpt", "slicegpt-slicing"]
+    for r in rows:
+        for key in ("params", "ppl", "zero_shot_avg", "prefill_tok_s", "decode_tok_s", "peak_mem_mb"):
+            assert r[key] is not None, (r["method"], key)
+        assert set(r["zero_shot"]) == {"piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande"}
+    dense = next(r for r in rows if r["method"] == "dense")
+    assert all(r["params"] < dense["params"] for r in rows if r["method"] in ("layerdrop", "modegpt", "olica"))
+    # A rerun resumes: nothing is recomputed, nothing duplicated.
+    again = bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), limit=2,
+                      calib=(4, 64), eval_windows=2, log=lambda m: pytest.fail(f"recomputed {m}"))
+    assert len(again) == len(rows)
+    md = tmp_path / "BENCHMARKS.md"
+    bench.write_markdown(out / "results.json", md, tmp_path / "assets", "python -m compression bench")
+    text = md.read_text()
+    assert text.count("\n| ") >= 1 + len(rows) and "olica" in text
+    assert len(list((tmp_path / "assets").glob("*.png"))) == 2
+    assert json.loads((out / "results.json").read_text())["machine"]["threads"] >= 1
