@@ -53,7 +53,9 @@ CHAT_EXAMPLES = ["Explain photosynthesis to a ten-year-old.", "Write a haiku abo
 CSS = """
 .hover-info {overflow: visible !important;}
 .hover-info label {position: relative;}
-.hover-info [data-testid="block-info"]::after {content: " ⓘ"; opacity: 0.5;}
+.hover-info [data-testid="block-info"]::after {content: "?"; display: inline-block; width: 1.2em;
+  height: 1.2em; margin-left: 0.4em; border: 1px solid currentColor; border-radius: 50%; font-size: 0.75em;
+  line-height: 1.1em; text-align: center; opacity: 0.55;}
 .hover-info .info-text {visibility: hidden; position: absolute; z-index: 50; top: 1.6em; left: 0;
   max-width: 28em; padding: 4px 8px; border-radius: 6px; background: var(--background-fill-primary);
   border: 1px solid var(--border-color-primary); box-shadow: var(--shadow-drop-lg);}

@@ -24,6 +24,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 METHOD_LABELS = {"layerdrop": "Layer dropping (ShortGPT / LayerChop)", "slicegpt": "SliceGPT",
                  "modegpt": "MoDeGPT", "olica": "Olica"}
 
+METHOD_NOTE_START = {"layerdrop": "Deletes whole decoder blocks", "slicegpt": "Rotates the residual stream",
+                     "modegpt": "Rebuilds each block", "olica": "Orthogonal decomposition"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,13 +56,25 @@ def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s
         browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
                                     headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            _flow(page, url, out, method, ratio, prompt, timeout_s)
+        except Exception:
+            page.screenshot(path=str(out / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def _flow(page, url, out, method, ratio, prompt, timeout_s):
+        ms = int(timeout_s * 1000)
         page.goto(url)
         page.get_by_text("Training-free compression").first.wait_for(timeout=ms)
         page.get_by_label(METHOD_LABELS[method]).check()
+        page.get_by_text(METHOD_NOTE_START[method]).first.wait_for(timeout=ms)  # the form follows
         ratio_box = page.get_by_label("number input for Target ratio")
         ratio_box.fill(str(ratio))
         ratio_box.press("Enter")
-        page.wait_for_timeout(1000)
+        page.wait_for_timeout(2000)  # the live forecast
         page.get_by_role("button", name="Compress", exact=True).click()
         page.get_by_text("✅").first.wait_for(timeout=ms)
         page.screenshot(path=str(out / "tab_compress.png"), full_page=True)
@@ -91,7 +106,6 @@ def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s
         page.get_by_role("tab", name="Runs").click()
         page.wait_for_timeout(2000)
         page.screenshot(path=str(out / "tab_runs.png"), full_page=True)
-        browser.close()
 
 
 def main() -> None:
@@ -116,6 +130,9 @@ def main() -> None:
         url = demo.local_url
     try:
         shoot(url, args.out, args.method, args.ratio, args.prompt, args.timeout)
+    except Exception:
+        print("failed; the page at that moment is in", args.out / "failure.png", file=sys.stderr)
+        raise
     finally:
         if demo is not None:
             demo.close()

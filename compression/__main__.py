@@ -63,6 +63,10 @@ def parse(argv):
     c.add_argument("--calib-len", type=int, default=512)
     c.add_argument("--calib-batch", type=int, default=8)
     c.add_argument("--no-eval", action="store_true", help="skip dense/compressed perplexity")
+    c.add_argument("--heal-tokens", type=int, default=0, help="recovery-training token budget (0: none)")
+    c.add_argument("--lora-rank", type=int, default=0, help="LoRA rank for healing (0: full-parameter)")
+    c.add_argument("--heal-lr", type=float, default=None)
+    c.add_argument("--heal-seq-len", type=int, default=256)
     c.add_argument("--out", required=True, type=Path)
     e = sub.add_parser("eval", help="perplexity, size and speed of a model; JSON out")
     add_common(e)
@@ -99,6 +103,13 @@ def cmd_compress(args) -> dict:
     if args.ratio is not None and not 0.0 <= args.ratio <= 0.9:
         raise UsageError(f"--ratio must be in [0, 0.9], got {args.ratio}")
     config = methods.config_from_args(args)  # validates method options before loading anything
+    heal_config = None
+    if args.heal_tokens:
+        from .heal import HealConfig
+        # Healing reads the calibration split after the tokens used to calibrate the compression.
+        heal_config = HealConfig(tokens=args.heal_tokens, lora_rank=args.lora_rank, lr=args.heal_lr,
+                                 seq_len=args.heal_seq_len, seed=args.seed,
+                                 offset=args.calib_samples * args.calib_len)
     check_model(args.model, args.trust_remote_code)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
@@ -120,11 +131,22 @@ def cmd_compress(args) -> dict:
         bar = tqdm_progress("compressed perplexity")
         report.ppl_compressed = perplexity(model, windows, progress=bar)
         bar.close()
+    if heal_config is not None:
+        from .heal import heal
+        bar = tqdm_progress("heal")
+        record = heal(model, tokenizer, heal_config, progress=bar)
+        bar.close()
+        record["ppl_before"] = report.ppl_compressed
+        record["ppl_after"] = None if windows is None else perplexity(model, windows)
+        report.heal = record
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out / "model")
     tokenizer.save_pretrained(args.out / "model")
     report.save(args.out / "report.json")
     summary = {k: v for k, v in report.to_dict().items() if not isinstance(v, (list, dict))}
+    if report.heal:
+        summary.update(heal_tokens=report.heal["tokens"], heal_seconds=report.heal["seconds"],
+                       ppl_healed=report.heal["ppl_after"])
     summary["out"] = str(args.out)
     return summary
 

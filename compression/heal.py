@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ class HealConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine decay."""
-        n, warm = self.steps, int(round(self.warmup_frac * self.steps))
+        n, warm = self.steps, round(self.warmup_frac * self.steps)
         if step < warm:
             return self.lr * (step + 1) / (warm + 1)
         span = max(1, n - warm - 1)
@@ -132,10 +132,11 @@ def check_not_evaluation(text: str, min_line: int = 80) -> None:
     """Refuse a custom training text that contains any line (>= ``min_line`` chars) of an evaluation
     article: healing on it would leak the perplexity windows into training."""
     from .data import EVAL_EVERY
+    from .models import ModelError
 
     try:
         articles = wiki_articles()
-    except Exception:  # the wiki package is absent: there is no evaluation split to leak
+    except (ModelError, OSError):  # the wiki package is absent: there is no evaluation split to leak
         return
     held_out = {line.strip() for i, (_, extract) in enumerate(articles) if i % EVAL_EVERY == 0
                 for line in extract.split("\n") if len(line.strip()) >= min_line}
@@ -217,7 +218,8 @@ def heal(model, tokenizer, config: HealConfig, progress: Progress | None = None,
         ``ppl_after`` (None leaves them out).
 
     Record: ``tokens``, ``steps``, ``seconds`` (training only), ``lora_rank``, ``loss`` (one per step),
-    ``lr`` (one per step), ``tokens_per_second``, ``trainable_params``, ``epochs`` (passes over the
+    ``lr`` and ``tokens_seen`` (cumulative tokens, one per step: the x axis of a loss plot),
+    ``tokens_per_second``, ``trainable_params``, ``epochs`` (passes over the
     text), ``device``, ``config`` (the HealConfig as a dict), and ``ppl_before``/``ppl_after`` with
     ``eval_fn``.
     """
@@ -311,6 +313,7 @@ def heal(model, tokenizer, config: HealConfig, progress: Progress | None = None,
         "tokens": tokens, "steps": config.steps, "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "loss": losses, "lr": lrs,
+        "tokens_seen": [(s + 1) * config.tokens_per_step for s in range(config.steps)],
         "epochs": sequences.shape[0] / chunks.shape[0],
     })
     if eval_fn is not None:

@@ -221,6 +221,8 @@ def make_config(method: str, ratio: float, allocation: str = "uniform", per_laye
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "layerdrop" and allocation == "uniform":
+        allocation = "automatic"  # the same for layer dropping: Block Influence picks the blocks
     if allocation not in ALLOCATIONS[method]:
         raise ValueError(f"{method} supports allocation {' / '.join(ALLOCATIONS[method])}, not {allocation!r}")
     ratio = float(ratio)

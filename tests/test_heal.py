@@ -1,4 +1,6 @@
 """Recovery training: loss goes down, LoRA merges back to the plain format, no evaluation text leaks."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -41,9 +43,8 @@ def one_thread():
 
 
 def small(**kw) -> HealConfig:
-    base = dict(tokens=32 * 4 * 25, seq_len=32, batch_size=4, lr=3e-3, warmup_frac=0.1)
-    base.update(kw)
-    return HealConfig(**base)
+    return HealConfig(**{"tokens": 32 * 4 * 25, "seq_len": 32, "batch_size": 4, "lr": 3e-3,
+                         "warmup_frac": 0.1, **kw})
 
 
 def shapes(model) -> dict:
@@ -52,11 +53,11 @@ def shapes(model) -> dict:
 
 # --- config and data ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [dict(tokens=0), dict(seq_len=1), dict(batch_size=0),
-                                 dict(grad_accum=0), dict(lr=-1.0), dict(lr=float("nan")),
-                                 dict(warmup_frac=1.0), dict(lora_rank=-1), dict(offset=-5),
-                                 dict(tokens=100, seq_len=64, batch_size=2),  # below one step
-                                 dict(lora_rank=4, lora_targets=())])
+@pytest.mark.parametrize("bad", [{"tokens": 0}, {"seq_len": 1}, {"batch_size": 0}, {"grad_accum": 0},
+                                 {"lr": -1.0}, {"lr": float("nan")}, {"warmup_frac": 1.0},
+                                 {"lora_rank": -1}, {"offset": -5}, {"tokens": 2.5e4},
+                                 {"tokens": 100, "seq_len": 64, "batch_size": 2},  # below one step
+                                 {"lora_rank": 4, "lora_targets": ()}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         HealConfig(**{"tokens": 10_000, **bad})
@@ -103,10 +104,11 @@ def test_loss_goes_down_on_repeated_text(fmt, rank):
                progress=lambda f, m: messages.append((f, m)),
                on_step=lambda s, t, loss: seen.append((s, t, loss)))
     assert rec["steps"] == 25 and rec["tokens"] == 25 * 128 and rec["lora_rank"] == rank
+    assert json.loads(json.dumps(rec)) == rec  # goes into report.json under "heal" as is
     assert len(rec["loss"]) == len(rec["lr"]) == 25 and rec["seconds"] > 0
     assert sum(rec["loss"][-3:]) / 3 < 0.6 * rec["loss"][0]
     assert [s for s, _, _ in seen] == list(range(1, 26)) and seen[-1][1] == rec["tokens"]
-    assert [loss for _, _, loss in seen] == rec["loss"]
+    assert [loss for _, _, loss in seen] == rec["loss"] and [t for _, t, _ in seen] == rec["tokens_seen"]
     assert any("heal step 25/25 loss" in m for _, m in messages) and messages[-1][0] == 1.0
     # the model comes back ready for inference, changed
     assert not model.training and all(not p.requires_grad and p.grad is None for p in model.parameters())
