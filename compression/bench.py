@@ -31,12 +31,13 @@ SLICING = (0.10, 0.20, 0.25, 0.30)
 def method_configs(ratios=RATIOS, slicing=SLICING, allocation: str = "uniform") -> list[tuple[str, float, object]]:
     """(method label, ratio or slicing, config) for every benchmark row except dense."""
     alloc = Allocation(kind=allocation)
+    tag = "" if allocation == "uniform" else f"-{allocation}"
     rows = []
     for r in ratios:
         rows += [("layerdrop", r, LayerDropConfig(ratio=r)),
                  ("slicegpt", r, SliceGPTConfig(ratio=r)),
-                 ("modegpt", r, MoDeGPTConfig(ratio=r, allocation=alloc)),
-                 ("olica", r, OlicaConfig(ratio=r, allocation=alloc))]
+                 (f"modegpt{tag}", r, MoDeGPTConfig(ratio=r, allocation=alloc)),
+                 (f"olica{tag}", r, OlicaConfig(ratio=r, allocation=alloc))]
     rows += [("slicegpt-slicing", s, SliceGPTConfig(slicing=s)) for s in slicing]
     return rows
 
@@ -63,8 +64,12 @@ def evaluate_row(model, tokenizer, windows, tasks, limit) -> dict:
 def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLICING,
         methods: tuple[str, ...] | None = None, tasks=None, limit: int | None = 100,
         calib: tuple[int, int] = (64, 512), eval_windows: int = 32, allocation: str = "uniform",
-        device: str | None = None, log=print) -> list[dict]:
-    """Run (or resume) the benchmark; returns all rows of ``out/results.json``."""
+        device: str | None = None, log=print, rows=None) -> list[dict]:
+    """Run (or resume) the benchmark; returns all rows of ``out/results.json``.
+
+    rows: explicit (label, ratio, config) triples instead of every method at ``ratios``/``slicing``.
+    tasks: zero-shot tasks (default the five headline tasks; an empty tuple skips zero-shot).
+    """
     from .zeroshot import HEADLINE_TASKS
 
     tasks = HEADLINE_TASKS if tasks is None else tasks
@@ -73,8 +78,8 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
     data["machine"], data["settings"] = machine(), {
         "model": model_name, "calibration": list(calib), "eval_windows": eval_windows,
-        "zero_shot_limit": limit, "tasks": list(tasks), "allocation": allocation}
-    done = {(r["model"], r["method"], r["ratio"], r.get("allocation")) for r in data["rows"]}
+        "zero_shot_limit": limit, "tasks": list(tasks)}
+    done = {(r["model"], r["method"], r["ratio"]) for r in data["rows"]}
 
     def save(row):
         data["rows"].append(row)
@@ -83,25 +88,32 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
     model, tokenizer = load_model(model_name, device)
     windows = evaluation_windows(tokenizer, eval_windows)
     calibration = TextSpec(*calib).batches(tokenizer)
-    if (model_name, "dense", 0.0, None) not in done:
+    if (model_name, "dense", 0.0) not in done:
         log("dense")
-        save({"model": model_name, "method": "dense", "ratio": 0.0, "allocation": None,
+        save({"model": model_name, "method": "dense", "ratio": 0.0,
               **evaluate_row(model, tokenizer, windows, tasks, limit)})
     del model
-    for label, ratio, config in method_configs(ratios, slicing, allocation):
+    todo = rows if rows is not None else method_configs(ratios, slicing, allocation)
+    for label, ratio, config in todo:
         if methods and label.split("-")[0] not in methods:
             continue
-        alloc = allocation if label in ("modegpt", "olica") else None
-        if (model_name, label, ratio, alloc) in done:
+        if (model_name, label, ratio) in done:
             continue
         log(f"{label} {ratio}")
         model, tokenizer = load_model(model_name, device)
+        # Dense speed again, right before this row's compressed speed: timings on a shared machine
+        # drift, so each row carries its own dense reference measured minutes apart at most.
+        dense_speed = speed(model)
         t0 = time.perf_counter()
         report = compress(model, config, calibration)
-        row = {"model": model_name, "method": label, "ratio": ratio, "allocation": alloc,
+        row = {"model": model_name, "method": label, "ratio": ratio,
                "ratio_achieved": report.ratio_achieved, "compress_seconds": time.perf_counter() - t0,
-               "calibration_seconds": report.calibration_seconds}
+               "calibration_seconds": report.calibration_seconds,
+               "config": report.config}
         row.update(evaluate_row(report.compressed, tokenizer, windows, tasks, limit))
+        row["dense_prefill_tok_s"] = dense_speed["prefill_tok_s"]
+        row["dense_decode_tok_s"] = dense_speed["decode_tok_s"]
+        row["decode_speedup"] = row["decode_tok_s"] / dense_speed["decode_tok_s"]
         save(row)
         del model, report
     return data["rows"]
@@ -116,16 +128,18 @@ def _fmt(x, spec=".2f"):
 def table(rows: list[dict]) -> str:
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
     head = ["method", "ratio", "achieved", "params (M)", "wiki ppl", "0-shot avg", *tasks,
-            "compress s", "prefill tok/s", "decode tok/s", "peak MB"]
+            "compress s", "prefill tok/s", "decode tok/s", "decode vs dense", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = {"dense": 0, "layerdrop": 1, "slicegpt": 2, "slicegpt-slicing": 3, "modegpt": 4, "olica": 5}
-    for r in sorted(rows, key=lambda r: (r["ratio"], order.get(r["method"], 9))):
-        label = r["method"] + (f" ({r['allocation']})" if r.get("allocation") else "")
+    order = ("dense", "layerdrop", "slicegpt", "modegpt", "olica")
+    rank = lambda m: next((i for i, o in enumerate(order) if m.startswith(o)), 9)  # noqa: E731
+    for r in sorted(rows, key=lambda r: (r["ratio"], rank(r["method"]), r["method"])):
+        label = r["method"]
         cells = [label, _fmt(r["ratio"]), _fmt(r.get("ratio_achieved", 0.0), ".3f"),
                  _fmt(r["params"] / 1e6, ".1f"), _fmt(r["ppl"]), _fmt(r.get("zero_shot_avg"), ".3f"),
                  *[_fmt(r.get("zero_shot", {}).get(t), ".3f") for t in tasks],
                  _fmt(r.get("compress_seconds"), ".0f"), _fmt(r["prefill_tok_s"], ".0f"),
-                 _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("peak_mem_mb"), ".0f")]
+                 _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("decode_speedup"), ".2f") + ("×" if r.get("decode_speedup") else ""),
+                 _fmt(r.get("peak_mem_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -141,7 +155,7 @@ def plots(rows: list[dict], assets: Path, stem: str) -> list[Path]:
     paths = []
     for key, ylabel, log in (("ppl", "wiki perplexity", True), ("zero_shot_avg", "zero-shot average", False)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in sorted({r["method"] for r in rows}):
+        for method in sorted({r["method"] for r in rows}):  # one line per method label
             pts = sorted((r["params"] / 1e6, r[key]) for r in rows
                          if r["method"] == method and r.get(key) is not None)
             if pts:
