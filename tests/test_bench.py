@@ -7,6 +7,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from compression import bench
 from compression.models import resolve_source
 
+pytestmark = pytest.mark.slow  # lm-eval builds its task objects per row: minutes, not seconds
+
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
@@ -22,18 +24,22 @@ def tiny_folder(tmp_path_factory):
 def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
     out = tmp_path / "bench"
     rows = bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), limit=2,
-                     calib=(4, 64), eval_windows=2, log=lambda m: None)
+                     tasks=("arc_easy", "piqa"), calib=(4, 64), eval_windows=2, log=lambda m: None)
     methods = sorted(r["method"] for r in rows)
     assert methods == ["dense", "layerdrop", "modegpt", "olica", "slicegpt", "slicegpt-slicing"]
     for r in rows:
-        for key in ("params", "ppl", "zero_shot_avg", "prefill_tok_s", "decode_tok_s", "peak_mem_mb"):
+        for key in ("params", "ppl", "prefill_tok_s", "decode_tok_s", "peak_mem_mb"):
             assert r[key] is not None, (r["method"], key)
-        assert set(r["zero_shot"]) == {"piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande"}
+        assert set(r["zero_shot"]) == {"arc_easy", "piqa"}
+        assert r["zero_shot_avg"] is None  # the headline average needs all five tasks
+        if r["method"] != "dense":
+            assert r["decode_speedup"] > 0 and r["ratio_achieved"] is not None
     dense = next(r for r in rows if r["method"] == "dense")
     assert all(r["params"] < dense["params"] for r in rows if r["method"] in ("layerdrop", "modegpt", "olica"))
     # A rerun resumes: nothing is recomputed, nothing duplicated.
     again = bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), limit=2,
-                      calib=(4, 64), eval_windows=2, log=lambda m: pytest.fail(f"recomputed {m}"))
+                      tasks=("arc_easy", "piqa"), calib=(4, 64), eval_windows=2,
+                      log=lambda m: pytest.fail(f"recomputed {m}"))
     assert len(again) == len(rows)
     md = tmp_path / "BENCHMARKS.md"
     bench.write_markdown(out / "results.json", md, tmp_path / "assets", "python -m compression bench")
