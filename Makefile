@@ -14,6 +14,11 @@ $(STAMP): requirements.txt requirements-assets.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	@# The browser test drives Debian's Chromium (never a downloaded browser); best effort, the
+	@# test skips with its reason where it cannot be installed.
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "note: chromium not installed; the browser test will be skipped")
 	touch $(STAMP)
 
 app: setup
