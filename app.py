@@ -30,9 +30,10 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 try:
-    from compression.heal import HealConfig, heal
+    import compression.heal  # noqa: F401  (recovery training is optional)
+    HEAL = True
 except ImportError:
-    heal = HealConfig = None
+    HEAL = False
 
 ACCEL = "accelerator"  # concurrency_id shared by every job that runs a model (one at a time)
 METHOD_CHOICES = [("Layer dropping (ShortGPT / LayerChop)", "layerdrop"), ("SliceGPT", "slicegpt"),
@@ -58,9 +59,10 @@ CSS = """
   line-height: 1.1em; text-align: center; opacity: 0.55;}
 .hover-info .info-text {visibility: hidden; position: absolute; z-index: 50; top: 1.6em; left: 0;
   max-width: 28em; padding: 4px 8px; border-radius: 6px; background: var(--background-fill-primary);
-  border: 1px solid var(--border-color-primary); box-shadow: var(--shadow-drop-lg);}
-.hover-info:hover .info-text {visibility: visible;}
-"""  # method knobs explain themselves in a tooltip on hover (gradio's `info` text, restyled)
+  border: 1px solid var(--border-color-primary); box-shadow: var(--shadow-drop-lg); pointer-events: none;
+  color: var(--body-text-color);}
+.hover-info [data-testid="block-info"]:hover + .info-text {visibility: visible;}
+"""  # knobs explain themselves in a tooltip when the pointer is on their label (gradio's `info` text)
 
 
 @contextlib.contextmanager
@@ -70,13 +72,9 @@ def user_errors():
         yield
     except (gr.Error, S.Stopped):
         raise
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, ArithmeticError) as err:
         raise gr.Error(f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err),
                        print_exception=False) from err
-
-
-def _noop_progress(fraction=None, desc=None, **_):
-    pass
 
 
 def _bridge(progress):
@@ -117,9 +115,11 @@ class Handlers:
     def layout(self, method: str, allocation: str):
         """Show the allocations and knobs of the chosen method:
         (allocation, note, slicing, per-layer text, ε, layerdrop/slicegpt/modegpt/olica options)."""
-        choices = list(S.ALLOCATIONS.get(method, ("uniform",)))
+        # The choices stay fixed (events already in flight validate against them); only the value moves
+        # to one the method supports.
+        choices = S.ALLOCATIONS.get(method, ("uniform",))
         value = allocation if allocation in choices else choices[0]
-        return (gr.update(choices=choices, value=value), METHOD_NOTES.get(method, ""),
+        return (gr.update(value=value) if value != allocation else gr.update(), METHOD_NOTES.get(method, ""),
                 gr.update(visible=method == "slicegpt"), gr.update(visible=value == "manual"),
                 gr.update(visible=value == "automatic" and method in ("modegpt", "olica")),
                 *(gr.update(visible=method == m) for m in ("layerdrop", "slicegpt", "modegpt", "olica")))
@@ -127,14 +127,16 @@ class Handlers:
     def default_per_layer(self, method, allocation, ratio, num_layers, per_layer):
         """Fill the per-layer text with valid defaults when manual allocation is picked."""
         if allocation != "manual" or not num_layers:
-            return per_layer
+            return gr.update()  # unchanged: never overwrite what the user is typing
         try:
             values = S.parse_list(per_layer, int if method == "layerdrop" else float)
         except ValueError:
             values = None
         if method == "layerdrop":
-            return per_layer if values and all(0 <= v < num_layers for v in values) else ""
-        return per_layer if values and len(values) == num_layers else ",".join([f"{ratio:.2f}"] * int(num_layers))
+            ok = values and all(0 <= v < num_layers for v in values)
+            return gr.update() if ok else ""
+        ok = values and len(values) == num_layers
+        return gr.update() if ok else ",".join([f"{ratio:.2f}"] * int(num_layers))
 
     def _config(self, name, method, ratio, allocation, per_layer, slicing, batch_size=8, epsilon=0.1,
                 modegpt_ridge=1.0, olica_ridge=1e-3, attn_share=1.0, calibrate_layers=8,
@@ -193,7 +195,11 @@ class Handlers:
 
     def stop(self, session):
         session.stop.set()
-        return "⏹ Stopping… the dense model is untouched."
+        return "⏹ Stopped. The dense model is untouched."
+
+    def stop_heal(self, session):
+        session.stop.set()
+        return "⏹ Stopped. LoRA adapters are discarded (rank 0 keeps the steps already taken)."
 
     def _runs_dropdown(self, session, value=None):
         choices = [(run.label, run.id) for run in session.runs.values()]
@@ -210,17 +216,19 @@ class Handlers:
             run = session.get(run_id)
         rep = run.report
         layers = rep.get("layers") or []
-        layer = min(max(int(layer or 0), 0), max(len(layers) - 1, 0))
+        asked = int(layer or 0)
+        layer = min(max(asked, 0), max(len(layers) - 1, 0))
         keys = list((layers[layer].get("spectra") or {}) if layers else {})
         all_keys = list(dict.fromkeys(k for lay in layers for k in (lay.get("spectra") or {})))
-        key = key if key in keys else "all"
+        asked_key, key = key, key if key in keys else "all"
         overview_key = key if key != "all" else (keys or all_keys or ["attn_input"])[0]
         summary = (f"**{run.id}** · {rep.get('method')} on `{run.model_name}` · "
                    f"{rep.get('params_dense', 0) / 1e6:,.1f}M → {rep.get('params_compressed', 0) / 1e6:,.1f}M "
                    f"parameters · target {rep.get('ratio_target') or 0:.0%}, achieved "
                    f"{rep.get('ratio_achieved') or 0:.1%}")
-        return (gr.update(maximum=max(len(layers) - 1, 1), value=layer),
-                gr.update(choices=["all", *keys], value=key), summary,
+        # values are sent back only when they change, so a late reply never undoes the user's pick
+        return (gr.update(maximum=max(len(layers) - 1, 1), **({"value": layer} if layer != asked else {})),
+                gr.update(choices=["all", *keys], **({"value": key} if key != asked_key else {})), summary,
                 viz.spectrum_figure(rep, layer, None if key == "all" else key),
                 viz.spectra_overview_figure(rep, overview_key), viz.leverage_figure(rep, layer),
                 viz.error_figure(rep), viz.influence_figure(rep), viz.sizes_figure(rep))
@@ -238,19 +246,25 @@ class Handlers:
             speed_args = {} if self.on_gpu else {"prompt_len": 128, "new_tokens": 32, "repeats": 2}
             args = dict(tasks=tuple(tasks or ()), limit=limit, measure_speed=bool(measure_speed),
                         speed_args=speed_args)
-            key = (run.model_name, "eval", int(ppl_windows), *map(str, args.values()))
+            key = (run.model_name, "eval", *map(str, args.values()))
+            dense_progress = lambda f, m: progress(0.5 * f, desc=f"dense: {m}")  # noqa: E731
             with self.gpu:
-                args["windows"] = self.store.eval_windows(run.model_name, int(ppl_windows)) if ppl_windows else None
-                if key not in self.store.dense_metrics:
+                if key not in self.store.dense_metrics:  # dense numbers are computed once per setting
                     dense, tok = self.store.get(run.model_name)
-                    self.store.dense_metrics[key] = S.evaluate_model(
-                        dense, tok, progress=lambda f, m: progress(0.5 * f, desc=f"dense: {m}"), **args)
-                comp = S.evaluate_model(run.model, run.tokenizer,
+                    self.store.dense_metrics[key] = S.evaluate_model(dense, tok, progress=dense_progress,
+                                                                     **args)
+                dense_metrics = dict(self.store.dense_metrics[key])
+                windows = None
+                if ppl_windows:
+                    windows = self.store.eval_windows(run.model_name, int(ppl_windows))
+                    dense_metrics["ppl"] = S.dense_perplexity(self.store, run.model_name, int(ppl_windows),
+                                                              dense_progress)
+                comp = S.evaluate_model(run.model, run.tokenizer, windows,
                                         progress=lambda f, m: progress(0.5 + 0.5 * f, desc=f"compressed: {m}"),
                                         **args)
-        run.metrics = {"dense": self.store.dense_metrics[key], "compressed": comp}
+        run.metrics = {"dense": dense_metrics, "compressed": comp}
         if "ppl" in comp:
-            run.report["ppl_dense"], run.report["ppl_compressed"] = run.metrics["dense"]["ppl"], comp["ppl"]
+            run.report["ppl_dense"], run.report["ppl_compressed"] = dense_metrics["ppl"], comp["ppl"]
         return S.compare_rows(run.metrics["dense"], comp)
 
     # ------------------------------------------------------------------------------------ chat
@@ -293,14 +307,24 @@ class Handlers:
         with user_errors():
             return str(S.zip_run(session.get(run_id), session.workdir))
 
-    def heal(self, session, run_id, tokens, rank, progress=gr.Progress()):
+    @GPU(duration=600)
+    def heal(self, session, run_id, tokens=16384, lora_rank=8, seq_len=256, ppl_windows=4,
+             progress=gr.Progress()):
+        """Recovery-train the run's compressed model in place; returns (status, loss figure)."""
+        session.stop.clear()
         with user_errors():
             run = session.get(run_id)
-            with self.gpu:
-                record = heal(run.model, run.tokenizer, HealConfig(tokens=int(tokens), lora_rank=int(rank)),
-                              _bridge(progress))
-        run.report["heal"] = record
-        return viz.loss_figure(record.get("losses") or [], record.get("tokens"))
+            try:
+                with self.gpu:
+                    rec = S.heal_run(self.store, session, run, int(tokens), int(lora_rank), int(seq_len),
+                                     int(ppl_windows), _bridge(progress))
+            except S.Stopped:
+                return "⏹ Stopped.", viz.loss_figure([])
+        ppl = (f" · ppl {rec['ppl_before']:.2f} → **{rec['ppl_after']:.2f}**"
+               if rec.get("ppl_after") is not None else "")
+        status = (f"✅ healed **{run.id}** on {rec['tokens']:,} tokens in {rec['seconds']:.0f} s · loss "
+                  f"{rec['loss'][0]:.3f} → {rec['loss'][-1]:.3f}{ppl}")
+        return status, viz.loss_figure(rec["loss"], rec.get("tokens_seen"))
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -338,7 +362,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                         allocation = gr.Radio(["uniform", "automatic", "manual"], value="uniform",
                                               label="Allocation over layers", elem_classes=hover,
                                               info="uniform: same everywhere; automatic: by Block Influence"
-                                                   "; manual: one value per layer below")
+                                                   " (layer dropping: its only plan; SliceGPT: none); manual: "
+                                                   "one value per layer below")
                         slicing = gr.Checkbox(False, label="Target is the slicing fraction (paper's knob)",
                                               info="fraction of hidden dimensions deleted instead of "
                                                    "parameters removed", elem_classes=hover)
@@ -421,13 +446,25 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                         status = gr.Markdown("")
                         with gr.Accordion("Run summary", open=False):
                             summary = gr.JSON(label="report")
-                with gr.Accordion("Recovery training (heal)", open=False):
-                    gr.Markdown("LoRA fine-tuning of the compressed model on calibration text." if heal else
-                                "_Not available in this build: `compression.heal` is not installed yet._")
+                with gr.Accordion("Recovery training (heal) of the selected run", open=False):
+                    gr.Markdown("A short causal-LM fine-tune of the compressed model on calibration text "
+                                "(after the tokens it was calibrated on), LoRA merged back, or every "
+                                "parameter with rank 0. It changes the run's model in place." if HEAL else
+                                "_Not available in this build: `compression.heal` is missing._")
                     with gr.Row():
-                        heal_tokens = gr.Number(200_000, precision=0, label="Tokens", interactive=bool(heal))
-                        heal_rank = gr.Number(8, precision=0, label="LoRA rank", interactive=bool(heal))
-                        heal_btn = gr.Button("Heal", interactive=bool(heal))
+                        heal_tokens = gr.Number(1_000_000 if gpu else 16_384, precision=0, label="Tokens",
+                                                interactive=HEAL, elem_classes=hover,
+                                                info="training budget; LayerChop uses far more")
+                        heal_rank = gr.Number(8, precision=0, label="LoRA rank", interactive=HEAL,
+                                              elem_classes=hover, info="0 trains every parameter")
+                        heal_len = gr.Number(256, precision=0, label="Sequence length", interactive=HEAL)
+                        heal_windows = gr.Number(32 if gpu else 4, precision=0, label="Perplexity windows",
+                                                 interactive=HEAL, elem_classes=hover,
+                                                 info="held-out windows measured before and after (0: skip)")
+                    with gr.Row():
+                        heal_btn = gr.Button("Heal", interactive=HEAL)
+                        heal_stop = gr.Button("Stop healing", variant="stop", interactive=HEAL)
+                    heal_md = gr.Markdown("")
                     heal_plot = gr.Plot(label="loss")
             # ---------------------------------------------------------------- Inspect
             with gr.Tab("Inspect", id="inspect"):
@@ -444,10 +481,10 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
             # ---------------------------------------------------------------- Evaluate
             with gr.Tab("Evaluate", id="evaluate"):
                 try:
-                    from compression.zeroshot import TASKS, available_tasks
+                    from compression.zeroshot import available_tasks
                     tasks_ok, zs_note = available_tasks(), ""
                 except Exception as err:  # noqa: BLE001  lm-eval or the task files missing
-                    TASKS, tasks_ok, zs_note = (), (), f"_Zero-shot disabled: {err}_"
+                    tasks_ok, zs_note = (), f"_Zero-shot disabled: {err}_"
                 with gr.Row():
                     ev_windows = gr.Slider(0, 64, value=32 if gpu else 4, step=1, label="Perplexity windows",
                                            info="1024-token held-out wiki windows (reference: 32)",
@@ -502,15 +539,16 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                        fig_influence, fig_sizes]
         runs_out = [runs_df, fig_pareto, fig_acc]
         hidden = dict(api_visibility="private")
+        last = dict(trigger_mode="always_last")  # a change while the previous update runs is not lost
         model.change(h.model_info, model, [model_md, n_layers], **hidden)
         gr.on([demo.load, method.change, allocation.change], h.layout, [method, allocation],
               [allocation, method_md, slicing, per_layer, epsilon, layerdrop_opts, slicegpt_opts,
-               modegpt_opts, olica_opts], **hidden)
+               modegpt_opts, olica_opts], **hidden, **last)
         gr.on([method.change, allocation.change, n_layers.change, ratio.release], h.default_per_layer,
-              [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden)
+              [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last)
         gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.change,
                slicing.change, n_layers.change], h.forecast,
-              [model, method, ratio, allocation, per_layer, slicing], forecast_md, **hidden)
+              [model, method, ratio, allocation, per_layer, slicing], forecast_md, **hidden, **last)
         job = dict(concurrency_id=ACCEL, concurrency_limit=1)
         compress_evt = go_btn.click(
             h.compress, [state, model, method, ratio, allocation, per_layer, slicing, calib_samples,
@@ -521,7 +559,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         compress_evt.then(h.runs_view, state, runs_out, **hidden)
         stop_btn.click(h.stop, state, status, cancels=[compress_evt], queue=False, **hidden)
         gr.on([run_dd.change, layer.release, key.input], h.inspect, [state, run_dd, layer, key],
-              inspect_out, api_name="inspect")
+              inspect_out, api_name="inspect", **last)
         ev_btn.click(h.evaluate, [state, run_dd, ev_windows, ev_tasks, ev_limit, ev_speed], ev_table,
                      api_name="evaluate", **job).then(h.runs_view, state, runs_out, **hidden)
         chat_inputs = [state, msg, chat_dense, chat_comp, run_dd, model, temperature, top_p, max_new,
@@ -532,7 +570,10 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         load_btn.click(h.load_saved, [state, upload, folder], [load_md, run_dd, state], api_name="load_run",
                        **job).then(h.runs_view, state, runs_out, **hidden)
         dl_btn.click(h.download, [state, run_dd], dl_file, api_name="download", **job)
-        heal_btn.click(h.heal, [state, run_dd, heal_tokens, heal_rank], heal_plot, **job, **hidden)
+        heal_evt = heal_btn.click(h.heal, [state, run_dd, heal_tokens, heal_rank, heal_len, heal_windows],
+                                  [heal_md, heal_plot], api_name="heal", show_progress_on=[heal_md], **job)
+        heal_evt.then(h.runs_view, state, runs_out, **hidden)
+        heal_stop.click(h.stop_heal, state, heal_md, cancels=[heal_evt], queue=False, **hidden)
         demo.unload(h.unload)
     demo.handlers = h  # for tests and scripts
     return demo

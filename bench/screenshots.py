@@ -47,17 +47,17 @@ def wait_quiet(page, locator, timeout_s: float = 300, quiet_s: float = 1.5) -> s
     return last
 
 
-def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s: float) -> None:
+def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s: float,
+          saved: str | None = None, saved_layer: int = 10) -> None:
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
-    ms = int(timeout_s * 1000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
                                     headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            _flow(page, url, out, method, ratio, prompt, timeout_s)
+            _flow(page, url, out, method, ratio, prompt, timeout_s, saved, saved_layer)
         except Exception:
             page.screenshot(path=str(out / "failure.png"), full_page=True)
             raise
@@ -65,57 +65,89 @@ def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s
             browser.close()
 
 
-def _flow(page, url, out, method, ratio, prompt, timeout_s):
-        ms = int(timeout_s * 1000)
-        page.goto(url)
-        page.get_by_text("Training-free compression").first.wait_for(timeout=ms)
-        page.get_by_label(METHOD_LABELS[method]).check()
-        page.get_by_text(METHOD_NOTE_START[method]).first.wait_for(timeout=ms)  # the form follows
-        ratio_box = page.get_by_label("number input for Target ratio")
-        ratio_box.fill(str(ratio))
-        ratio_box.press("Enter")
-        page.wait_for_timeout(2000)  # the live forecast
-        page.get_by_role("button", name="Compress", exact=True).click()
-        page.get_by_text("✅").first.wait_for(timeout=ms)
-        page.screenshot(path=str(out / "tab_compress.png"), full_page=True)
-        print("compress:", page.get_by_text("✅").first.inner_text())
-
+def _flow(page, url, out, method, ratio, prompt, timeout_s, saved=None, saved_layer=10):
+    ms = int(timeout_s * 1000)
+    page.goto(url)
+    page.get_by_text("Training-free compression").first.wait_for(timeout=ms)
+    if method != "none":
+        _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s)
+    if saved:  # Inspect a saved run (a method with spectra) without compressing again
+        page.get_by_role("tab", name="Runs").click()
+        page.get_by_label("…or a saved run's folder on the server").fill(saved)
+        page.get_by_role("button", name="Load run").click()
+        page.get_by_text("Loaded").first.wait_for(timeout=ms)
         page.get_by_role("tab", name="Inspect").click()
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=ms)
-        page.wait_for_timeout(1500)
-        page.screenshot(path=str(out / "tab_inspect.png"), full_page=True)
-
-        page.get_by_role("tab", name="Evaluate").click()
-        page.get_by_role("button", name="Evaluate dense vs compressed").click()
-        page.get_by_text("decode_tok_s").first.wait_for(timeout=ms)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "tab_evaluate.png"), full_page=True)
-
-        page.get_by_role("tab", name="Chat").click()
-        box = page.get_by_placeholder("Message both models…")
-        box.fill(prompt)
-        box.press("Enter")
-        bots = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
-        page.wait_for_function(
-            "[...document.querySelectorAll('[data-testid=\"bot\"]')].filter(e => e.innerText.includes('tok/s')).length >= 2",
-            timeout=ms)
-        wait_quiet(page, page.locator("body"), timeout_s)
-        print("chat:", [t[:80] for t in bots.all_inner_texts()])
-        page.screenshot(path=str(out / "tab_chat.png"), full_page=True)
-
+        page.get_by_text("r2 · ").first.wait_for(timeout=ms) if method != "none" else \
+            page.get_by_text("r1 · ").first.wait_for(timeout=ms)
+        layer_box = page.get_by_label("number input for Layer")
+        layer_box.fill(str(saved_layer))
+        layer_box.press("Tab")  # the slider's box reports on blur
+        page.get_by_text(f"Layer {saved_layer} eigenvalue spectrum").first.wait_for(timeout=ms)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(out / "tab_inspect_saved.png"), full_page=True)
+        chat(page, out / "tab_chat_saved.png", prompt, ms, timeout_s)
         page.get_by_role("tab", name="Runs").click()
         page.wait_for_timeout(2000)
         page.screenshot(path=str(out / "tab_runs.png"), full_page=True)
+
+
+def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="Clear").click()
+    box = page.get_by_placeholder("Message both models…")
+    box.fill(prompt)
+    box.press("Enter")
+    bots = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
+    page.wait_for_function(
+        "[...document.querySelectorAll('[data-testid=\"bot\"]')].filter(e => e.innerText.includes('tok/s')).length >= 2",
+        timeout=ms)
+    wait_quiet(page, page.locator("body"), timeout_s)
+    print("chat:", [t[:80] for t in bots.all_inner_texts()])
+    page.screenshot(path=str(path), full_page=True)
+
+
+def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
+    page.get_by_label(METHOD_LABELS[method]).check()
+    page.get_by_text(METHOD_NOTE_START[method]).first.wait_for(timeout=ms)  # the form follows
+    ratio_box = page.get_by_label("number input for Target ratio")
+    ratio_box.fill(str(ratio))
+    ratio_box.press("Enter")
+    page.wait_for_timeout(2000)  # the live forecast
+    page.get_by_role("button", name="Compress", exact=True).click()
+    page.get_by_text("✅").first.wait_for(timeout=ms)
+    page.screenshot(path=str(out / "tab_compress.png"), full_page=True)
+    print("compress:", page.get_by_text("✅").first.inner_text())
+
+    page.get_by_role("tab", name="Inspect").click()
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=ms)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(out / "tab_inspect.png"), full_page=True)
+
+    page.get_by_role("tab", name="Evaluate").click()
+    page.get_by_role("button", name="Evaluate dense vs compressed").click()
+    page.get_by_text("decode tokens/s").first.wait_for(timeout=ms)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(out / "tab_evaluate.png"), full_page=True)
+
+    chat(page, out / "tab_chat.png", prompt, ms, timeout_s)
+
+    page.get_by_role("tab", name="Runs").click()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(out / "tab_runs.png"), full_page=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a running app (default: launch one in-process)")
     ap.add_argument("--model", default=None, help="default model of the launched app")
-    ap.add_argument("--method", default="layerdrop", choices=sorted(METHOD_LABELS))
+    ap.add_argument("--method", default="layerdrop", choices=[*sorted(METHOD_LABELS), "none"],
+                    help="none: only --saved")
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
+    ap.add_argument("--saved", default=None,
+                    help="also load this saved run (folder with report.json) and screenshot its Inspect tab")
+    ap.add_argument("--saved-layer", type=int, default=10, help="layer shown for --saved")
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for each step")
     args = ap.parse_args()
     demo = None
@@ -129,7 +161,7 @@ def main() -> None:
                             css=app.CSS, quiet=True)
         url = demo.local_url
     try:
-        shoot(url, args.out, args.method, args.ratio, args.prompt, args.timeout)
+        shoot(url, args.out, args.method, args.ratio, args.prompt, args.timeout, args.saved, args.saved_layer)
     except Exception:
         print("failed; the page at that moment is in", args.out / "failure.png", file=sys.stderr)
         raise

@@ -332,6 +332,32 @@ def run_compression(store: ModelStore, session: Session, name: str, config, spec
     return session.add(run)
 
 
+def heal_run(store: ModelStore, session: Session, run: Run, tokens: int, lora_rank: int = 8,
+             seq_len: int = 256, ppl_windows: int = 0, progress: Progress = lambda f, m: None) -> dict:
+    """Recovery-train ``run.model`` in place (compression.heal) and record it in the run's report.
+
+    Training text starts after the tokens the compression calibrated on; with ``ppl_windows`` the
+    record has perplexity before and after. Raises Stopped when ``session.stop`` is set.
+    """
+    from .heal import HealConfig, heal
+
+    if run.model is None:
+        raise ValueError(f"run {run.id}'s model is no longer in memory; compress or load it again")
+    calib = (run.report.get("extra") or {}).get("calibration") or {}
+    config = HealConfig(tokens=int(tokens), lora_rank=int(lora_rank), seq_len=int(seq_len),
+                        offset=int(calib.get("samples", 0)) * int(calib.get("seq_len", 0)))
+    eval_fn = None
+    if ppl_windows:
+        windows = store.eval_windows(run.model_name, int(ppl_windows))
+        eval_fn = lambda model: perplexity(model, windows)  # noqa: E731
+    record = heal(run.model, run.tokenizer, config, _checked(progress, session.stop), eval_fn=eval_fn)
+    run.report["heal"] = record
+    if record.get("ppl_after") is not None:
+        run.report["ppl_compressed"] = record["ppl_after"]
+    run.metrics = {}  # evaluation numbers describe the model before healing
+    return record
+
+
 def evaluate_model(model, tokenizer, windows: torch.Tensor | None = None, tasks=(),
                    limit: int | None = None, measure_speed: bool = False,
                    progress: Progress = lambda f, m: None, speed_args: dict | None = None) -> dict:
@@ -354,15 +380,23 @@ def evaluate_model(model, tokenizer, windows: torch.Tensor | None = None, tasks=
     return out
 
 
+METRIC_NAMES = {"params": "parameters", "block_params": "block parameters", "bytes": "weights (MB)",
+                "ppl": "perplexity (wiki)", "zero_shot_avg": "zero-shot average (5 tasks)",
+                "prefill_tok_s": "prefill tokens/s", "decode_tok_s": "decode tokens/s",
+                "peak_mem_mb": "peak memory (MB)"}
+
+
 def compare_rows(dense: dict, comp: dict) -> list[list]:
     """[metric, dense, compressed, delta, delta %] rows for the metrics both sides have."""
     rows = []
-    for key in dict.fromkeys([*dense, *comp]):
+    for key in dict.fromkeys([*comp, *dense]):
         a, b = dense.get(key), comp.get(key)
         if key == "threads" or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
             continue
+        if key == "bytes":
+            a, b = a / 2**20, b / 2**20
         delta = b - a
-        rows.append([key, _fmt(a), _fmt(b), _fmt(delta, sign=True),
+        rows.append([METRIC_NAMES.get(key, key), _fmt(a), _fmt(b), _fmt(delta, sign=True),
                      f"{100 * delta / a:+.1f}%" if a else ""])
     return rows
 
@@ -385,13 +419,14 @@ class Sampling:
     chat_template: bool = True
 
 
-STATS = re.compile(r"\n*<sub>⏱.*?</sub>\s*$", re.S)  # the tokens/s line appended under a reply
+STATS = re.compile(r"\n*<sub>[^<]*tok/s</sub>\s*$")  # the tokens/s line appended under a reply
+NO_REPLY = "_(no reply: the model ended its turn at once)_"
 
 
 def build_prompt(tokenizer, history: list[dict], message: str, use_template: bool) -> torch.Tensor:
     """Token ids for the conversation so far plus ``message`` (stats lines stripped)."""
-    turns = [{"role": m["role"], "content": STATS.sub("", _text(m["content"]))} for m in history or []
-             if m.get("role") in ("user", "assistant")]
+    turns = [{"role": m["role"], "content": STATS.sub("", _text(m["content"])).replace(NO_REPLY, "")}
+             for m in history or [] if m.get("role") in ("user", "assistant")]
     turns.append({"role": "user", "content": message})
     if use_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -455,7 +490,7 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
                 stop: threading.Event | None = None) -> Iterator[list[list[dict]]]:
     """Answer ``message`` with every (model, tokenizer) in ``pairs`` in lockstep, same settings and seed.
 
-    Yields the updated histories (gradio "messages" format) after each step; a ``<sub>⏱ ...</sub>``
+    Yields the updated histories (gradio "messages" format) after each step; a ``<sub>... tok/s</sub>``
     line with tokens and tokens/s closes every reply. A pair may be None (that side is left alone).
     """
     histories = [list(h or []) for h in histories]
@@ -481,8 +516,9 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
                 alive[i] = False
                 continue
             rate = n / seconds if seconds else 0.0
+            text = text or NO_REPLY
             histories[i][-1] = {"role": "assistant",
-                                "content": f"{text}\n\n<sub>⏱ {n} tokens · {rate:.1f} tok/s</sub>"}
+                                "content": f"{text}\n\n<sub>{n} tokens · {rate:.1f} tok/s</sub>"}
         yield histories
 
 
@@ -531,9 +567,10 @@ def load_run(session: Session, path: str | Path, load_weights: bool = True) -> R
         raise ValueError(f"{report_file.name} is not a compression report: {err}") from None
     model = tokenizer = None
     folder = report_file.parent
-    if load_weights and (folder / "config.json").exists():
+    weights = next((f for f in (folder, folder / "model") if (f / "config.json").exists()), None)
+    if load_weights and weights is not None:  # the app's zip layout, or the CLI's DIR/model/
         try:
-            model, tokenizer = load_model(str(folder), default_device())
+            model, tokenizer = load_model(str(weights), default_device())
         except ModelError as err:
             raise ValueError(f"the saved model in {folder} cannot be loaded: {err}") from None
     run = Run(session.new_id(), report.get("model") or str(folder), report, model, tokenizer,

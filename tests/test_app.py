@@ -15,6 +15,8 @@ gr = pytest.importorskip("gradio")
 import app  # noqa: E402
 from compression import session as S  # noqa: E402
 
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),  # gradio's queue vs pandas 3
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 CALIB = dict(calib_samples=4, calib_len=64, ppl_windows=1)  # tiny calibration: seconds per run
 
 
@@ -150,12 +152,14 @@ def test_stop_cancels_cleanly(handlers, tiny_folder):
 
 
 def test_default_per_layer_and_method_switch(handlers):
+    unchanged = {"__type__": "update"}
     assert handlers.default_per_layer("modegpt", "manual", 0.25, 3, "") == "0.25,0.25,0.25"
-    assert handlers.default_per_layer("modegpt", "manual", 0.25, 3, "0.1,0.2,0.3") == "0.1,0.2,0.3"
+    assert handlers.default_per_layer("modegpt", "manual", 0.25, 3, "0.1,0.2,0.3") == unchanged
     assert handlers.default_per_layer("layerdrop", "manual", 0.25, 3, "0.1,0.2,0.3") == ""
-    assert handlers.default_per_layer("layerdrop", "automatic", 0.25, 3, "x") == "x"
+    assert handlers.default_per_layer("layerdrop", "manual", 0.25, 3, "2") == unchanged
+    assert handlers.default_per_layer("layerdrop", "automatic", 0.25, 3, "x") == unchanged
     update, note, slicing, per_layer, epsilon, *groups = handlers.layout("layerdrop", "uniform")
-    assert update["value"] == "automatic" and update["choices"] == ["automatic", "manual"]
+    assert update["value"] == "automatic" and "choices" not in update
     assert "Block Influence" in note and not slicing["visible"] and not per_layer["visible"]
     assert [g["visible"] for g in groups] == [True, False, False, False]
     _, _, slicing, per_layer, epsilon, *groups = handlers.layout("modegpt", "automatic")
@@ -176,16 +180,17 @@ def test_inspect_without_runs_and_with_bad_run(handlers, compressed):
     with pytest.raises(gr.Error, match="unknown run"):
         handlers.inspect(compressed, "r99")
     out = handlers.inspect(compressed, "r1", 7, "mlp_input")  # layer clamped to the last one
-    assert out[0]["value"] == 1 and out[1]["value"] == "mlp_input"
+    assert out[0]["value"] == 1 and "value" not in out[1]  # only changed values are sent back
     assert len(out[3].data) >= 2  # eigenvalues + cumulative energy
 
 
 def test_evaluate_table_has_deltas(handlers, compressed):
     rows = handlers.evaluate(compressed, "r1", 1, [], 0, True, progress=_noop)
     table = {r[0]: r for r in rows}
-    for metric in ("params", "block_params", "bytes", "ppl", "prefill_tok_s", "decode_tok_s", "peak_mem_mb"):
+    for metric in ("parameters", "block parameters", "weights (MB)", "perplexity (wiki)", "prefill tokens/s",
+                   "decode tokens/s", "peak memory (MB)"):
         assert metric in table, metric
-    assert table["block_params"][3].startswith("-") and table["block_params"][4].endswith("%")
+    assert table["block parameters"][3].startswith("-") and table["block parameters"][4].endswith("%")
     assert compressed.get("r1").metrics["compressed"]["ppl"] > 0
 
 
@@ -214,7 +219,7 @@ def test_chat_without_a_run_answers_with_the_dense_model(handlers, tiny_folder):
 
 def test_build_prompt_uses_the_chat_template(handlers, tiny_folder):
     _, tok = handlers.store.get(tiny_folder)
-    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\n\n<sub>⏱ 1 tokens · 2.0 tok/s</sub>"}]
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\n\n<sub>1 tokens · 2.0 tok/s</sub>"}]
     text = tok.decode(S.build_prompt(tok, history, "c", True)[0])
     assert "<|im_start|>assistant" in text and "tok/s" not in text
     plain = tok.decode(S.build_prompt(tok, history, "c", False)[0])
@@ -243,12 +248,33 @@ def test_download_and_load_roundtrip(handlers, compressed, tmp_path):
     assert "slicegpt" in handlers.inspect(fresh, "r2")[2]
     with pytest.raises(gr.Error, match="no longer in memory"):
         handlers.download(fresh, "r2")
+    assert fresh.get("r2").model is None
+    cli = tmp_path / "cli-run"  # the CLI's layout: DIR/report.json and DIR/model/
+    S.save_run(compressed.get("r1"), cli / "model")
+    (cli / "model" / "report.json").rename(cli / "report.json")
+    assert "model and report" in handlers.load_saved(fresh, None, str(cli))[0]
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(gr.Error, match="not a compression report"):
         handlers.load_saved(fresh, str(bad), "")
     with pytest.raises(gr.Error, match="upload a run"):
         handlers.load_saved(fresh, None, "")
+
+
+def test_heal_changes_only_the_runs_model(handlers, tiny_folder):
+    pytest.importorskip("peft")
+    session = S.Session()
+    _compress(handlers, session, tiny_folder, "slicegpt", 0.3)
+    dense, _ = handlers.store.get(tiny_folder)
+    before, run_before = _checksum(dense), _checksum(session.get("r1").model)
+    status, figure = handlers.heal(session, "r1", tokens=512, lora_rank=2, seq_len=64, ppl_windows=1,
+                                   progress=_noop)
+    assert status.startswith("✅ healed **r1**") and "ppl" in status and len(figure.data) >= 1
+    record = session.get("r1").report["heal"]
+    assert record["steps"] == 2 and record["ppl_after"] == session.get("r1").report["ppl_compressed"]
+    assert _checksum(dense) == before and _checksum(session.get("r1").model) != run_before
+    with pytest.raises(gr.Error, match="below one optimizer step"):
+        handlers.heal(session, "r1", tokens=10, lora_rank=2, seq_len=64, ppl_windows=0, progress=_noop)
 
 
 def test_runs_table_and_pareto(handlers, compressed):
@@ -316,7 +342,7 @@ def test_gradio_client_compress_inspect_evaluate_chat(tiny_folder):
         table = client.predict(run_id="r1", ppl_windows=1, tasks=tasks, limit=2, measure_speed=False,
                                api_name="/evaluate")
         metrics = [row[0] for row in table["data"]]
-        assert "ppl" in metrics and "params" in metrics
+        assert "perplexity (wiki)" in metrics and "parameters" in metrics
         if tasks:
             assert any(m.startswith(tasks[0]) for m in metrics)
         dense, comp, cleared = client.predict(message="Hi", dense_history=[], compressed_history=[],
