@@ -147,3 +147,22 @@ def block_influence(mv: ModelView, inputs: BlockInputs, progress=None) -> list[f
         if progress:
             progress((i + 1) / len(blocks), f"block influence {i + 1}/{len(blocks)}")
     return scores
+
+
+def prepare_sequential(model, calibration, allocation, ratio: float, batch_size: int, progress):
+    """Shared set-up of the per-block methods (MoDeGPT, Olica): convert to the compressed format,
+    capture the first block's inputs and plan per-layer sparsity (Block Influence only when the
+    allocation needs it). Returns (model, view, inputs, influence, sparsity, seconds)."""
+    import time
+
+    from .arch import view
+    from .modeling import to_compressed
+
+    model = to_compressed(model)
+    mv = view(model)
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(mv, calibration, batch_size)
+    influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m)) \
+        if allocation.needs_influence else None
+    sparsity = allocation.sparsities(ratio, len(mv.layers), influence)
+    return model, mv, inputs, influence, sparsity, time.perf_counter() - t0

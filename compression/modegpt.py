@@ -12,16 +12,13 @@ blocks in sequence, so each block is calibrated on the outputs of the already-co
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .arch import view
-from .calibration import block_influence, capture_block_inputs, record_inputs
-from .modeling import to_compressed
+from .calibration import prepare_sequential, record_inputs
+from .rewrite import compress_attention
 from .ops import nystrom_mlp, relative_error, select_outputs, set_linear
-from .rewrite import compress_value_output, keep_rotary_pairs
 from .plan import Allocation
 from .report import LayerReport, Report
 
@@ -77,15 +74,9 @@ def module_sizes(attn, mlp, sparsity: float) -> dict[str, int]:
 def compress_modegpt(model, config: MoDeGPTConfig, calibration, progress) -> Report:
     if calibration is None:
         raise ValueError("MoDeGPT needs calibration tokens")
-    model = to_compressed(model)
-    mv = view(model)
+    model, mv, inputs, influence, sparsity, calibration_seconds = prepare_sequential(
+        model, calibration, config.allocation, config.ratio, config.batch_size, progress)
     L = len(mv.layers)
-    t0 = time.perf_counter()
-    inputs = capture_block_inputs(mv, calibration, config.batch_size)
-    influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m)) \
-        if config.allocation.needs_influence else None
-    sparsity = config.allocation.sparsities(config.ratio, L, influence)
-    calibration_seconds = time.perf_counter() - t0
     n_err = min(config.error_batches, len(inputs))
     hidden, layers = inputs.hidden, []
     for i, layer in enumerate(mv.layers):
@@ -94,13 +85,8 @@ def compress_modegpt(model, config: MoDeGPTConfig, calibration, progress) -> Rep
         sizes = module_sizes(attn, mlp, sparsity[i])
         kw = inputs.kwargs
         # Attention: correlation of the normalised block input feeds both Type II and Type III.
-        with record_inputs({"attn": attn.q_proj}) as grams:
-            a_dense = [layer.attention_out(h, k) for h, k in zip(hidden, kw)]
-        g_attn = grams["attn"].mean
-        qk_scores = keep_rotary_pairs(attn, g_attn, sizes["qk_pairs"])
-        vo_spectra = compress_value_output(attn, g_attn, sizes["v_dim"]) \
-            if sizes["v_dim"] < attn.v_dim else []
-        a_new = [layer.attention_out(h, k) for h, k in zip(hidden, kw)]
+        a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
+            layer, hidden, kw, sizes["qk_pairs"], sizes["v_dim"])
         mid = [h + a for h, a in zip(hidden, a_new)]
         # MLP: correlation of the intermediate activations (input of down_proj).
         with record_inputs({"z": mlp.down_proj}) as grams:

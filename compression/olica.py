@@ -15,18 +15,15 @@
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .arch import view
-from .calibration import block_influence, capture_block_inputs, record_inputs
-from .modeling import to_compressed
+from .calibration import prepare_sequential, record_inputs
+from .rewrite import compress_attention
 from .ops import relative_error, select_inputs, select_outputs, sqrt_psd
 from .plan import Allocation
 from .report import LayerReport, Report
-from .rewrite import compress_value_output, keep_rotary_pairs
 
 
 @dataclass
@@ -130,15 +127,9 @@ def add_branch(mlp, a: torch.Tensor, b: torch.Tensor) -> None:
 def compress_olica(model, config: OlicaConfig, calibration, progress) -> Report:
     if calibration is None:
         raise ValueError("Olica needs calibration tokens")
-    model = to_compressed(model)
-    mv = view(model)
+    model, mv, inputs, influence, sparsity, calibration_seconds = prepare_sequential(
+        model, calibration, config.allocation, config.ratio, config.batch_size, progress)
     L = len(mv.layers)
-    t0 = time.perf_counter()
-    inputs = capture_block_inputs(mv, calibration, config.batch_size)
-    influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m)) \
-        if config.allocation.needs_influence else None
-    sparsity = config.allocation.sparsities(config.ratio, L, influence)
-    calibration_seconds = time.perf_counter() - t0
     n_cal = min(config.calibrate_layers, L) if config.ratio > 0 else 0
     rank = config.calibrate_rank
     first = mv.layers[0]
@@ -151,13 +142,8 @@ def compress_olica(model, config: OlicaConfig, calibration, progress) -> Report:
         attn, mlp, kw = layer.self_attn, layer.mlp, inputs.kwargs
         params_dense = sum(p.numel() for p in layer.parameters())
         sizes = layer_sizes(attn, mlp, sparsity[i], config.attn_share, extra_cut if n_cal else 0)
-        with record_inputs({"attn": attn.q_proj}) as grams:
-            a_dense = [layer.attention_out(h, k) for h, k in zip(hidden, kw)]
-        g_attn = grams["attn"].mean
-        qk_scores = keep_rotary_pairs(attn, g_attn, sizes["qk_pairs"])
-        vo_spectra = compress_value_output(attn, g_attn, sizes["v_dim"]) \
-            if sizes["v_dim"] < attn.v_dim else []
-        a_new = [layer.attention_out(h, k) for h, k in zip(hidden, kw)]
+        a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
+            layer, hidden, kw, sizes["qk_pairs"], sizes["v_dim"])
         mid = [h + a for h, a in zip(hidden, a_new)]
         with record_inputs({"x": mlp.gate_proj, "z": mlp.down_proj}) as grams:
             m_dense = [layer.mlp_out(x) for x in mid]

@@ -50,3 +50,21 @@ def compress_value_output(attn, gram: torch.Tensor, keep: int) -> list[list[floa
     set_linear(attn.o_proj, torch.cat([o.T for o in new_o], dim=1))
     attn.v_dim = keep
     return spectra
+
+
+def compress_attention(layer, hidden: list, kwargs: list, qk_pairs: int, v_dim: int):
+    """Cut one block's attention to ``qk_pairs`` rotary pairs and ``v_dim`` value dims per kv group,
+    from the correlation of its normalised input over the calibration batches.
+
+    Returns (dense outputs, new outputs, input correlation, rotary-pair scores, VO spectra).
+    """
+    from .calibration import record_inputs
+
+    attn = layer.self_attn
+    with record_inputs({"attn": attn.q_proj}) as grams:
+        dense = [layer.attention_out(h, k) for h, k in zip(hidden, kwargs)]
+    gram = grams["attn"].mean
+    qk_scores = keep_rotary_pairs(attn, gram, qk_pairs)
+    vo_spectra = compress_value_output(attn, gram, v_dim) if v_dim < attn.v_dim else []
+    new = [layer.attention_out(h, k) for h, k in zip(hidden, kwargs)]
+    return dense, new, gram, qk_scores, vo_spectra
