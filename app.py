@@ -544,7 +544,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         gr.on([demo.load, method.change, allocation.change], h.layout, [method, allocation],
               [allocation, method_md, slicing, per_layer, epsilon, layerdrop_opts, slicegpt_opts,
                modegpt_opts, olica_opts], **hidden, **last)
-        gr.on([method.change, allocation.change, n_layers.change, ratio.release], h.default_per_layer,
+        gr.on([allocation.change, n_layers.change], h.default_per_layer,
               [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last)
         gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.change,
                slicing.change, n_layers.change], h.forecast,

@@ -67,16 +67,12 @@ def test_compress_inspect_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("manual").check()
         page.get_by_label("range slider for layer 1").wait_for()
         assert page.get_by_label("range slider for layer 2").count() == 0
-        # layer dropping, manual: pick the blocks; the live forecast follows
+        # layer dropping, manual: a checkbox per block; then automatic (Block Influence) for the run
         page.get_by_label("Layer dropping (ShortGPT / LayerChop)").check()
         page.get_by_text("Deletes whole decoder blocks").first.wait_for()
         page.get_by_text("Blocks to drop").first.wait_for()
-        page.get_by_text("pick at least one layer to drop").first.wait_for()  # the form has settled
-        # the text field behind the checkboxes (not re-rendered, so no race with a late re-render)
-        per_layer = page.get_by_label("Per-layer values")
-        per_layer.fill("1")
-        per_layer.press("Tab")
-        page.get_by_text("Blocks lose 50.0%").first.wait_for()
+        page.get_by_label("automatic").check()
+        page.get_by_text("Blocks lose 50.0%").first.wait_for()  # live forecast: 1 of 2 blocks goes
         page.get_by_label("Samples").fill("4")
         page.get_by_label("Tokens each").fill("64")
         page.get_by_role("button", name="Compress", exact=True).click()
