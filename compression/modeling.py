@@ -31,7 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .arch import view
+from .arch import LLAMA_LIKE, BlockView, view
 
 
 class CompressedConfig(PretrainedConfig):
@@ -313,25 +313,16 @@ def to_compressed(model: nn.Module) -> CompressedForCausalLM:
     for block in mv.blocks:
         with torch.device("meta"):
             layer = CompressedDecoderLayer(base, spec, block.index)
-        for part in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm"):
-            src = block.get(part)
-            if part.endswith("norm"):
-                dst = layer.input_layernorm if part == "attn_norm" else layer.post_attention_layernorm
-                dst.weight = src.weight
-            else:
-                view_of_layer = view_block(layer)
-                view_of_layer.set(part, src)
+        target = BlockView(block.index, layer, LLAMA_LIKE)  # our block keeps the Llama names
+        for part in ("q", "k", "v", "o", "gate", "up", "down"):
+            target.set(part, block.get(part))             # adopt the Linear modules themselves
+        layer.input_layernorm.weight = block.attn_norm.weight
+        layer.post_attention_layernorm.weight = block.mlp_norm.weight
         layers.append(layer)
     shell.model.layers = nn.ModuleList(layers)
     shell.sync_config()
     shell.generation_config = model.generation_config
     return shell.eval()
-
-
-def view_block(layer: CompressedDecoderLayer):
-    from .arch import LLAMA_LIKE, BlockView
-
-    return BlockView(0, layer, LLAMA_LIKE)
 
 
 AutoConfig.register(CompressedConfig.model_type, CompressedConfig, exist_ok=True)
