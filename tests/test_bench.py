@@ -41,6 +41,9 @@ def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
                       tasks=("arc_easy", "piqa"), calib=(4, 64), eval_windows=2,
                       log=lambda m: pytest.fail(f"recomputed {m}"))
     assert len(again) == len(rows)
+    # Rows measured with zero-shot also serve a run that asks for none.
+    bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), tasks=(), calib=(4, 64),
+              eval_windows=2, log=lambda m: pytest.fail(f"recomputed {m}"))
     md = tmp_path / "BENCHMARKS.md"
     bench.write_markdown(out / "results.json", md, tmp_path / "assets", "python -m compression bench")
     text = md.read_text()
