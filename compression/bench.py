@@ -153,6 +153,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def best_by_ratio(rows: list[dict]) -> str:
+    """A line per target ratio: the lowest-perplexity method and how it compares with dense.
+
+    Only rows whose ``ratio`` is a fraction of block parameters compete (``-slicing`` rows are
+    SliceGPT's hidden-size fraction and remove far fewer parameters, so they are left out here)."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = []
+    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "dense"}):
+        rivals = [r for r in rows if r["ratio"] == ratio and r["method"] != "dense"
+                  and not r["method"].endswith("-slicing")]
+        if not rivals:
+            continue
+        best = min(rivals, key=lambda r: r["ppl"])
+        text = f"- {ratio:.2f}: **{best['method']}**, ppl {best['ppl']:.2f}"
+        if dense:
+            text += f" (dense {dense['ppl']:.2f}, {best['ppl'] / dense['ppl']:.2f}×)"
+            if best.get("zero_shot_avg") is not None and dense.get("zero_shot_avg") is not None:
+                text += f", zero-shot {best['zero_shot_avg']:.3f} (dense {dense['zero_shot_avg']:.3f})"
+            text += f", {best['params'] / dense['params']:.3f}× the dense parameters"
+        others = sorted((r for r in rivals if r is not best), key=lambda r: r["ppl"])
+        if others:
+            text += "; then " + ", ".join(f"{r['method']} {r['ppl']:.2f}" for r in others)
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def plots(rows: list[dict], assets: Path, stem: str) -> list[Path]:
     """ppl-vs-params and zero-shot-vs-params PNGs (matplotlib: static files need no browser)."""
     import matplotlib
@@ -200,7 +226,8 @@ resume, skipping rows already measured, and each row records its config. Last co
 Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads, device {m['device']}.
 Calibration: {settings['calibration'][0]} x {settings['calibration'][1]} tokens of the wiki calibration split.
 Perplexity: the first {settings['eval_windows']} non-overlapping 1024-token windows of the held-out wiki split.
-Zero-shot: lm-eval 0-shot on the offline task files, {limit if limit else 'all'} items per task
+Zero-shot: lm-eval 0-shot on the offline task files, the first {limit if limit else 'all'} items of each
+validation set (lm-eval's `limit`: the same items for every row, not a random sample)
 (acc_norm for PIQA, HellaSwag, ARC; acc for WinoGrande, BoolQ); the average is over PIQA, HellaSwag,
 ARC-e, ARC-c and WinoGrande. At n = {limit} items a task accuracy has a 95% interval of about
 ±{_fmt(100 * 1.96 * (0.25 / limit) ** 0.5 if limit else 0, '.0f')} points, the five-task average about
@@ -208,9 +235,14 @@ ARC-e, ARC-c and WinoGrande. At n = {limit} items a task accuracy has a 95% inte
 `ratio` is the target fraction of decoder-block parameters removed (`slicegpt-slicing`: the paper's
 slicing fraction of the hidden size); `achieved` is what the method removed, skip matrices and
 calibration branches included. Speeds: prefill of a 512-token prompt and greedy decode of 128 tokens
-with the KV cache, median of 3, measured in one process.
+with the KV cache, median of 3, measured in one process; "decode vs dense" divides by the dense
+model's decode speed measured in the same process just before that row's compression.
 
 {table(rows)}
+
+Lowest perplexity at each target ratio (computed from the rows above):
+
+{best_by_ratio(rows)}
 
 ![perplexity vs parameters]({rel[0]})
 ![zero-shot vs parameters]({rel[1]})
