@@ -7,15 +7,12 @@ alike; medians over rounds. Same thread count for all.
 """
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression.evaluate import sizes, speed  # noqa: E402
+from compression.evaluate import sizes, speed_side_by_side  # noqa: E402
 from compression.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
@@ -28,21 +25,14 @@ def main():
     args = ap.parse_args()
     names = [args.dense, *args.models]
     models = {n: load_model(n)[0] for n in names}
-    samples = {n: {"prefill": [], "decode": []} for n in names}
-    for _ in range(args.rounds):
-        for n, m in models.items():
-            s = speed(m, repeats=1)
-            samples[n]["prefill"].append(s["prefill_tok_s"])
-            samples[n]["decode"].append(s["decode_tok_s"])
-    dense = samples[args.dense]
+    speeds = speed_side_by_side(models, rounds=args.rounds)
+    dense = speeds[args.dense]
     rows = []
     for n in names:
-        p, d = statistics.median(samples[n]["prefill"]), statistics.median(samples[n]["decode"])
-        rows.append({"model": n, "params": sizes(models[n])["params"], "prefill_tok_s": p,
-                     "decode_tok_s": d,
-                     "prefill_vs_dense": p / statistics.median(dense["prefill"]),
-                     "decode_vs_dense": d / statistics.median(dense["decode"]),
-                     "threads": torch.get_num_threads(), "rounds": args.rounds})
+        rows.append({"model": n, "params": sizes(models[n])["params"], **speeds[n],
+                     "prefill_vs_dense": speeds[n]["prefill_tok_s"] / dense["prefill_tok_s"],
+                     "decode_vs_dense": speeds[n]["decode_tok_s"] / dense["decode_tok_s"],
+                     "rounds": args.rounds})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

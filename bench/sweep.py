@@ -5,6 +5,7 @@
 Resumable: rows already in results.json (with zero-shot, when it is asked for) are skipped.
 
     .venv/bin/python bench/sweep.py [--labels modegpt,olica-nocal] [--ratios 0.25,0.1] [--limit 50]
+    .venv/bin/python bench/sweep.py --respeed   # every kept model's speed again, side by side
 """
 import argparse
 import sys
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compression import bench  # noqa: E402
 from compression.layerdrop import LayerDropConfig  # noqa: E402
+from compression.models import cache_root  # noqa: E402
 from compression.modegpt import MoDeGPTConfig  # noqa: E402
 from compression.olica import OlicaConfig  # noqa: E402
 from compression.plan import Allocation  # noqa: E402
@@ -42,7 +44,16 @@ if __name__ == "__main__":
     ap.add_argument("--labels", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--limit", type=int, default=50, help="zero-shot items per task (0: no zero-shot)")
+    ap.add_argument("--keep", type=Path, default=cache_root() / "bench-models" / "smollm2-135m",
+                    help="where each compressed model is saved, for --respeed")
+    ap.add_argument("--respeed", action="store_true",
+                    help="only measure the speed of every kept model and dense again, side by side")
     args = ap.parse_args()
+    if args.respeed:
+        bench.respeed(args.out, args.keep, log=lambda m: print(m, flush=True))
+        bench.write_markdown(args.out / "results.json", Path("BENCHMARKS.md"), Path("assets"),
+                             "python bench/sweep.py --respeed")
+        sys.exit(0)
     labels = tuple(args.labels.split(","))
     unknown = [x for x in labels if x not in VARIANTS]
     if unknown:
@@ -50,7 +61,7 @@ if __name__ == "__main__":
     ratios = tuple(float(x) for x in args.ratios.split(","))
     tasks = bench.BENCH_TASKS if args.limit else ()
     bench.run(args.out, rows=rows(labels, ratios), tasks=tasks, limit=args.limit or None,
-              log=lambda m: print(m, flush=True))
+              log=lambda m: print(m, flush=True), keep=args.keep)
     bench.write_markdown(args.out / "results.json", Path("BENCHMARKS.md"), Path("assets"),
                          f"python bench/sweep.py --labels {args.labels} --ratios {args.ratios} "
                          f"--limit {args.limit}")

@@ -90,6 +90,8 @@ def parse(argv):
     b.add_argument("--calib-samples", type=int, default=64)
     b.add_argument("--calib-len", type=int, default=512)
     b.add_argument("--eval-windows", type=int, default=32)
+    b.add_argument("--keep", type=Path, default=None,
+                   help="save each compressed model here (bench/sweep.py --respeed re-measures them)")
     b.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     b.add_argument("--assets", type=Path, default=Path("assets"))
     return ap.parse_args(argv)
@@ -214,7 +216,8 @@ def cmd_bench(args) -> dict:
     rows = bench.run(args.out, args.model, floats(args.ratios), floats(args.slicing),
                      None if not args.methods else tuple(args.methods.split(",")), tasks,
                      args.limit or None, (args.calib_samples, args.calib_len), args.eval_windows,
-                     args.allocation, args.device, log=lambda m: print(m, file=sys.stderr))
+                     args.allocation, args.device, log=lambda m: print(m, file=sys.stderr),
+                     keep=args.keep)
     command = "python -m compression " + " ".join(sys.argv[1:] if argv_is_cli() else ["bench"])
     bench.write_markdown(args.out / "results.json", args.markdown, args.assets, command)
     return {"rows": len(rows), "results": str(args.out / "results.json"), "markdown": str(args.markdown)}

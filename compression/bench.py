@@ -16,7 +16,7 @@ import torch
 
 from .api import compress
 from .data import TextSpec, evaluation_windows
-from .evaluate import perplexity, sizes, speed
+from .evaluate import perplexity, sizes, speed, speed_side_by_side
 from .layerdrop import LayerDropConfig
 from .modegpt import MoDeGPTConfig
 from .models import load_model
@@ -50,9 +50,19 @@ def machine() -> dict:
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
-def evaluate_row(model, tokenizer, windows, tasks, limit) -> dict:
+def evaluate_row(model, tokenizer, windows, tasks, limit, dense=None) -> dict:
+    """Sizes, perplexity, speed and zero-shot of ``model``; with ``dense`` (the uncompressed model)
+    the speeds of both are measured side by side and the dense ones stored as ``dense_*``."""
     row = {**sizes(model), "ppl": perplexity(model, windows)}
-    row.update(speed(model))
+    if dense is None:
+        row.update(speed(model))
+    else:
+        both = speed_side_by_side({"dense": dense, "compressed": model})
+        row.update(both["compressed"])
+        row["dense_prefill_tok_s"] = both["dense"]["prefill_tok_s"]
+        row["dense_decode_tok_s"] = both["dense"]["decode_tok_s"]
+        row["prefill_speedup"] = row["prefill_tok_s"] / row["dense_prefill_tok_s"]
+        row["decode_speedup"] = row["decode_tok_s"] / row["dense_decode_tok_s"]
     if tasks:
         from .zeroshot import zero_shot
 
@@ -73,11 +83,12 @@ def key(row: dict) -> tuple:
 def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLICING,
         methods: tuple[str, ...] | None = None, tasks=None, limit: int | None = 100,
         calib: tuple[int, int] = (64, 512), eval_windows: int = 32, allocation: str = "uniform",
-        device: str | None = None, log=print, rows=None) -> list[dict]:
+        device: str | None = None, log=print, rows=None, keep: Path | None = None) -> list[dict]:
     """Run (or resume) the benchmark; returns all rows of ``out/results.json``.
 
     rows: explicit (label, ratio, config) triples instead of every method at ``ratios``/``slicing``.
     tasks: zero-shot tasks (default ``BENCH_TASKS``; an empty tuple skips zero-shot).
+    keep: save each compressed model under ``keep/<label>-<ratio>`` (see :func:`respeed`).
     """
     tasks = BENCH_TASKS if tasks is None else tasks
     out.mkdir(parents=True, exist_ok=True)
@@ -110,21 +121,58 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
             continue
         log(f"{label} {ratio}")
         model, tokenizer = load_model(model_name, device)
-        # Dense speed again, right before this row's compressed speed: timings on a shared machine
-        # drift, so each row carries its own dense reference measured minutes apart at most.
-        dense_speed = speed(model)
         t0 = time.perf_counter()
         report = compress(model, config, calibration)
         row = {"model": model_name, "method": label, "ratio": ratio,
                "ratio_achieved": report.ratio_achieved, "compress_seconds": time.perf_counter() - t0,
                "calibration_seconds": report.calibration_seconds,
                "config": report.config}
-        row.update(evaluate_row(report.compressed, tokenizer, windows, tasks, limit))
-        row["dense_prefill_tok_s"] = dense_speed["prefill_tok_s"]
-        row["dense_decode_tok_s"] = dense_speed["decode_tok_s"]
-        row["decode_speedup"] = row["decode_tok_s"] / dense_speed["decode_tok_s"]
+        # A fresh dense copy (cached load, < 1 s) so each row's speeds are measured side by side:
+        # timings on a shared machine drift, alternating rounds keeps the comparison fair.
+        dense, _ = load_model(model_name, device)
+        row.update(evaluate_row(report.compressed, tokenizer, windows, tasks, limit, dense=dense))
         save(row)
-        del model, report
+        if keep is not None:
+            report.compressed.save_pretrained(kept_path(keep, label, ratio))
+            tokenizer.save_pretrained(kept_path(keep, label, ratio))
+        del model, report, dense
+    return data["rows"]
+
+
+def kept_path(keep: Path, label: str, ratio: float) -> Path:
+    return Path(keep) / f"{label}-{ratio:g}"
+
+
+def respeed(out: Path, keep: Path, model_name: str = "smollm2-135m", rounds: int = 3,
+            device: str | None = None, log=print) -> list[dict]:
+    """Measure the speed of every kept model and the dense one again, all side by side in one
+    process (rounds alternate over all of them), and update their rows of ``out/results.json``.
+
+    Rows measured in different runs saw different machine load; this puts every row's speed on the
+    same footing. Rows without a kept model keep their speeds and their ``speed_round``."""
+    path = out / "results.json"
+    data = json.loads(path.read_text())
+    rows = {key(r): r for r in data["rows"] if r["model"] == model_name}
+    models = {("dense", 0.0): load_model(model_name, device)[0]}
+    for (_, label, ratio), row in rows.items():
+        folder = kept_path(keep, label, ratio)
+        if label != "dense" and (folder / "config.json").exists():
+            models[(label, ratio)] = load_model(str(folder), device)[0]
+            if sizes(models[(label, ratio)])["params"] != row["params"]:
+                raise ValueError(f"{folder} has {sizes(models[(label, ratio)])['params']} parameters, "
+                                 f"its row {row['params']}: not the benchmarked model")
+    log(f"speed of {len(models)} models, {rounds} rounds")
+    speeds = speed_side_by_side(models, rounds=rounds)
+    dense = speeds[("dense", 0.0)]
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    for (label, ratio), s in speeds.items():
+        row = rows[(model_name, label, ratio)]
+        row.update(s, speed_round=stamp)
+        if label != "dense":
+            row.update(dense_prefill_tok_s=dense["prefill_tok_s"], dense_decode_tok_s=dense["decode_tok_s"],
+                       prefill_speedup=s["prefill_tok_s"] / dense["prefill_tok_s"],
+                       decode_speedup=s["decode_tok_s"] / dense["decode_tok_s"])
+    path.write_text(json.dumps(data, indent=1))
     return data["rows"]
 
 

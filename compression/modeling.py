@@ -104,15 +104,27 @@ class Attention(nn.Module):
         partial = self.qk_dim < self.head_dim
         self.register_buffer("rope_index", torch.zeros(self.num_kv_heads, self.qk_dim // 2,
                                                        dtype=torch.long) if partial else None)
+        self._rope_tables_index = None  # (rope_index identity, q index, kv index), see rotary()
 
     def rotary(self, cos: torch.Tensor, sin: torch.Tensor):
-        """cos/sin (B, T, head_dim) -> per-head tables broadcastable to q (B, H, T, qk_dim)."""
+        """cos/sin (B, T, head_dim) -> (cos_q, sin_q) (B, H, T, qk_dim), (cos_k, sin_k) (B, Hkv, T, qk_dim)
+        (with every pair kept: the full tables, broadcast over heads)."""
         if self.rope_index is None:
-            return cos.unsqueeze(1), sin.unsqueeze(1)
-        idx = torch.cat([self.rope_index, self.rope_index], dim=-1)  # (Hkv, qk_dim): both halves
-        cos_kv = cos[:, :, idx].permute(0, 2, 1, 3)  # (B, Hkv, T, qk_dim)
-        sin_kv = sin[:, :, idx].permute(0, 2, 1, 3)
-        return cos_kv, sin_kv
+            full = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+            return full, full
+        idx_q, idx_kv = self._rotary_indices()
+        table = lambda t, idx: t[:, :, idx].transpose(1, 2)  # noqa: E731  (B, T, h, qk) -> (B, h, T, qk)
+        return (table(cos, idx_q), table(sin, idx_q)), (table(cos, idx_kv), table(sin, idx_kv))
+
+    def _rotary_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices into the rotary tables, both halves of every kept pair: (H, qk_dim) for the query
+        heads and (Hkv, qk_dim) for the kv groups. Built once, not per step (decode is dominated by
+        per-op overhead at this size); rebuilt when ``rope_index`` is replaced, edited or moved."""
+        ident = (self.rope_index.data_ptr(), self.rope_index._version, self.rope_index.device)
+        if self._rope_tables_index is None or self._rope_tables_index[0] != ident:
+            kv = torch.cat([self.rope_index, self.rope_index], dim=-1)
+            self._rope_tables_index = (ident, kv.repeat_interleave(self.num_key_value_groups, dim=0), kv)
+        return self._rope_tables_index[1:]
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -120,11 +132,9 @@ class Attention(nn.Module):
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.qk_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.qk_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.v_dim).transpose(1, 2)
-        cos_kv, sin_kv = self.rotary(*position_embeddings)
-        cos_q = cos_kv.repeat_interleave(self.num_key_value_groups, dim=1) if self.rope_index is not None else cos_kv
-        sin_q = sin_kv.repeat_interleave(self.num_key_value_groups, dim=1) if self.rope_index is not None else sin_kv
+        (cos_q, sin_q), (cos_k, sin_k) = self.rotary(*position_embeddings)
         q = q * cos_q + rotate_half(q) * sin_q
-        k = k * cos_kv + rotate_half(k) * sin_kv
+        k = k * cos_k + rotate_half(k) * sin_k
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None) \

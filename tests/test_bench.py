@@ -23,8 +23,10 @@ def tiny_folder(tmp_path_factory):
 
 def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
     out = tmp_path / "bench"
+    keep = tmp_path / "kept"
     rows = bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), limit=2,
-                     tasks=("arc_easy", "piqa"), calib=(4, 64), eval_windows=2, log=lambda m: None)
+                     tasks=("arc_easy", "piqa"), calib=(4, 64), eval_windows=2, log=lambda m: None,
+                     keep=keep)
     methods = sorted(r["method"] for r in rows)
     assert methods == ["dense", "layerdrop", "modegpt", "olica", "slicegpt", "slicegpt-slicing"]
     for r in rows:
@@ -44,6 +46,11 @@ def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
     # Rows measured with zero-shot also serve a run that asks for none.
     bench.run(out, str(tiny_folder), ratios=(0.25,), slicing=(0.25,), tasks=(), calib=(4, 64),
               eval_windows=2, log=lambda m: pytest.fail(f"recomputed {m}"))
+    # Every kept model's speed measured again side by side with dense; the rows are updated in place.
+    assert len(list(keep.glob("*/config.json"))) == len(rows) - 1
+    again = bench.respeed(out, keep, str(tiny_folder), rounds=1, log=lambda m: None)
+    assert all(r.get("speed_round") for r in again) and len(again) == len(rows)
+    assert all(r["decode_speedup"] > 0 for r in again if r["method"] != "dense")
     md = tmp_path / "BENCHMARKS.md"
     bench.write_markdown(out / "results.json", md, tmp_path / "assets", "python -m compression bench")
     text = md.read_text()

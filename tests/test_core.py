@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, logits, tiny_model
+from conftest import VOCAB, logits, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from compression import LayerDropConfig, compress
@@ -176,6 +176,21 @@ def test_speed_reports_positive_rates():
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
 
 
+def test_speed_side_by_side_measures_every_model_and_its_memory():
+    from compression.evaluate import speed_side_by_side
+
+    small, large = tiny_model(layers=1), tiny_model(layers=4)
+    result = speed_side_by_side({"small": small, "large": large}, prompt_len=16, new_tokens=4, rounds=2)
+    assert set(result) == {"small", "large"}
+    weights_mb = {name: sum(p.numel() * 4 for p in m.parameters()) / 2**20
+                  for name, m in (("small", small), ("large", large))}
+    for name, r in result.items():
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
+        # memory = the model's own weights (+ what its run allocates), not the process's total
+        assert weights_mb[name] <= r["peak_mem_mb"] < weights_mb[name] + 200
+    assert result["large"]["peak_mem_mb"] > result["small"]["peak_mem_mb"]
+
+
 def test_spec_params_forecast_matches_modules(model):
     from compression.modeling import spec_params
     compressed = to_compressed(model)
@@ -219,3 +234,23 @@ def test_cli_rejects_unsupported_architecture(tmp_path, capsys):
     AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(tmp_path / "gpt2")
     assert main(["eval", "--model", str(tmp_path / "gpt2")]) == 2
     assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
+
+
+def test_rotary_tables_index_follows_rope_index_edits():
+    from compression.modeling import Attention, dense_spec
+
+    base = tiny_config("llama")
+    head_dim = base.hidden_size // base.num_attention_heads
+    attn = Attention(base, {**dense_spec(base), "qk_dim": head_dim - 2}, layer_idx=0)
+    groups, pairs = attn.rope_index.shape
+    cos = torch.arange(head_dim, dtype=torch.float32).expand(1, 3, head_dim)  # (B, T, head_dim)
+
+    def expected_kv():
+        return torch.cat([attn.rope_index, attn.rope_index], dim=-1)  # (Hkv, qk_dim)
+
+    for fill in (torch.arange(pairs), torch.arange(pairs) + 1):  # the second edit is in place
+        attn.rope_index.copy_(fill.expand(groups, pairs))
+        (cos_q, _), (cos_k, _) = attn.rotary(cos, cos)
+        assert torch.equal(cos_k[0, :, 0], expected_kv().float())
+        assert torch.equal(cos_q[0, :, 0], expected_kv().repeat_interleave(
+            base.num_attention_heads // groups, dim=0).float())
