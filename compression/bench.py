@@ -258,6 +258,17 @@ def plots(rows: list[dict], assets: Path, stem: str) -> list[Path]:
     return paths
 
 
+def respeed_note(rows: list[dict]) -> str:
+    """Which rows' speeds come from the last all-together round of :func:`respeed`."""
+    stamps = sorted({r["speed_round"] for r in rows if r.get("speed_round")})
+    if not stamps:
+        return ""
+    others = [f"{r['method']} {r['ratio']:g}" for r in rows if r.get("speed_round") != stamps[-1]]
+    text = (f" Speeds were measured again on {stamps[-1]} for every kept model at once, all alternating"
+            " with dense in one process (`bench/sweep.py --respeed`)")
+    return text + (f"; these rows keep their own measurement: {', '.join(others)}." if others else ".")
+
+
 def write_markdown(results: Path, markdown: Path, assets: Path, command: str) -> None:
     data = json.loads(results.read_text())
     rows, settings, m = data["rows"], data["settings"], data["machine"]
@@ -283,8 +294,8 @@ ARC-e, ARC-c and WinoGrande. At n = {limit} items a task accuracy has a 95% inte
 `ratio` is the target fraction of decoder-block parameters removed (`slicegpt-slicing`: the paper's
 slicing fraction of the hidden size); `achieved` is what the method removed, skip matrices and
 calibration branches included. Speeds: prefill of a 512-token prompt and greedy decode of 128 tokens
-with the KV cache, median of 3, measured in one process; "decode vs dense" divides by the dense
-model's decode speed measured in the same process just before that row's compression.
+with the KV cache (batch 1, fp32 on CPU), medians over rounds that alternate between the compressed
+and the dense model in one process; "decode vs dense" divides by that dense measurement.{respeed_note(rows)}
 
 {table(rows)}
 

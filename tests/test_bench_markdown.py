@@ -26,3 +26,11 @@ def test_table_has_a_line_per_row_sorted_by_ratio():
     body = text.splitlines()[2:]
     assert len(body) == len(ROWS)
     assert body[0].startswith("| dense | 0.00") and body[1].startswith("| modegpt | 0.10")
+
+
+def test_respeed_note_names_the_rows_left_out_of_the_last_round():
+    assert bench.respeed_note(ROWS) == ""
+    rows = [dict(r, speed_round="2026-01-02 10:00") for r in ROWS[:-1]]
+    rows += [dict(ROWS[-1], speed_round="2026-01-01 09:00")]
+    note = bench.respeed_note(rows)
+    assert "2026-01-02 10:00" in note and note.endswith("keep their own measurement: modegpt 0.1.")
