@@ -123,9 +123,21 @@ def inference_memory_mb(model, ids: torch.Tensor, new_tokens: int = 16) -> float
         return torch.cuda.max_memory_allocated(device) / 2**20
     weights = sum(t.numel() * t.element_size()
                   for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
+    _release_free_memory()  # else freed blocks the allocator kept would hide the run's growth
     with _PeakResident() as rss:
         _greedy(model, ids, new_tokens)
     return (weights + rss.growth) / 2**20
+
+
+def _release_free_memory() -> None:
+    """Return the C allocator's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _PeakResident:
