@@ -249,7 +249,8 @@ def plots(rows: list[dict], assets: Path, stem: str) -> list[Path]:
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # the zero-shot plot is empty when no row ran the five headline tasks
+            ax.legend()
         path = assets / f"{stem}_{key}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
