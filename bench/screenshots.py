@@ -86,9 +86,13 @@ def _flow(page, url, out, method, ratio, prompt, timeout_s, saved=None, saved_la
         page.wait_for_timeout(2000)
         page.screenshot(path=str(out / "tab_inspect_saved.png"), full_page=True)
         chat(page, out / "tab_chat_saved.png", prompt, ms, timeout_s)
-        page.get_by_role("tab", name="Runs").click()
-        page.wait_for_timeout(2000)
-        page.screenshot(path=str(out / "tab_runs.png"), full_page=True)
+        runs(page, out / "tab_runs.png")
+
+
+def runs(page, path: Path) -> None:
+    page.get_by_role("tab", name="Runs").click()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(path), full_page=True)
 
 
 def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
@@ -131,9 +135,7 @@ def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
 
     chat(page, out / "tab_chat.png", prompt, ms, timeout_s)
 
-    page.get_by_role("tab", name="Runs").click()
-    page.wait_for_timeout(2000)
-    page.screenshot(path=str(out / "tab_runs.png"), full_page=True)
+    runs(page, out / "tab_runs.png")
 
 
 def main() -> None:

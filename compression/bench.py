@@ -58,11 +58,7 @@ def evaluate_row(model, tokenizer, windows, tasks, limit, dense=None) -> dict:
         row.update(speed(model))
     else:
         both = speed_side_by_side({"dense": dense, "compressed": model})
-        row.update(both["compressed"])
-        row["dense_prefill_tok_s"] = both["dense"]["prefill_tok_s"]
-        row["dense_decode_tok_s"] = both["dense"]["decode_tok_s"]
-        row["prefill_speedup"] = row["prefill_tok_s"] / row["dense_prefill_tok_s"]
-        row["decode_speedup"] = row["decode_tok_s"] / row["dense_decode_tok_s"]
+        row.update(both["compressed"], **versus_dense(both["compressed"], both["dense"]))
     if tasks:
         from .zeroshot import zero_shot
 
@@ -74,6 +70,13 @@ def evaluate_row(model, tokenizer, windows, tasks, limit, dense=None) -> dict:
         row["zero_shot"] = {t: v["value"] for t, v in zs["tasks"].items()}
         row["zero_shot_stderr"] = {t: v["stderr"] for t, v in zs["tasks"].items()}
     return row
+
+
+def versus_dense(speed: dict, dense: dict) -> dict:
+    """The dense reference speeds stored with a row, and the row's speed-ups over them."""
+    return {"dense_prefill_tok_s": dense["prefill_tok_s"], "dense_decode_tok_s": dense["decode_tok_s"],
+            "prefill_speedup": speed["prefill_tok_s"] / dense["prefill_tok_s"],
+            "decode_speedup": speed["decode_tok_s"] / dense["decode_tok_s"]}
 
 
 def key(row: dict) -> tuple:
@@ -133,8 +136,9 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
         row.update(evaluate_row(report.compressed, tokenizer, windows, tasks, limit, dense=dense))
         save(row)
         if keep is not None:
-            report.compressed.save_pretrained(kept_path(keep, label, ratio))
-            tokenizer.save_pretrained(kept_path(keep, label, ratio))
+            folder = kept_path(keep, label, ratio)
+            report.compressed.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
         del model, report, dense
     return data["rows"]
 
@@ -158,9 +162,10 @@ def respeed(out: Path, keep: Path, model_name: str = "smollm2-135m", rounds: int
         folder = kept_path(keep, label, ratio)
         if label != "dense" and (folder / "config.json").exists():
             models[(label, ratio)] = load_model(str(folder), device)[0]
-            if sizes(models[(label, ratio)])["params"] != row["params"]:
-                raise ValueError(f"{folder} has {sizes(models[(label, ratio)])['params']} parameters, "
-                                 f"its row {row['params']}: not the benchmarked model")
+            params = sizes(models[(label, ratio)])["params"]
+            if params != row["params"]:
+                raise ValueError(f"{folder} has {params} parameters, its row {row['params']}: "
+                                 "not the benchmarked model")
     log(f"speed of {len(models)} models, {rounds} rounds")
     speeds = speed_side_by_side(models, rounds=rounds)
     dense = speeds[("dense", 0.0)]
@@ -169,9 +174,7 @@ def respeed(out: Path, keep: Path, model_name: str = "smollm2-135m", rounds: int
         row = rows[(model_name, label, ratio)]
         row.update(s, speed_round=stamp)
         if label != "dense":
-            row.update(dense_prefill_tok_s=dense["prefill_tok_s"], dense_decode_tok_s=dense["decode_tok_s"],
-                       prefill_speedup=s["prefill_tok_s"] / dense["prefill_tok_s"],
-                       decode_speedup=s["decode_tok_s"] / dense["decode_tok_s"])
+            row.update(versus_dense(s, dense))
     path.write_text(json.dumps(data, indent=1))
     return data["rows"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,7 @@ class PackagedModel:
             with open(tmp, "wb") as out:
                 for file in files:
                     with open(file, "rb") as part:
-                        while chunk := part.read(1 << 24):
-                            out.write(chunk)
+                        shutil.copyfileobj(part, out)
             tmp.rename(joined)
         return joined
 
@@ -109,8 +109,6 @@ def _cached_packaged(name: str):
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if cache.exists():
-        import shutil
-
         shutil.rmtree(cache)
     tmp.rename(cache)
     return cache
