@@ -1,0 +1,77 @@
+"""Which temperature ε for MoDeGPT's automatic allocation φ_i = L·φ_avg·softmax(−s_i/ε)?
+
+Block Influence s_i is measured once on the dense model (the same 64 × 512 calibration tokens as the
+benchmark); each ε then gives per-layer sparsities, applied as a manual allocation (identical to
+``Allocation("auto", epsilon=ε)``, without measuring the influence again), and the compressed model's
+wiki perplexity is measured on the benchmark's 32 × 1024 evaluation windows. Results resume from and
+are written to ``bench/epsilon.json``; "uniform" is ε → ∞.
+
+    .venv/bin/python bench/epsilon.py [--ratio 0.25] [--epsilons 0.03,0.1,0.3,uniform]
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compression.api import compress  # noqa: E402
+from compression.calibration import prepare_sequential  # noqa: E402
+from compression.data import TextSpec, evaluation_windows  # noqa: E402
+from compression.evaluate import perplexity, sizes  # noqa: E402
+from compression.modegpt import MoDeGPTConfig  # noqa: E402
+from compression.models import load_model  # noqa: E402
+from compression.plan import Allocation, entropic_allocation  # noqa: E402
+
+
+def dense_influence(model_name: str, calibration) -> list[float]:
+    """Block Influence of every layer of a fresh dense copy (the copy is converted, then dropped)."""
+    model, _ = load_model(model_name)
+    *_, influence, _, _ = prepare_sequential(model, calibration, Allocation("auto"), 0.0, 8,
+                                             lambda f, m: None)
+    return influence
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--epsilons", default="0.03,0.1,0.3,uniform")
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=Path("bench/epsilon.json"))
+    args = ap.parse_args()
+
+    data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    done = {(r["model"], r["ratio"], r["epsilon"]) for r in data["rows"]}
+    model, tokenizer = load_model(args.model)
+    del model
+    calibration = TextSpec(64, 512).batches(tokenizer)
+    windows = evaluation_windows(tokenizer, args.eval_windows)
+    if "influence" not in data:
+        data["influence"] = dense_influence(args.model, calibration)
+    influence = data["influence"]
+    for eps in args.epsilons.split(","):
+        if (args.model, args.ratio, eps) in done:
+            continue
+        per_layer = ([args.ratio] * len(influence) if eps == "uniform"
+                     else entropic_allocation(influence, args.ratio, float(eps)))
+        model, _ = load_model(args.model)
+        t0 = time.perf_counter()
+        report = compress(model, MoDeGPTConfig(ratio=args.ratio, allocation=Allocation(
+            "manual", per_layer=tuple(per_layer))), calibration)
+        row = {"model": args.model, "ratio": args.ratio, "epsilon": eps, "per_layer": per_layer,
+               "params": sizes(report.compressed)["params"],
+               "ppl": perplexity(report.compressed, windows),
+               "compress_seconds": time.perf_counter() - t0}
+        print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
+        data["rows"].append(row)
+        args.out.write_text(json.dumps(data, indent=1))
+        del model, report
+    for r in sorted(data["rows"], key=lambda r: (r["ratio"], r["epsilon"])):
+        print(f"ratio {r['ratio']:g}  ε {r['epsilon']:>7}  sparsity {min(r['per_layer']):.3f}–"
+              f"{max(r['per_layer']):.3f}  params {r['params'] / 1e6:.2f}M  ppl {r['ppl']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
