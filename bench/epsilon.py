@@ -22,15 +22,19 @@ from compression.data import TextSpec, evaluation_windows  # noqa: E402
 from compression.evaluate import perplexity, sizes  # noqa: E402
 from compression.modegpt import MoDeGPTConfig  # noqa: E402
 from compression.models import load_model  # noqa: E402
-from compression.plan import Allocation, entropic_allocation  # noqa: E402
+from compression.plan import Allocation  # noqa: E402
 
 
-def dense_influence(model_name: str, calibration) -> list[float]:
-    """Block Influence of every layer of a fresh dense copy (the copy is converted, then dropped)."""
-    model, _ = load_model(model_name)
+def dense_influence(model, calibration) -> list[float]:
+    """Block Influence of every layer of the dense ``model`` (converted in place by the set-up)."""
     *_, influence, _, _ = prepare_sequential(model, calibration, Allocation("auto"), 0.0, 8,
                                              lambda f, m: None)
     return influence
+
+
+def allocation(eps: str) -> Allocation:
+    """The allocation an ε names: "uniform", or automatic at temperature ε."""
+    return Allocation() if eps == "uniform" else Allocation("auto", epsilon=float(eps))
 
 
 def main():
@@ -45,17 +49,17 @@ def main():
     data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     done = {(r["model"], r["ratio"], r["epsilon"]) for r in data["rows"]}
     model, tokenizer = load_model(args.model)
-    del model
     calibration = TextSpec(64, 512).batches(tokenizer)
     windows = evaluation_windows(tokenizer, args.eval_windows)
-    if "influence" not in data:
-        data["influence"] = dense_influence(args.model, calibration)
-    influence = data["influence"]
+    influences = data.setdefault("influence", {})  # per model: it does not depend on ratio or ε
+    if args.model not in influences:
+        influences[args.model] = dense_influence(model, calibration)
+    del model
+    influence = influences[args.model]
     for eps in args.epsilons.split(","):
         if (args.model, args.ratio, eps) in done:
             continue
-        per_layer = ([args.ratio] * len(influence) if eps == "uniform"
-                     else entropic_allocation(influence, args.ratio, float(eps)))
+        per_layer = allocation(eps).sparsities(args.ratio, len(influence), influence)
         model, _ = load_model(args.model)
         t0 = time.perf_counter()
         report = compress(model, MoDeGPTConfig(ratio=args.ratio, allocation=Allocation(
