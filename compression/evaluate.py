@@ -1,8 +1,16 @@
-"""Metrics: perplexity, parameter counts, prefill/decode speed, peak memory.
+"""Metrics: perplexity with its interval, agreement with the dense model, parameter counts,
+prefill/decode speed, peak memory.
 
 Perplexity protocol (fixed, so numbers compare with published reference runs): the evaluation split
 tokenized without special tokens, cut into non-overlapping 1024-token windows, the first 32 by
-default; ppl = exp(mean next-token NLL over all predicted tokens of all windows).
+default; ppl = exp(mean next-token NLL over all predicted tokens of all windows). Its 95 % interval is
+a percentile bootstrap over windows (:func:`bootstrap_interval`): windows are the independent units,
+tokens inside one window are not.
+
+Agreement with the dense model (:func:`evaluate_against`) runs on the same windows: the mean
+token-level KL(dense || compressed) over the full vocabulary, the top-1 next-token agreement and the
+ppl ratio, each with a bootstrap interval over windows. The dense side is computed once
+(:class:`DenseReference`) and reused for every compressed model.
 """
 from __future__ import annotations
 
@@ -11,38 +19,215 @@ import os
 import statistics
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .arch import block_params, count_params
-from .data import evaluation_windows
 
 Progress = Callable[[float, str], None]
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+LEVEL = 0.95
+POSITION_CHUNK = 256  # positions per full-vocabulary comparison: 256 x 49152 fp32 = 50 MB a tensor
 
 
 def _noop(fraction: float, message: str) -> None:
     pass
 
 
+# --------------------------------------------------------------------------- pure statistics
+
+
+def bootstrap_interval(numerators: Sequence[float], denominators: Sequence[float],
+                       resamples: int = BOOTSTRAP_RESAMPLES, level: float = LEVEL,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)``.
+
+    Each resample draws len(numerators) units (windows) with replacement, keeping each unit's
+    numerator and denominator together; the interval is the (1 - level)/2 and (1 + level)/2
+    quantiles of the resampled ratios. Deterministic for a given seed."""
+    num = np.asarray(numerators, dtype=np.float64)  # (N,)
+    den = np.asarray(denominators, dtype=np.float64)  # (N,)
+    if num.shape != den.shape or num.ndim != 1 or num.size == 0:
+        raise ValueError(f"need two equally long, non-empty sequences, got {num.shape} and {den.shape}")
+    idx = np.random.default_rng(seed).integers(0, num.size, size=(resamples, num.size))  # (R, N)
+    ratios = num[idx].sum(axis=1) / den[idx].sum(axis=1)  # (R,)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def ppl_summary(nll_per_window: Sequence[float], tokens_per_window: Sequence[int]) -> dict:
+    """Perplexity of summed per-window NLLs and its bootstrap interval (exp is monotone, so the
+    interval of the mean NLL maps to the interval of the ppl)."""
+    tokens = int(sum(tokens_per_window))
+    lo, hi = bootstrap_interval(nll_per_window, tokens_per_window)
+    return {"ppl": math.exp(sum(nll_per_window) / tokens), "ppl_ci": [math.exp(lo), math.exp(hi)],
+            "windows": len(nll_per_window), "tokens": tokens,
+            "nll_per_window": [float(x) for x in nll_per_window]}
+
+
+def token_kl(dense_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(dense || model) per position from full-vocabulary log-probs (P, V) -> (P,)."""
+    return (dense_logp.exp() * (dense_logp - logp)).sum(-1)
+
+
+def compare_chunk(logits: torch.Tensor, dense_logits: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[float, float, int]:
+    """(NLL sum of the targets, KL(dense || model) sum, top-1 agreements) over P positions.
+
+    logits, dense_logits: (P, V); targets: (P,) next tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
+    dense_logp = torch.log_softmax(dense_logits.float(), dim=-1)  # (P, V)
+    nll = -logp.gather(-1, targets[:, None]).sum()
+    kl = token_kl(dense_logp, logp).sum()
+    agree = (logits.argmax(-1) == dense_logits.argmax(-1)).sum()
+    return nll.item(), kl.item(), int(agree.item())
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
 @torch.no_grad()
+def perplexity_stats(model, windows: torch.Tensor, batch_size: int = 1, progress: Progress = _noop) -> dict:
+    """Perplexity of ``model`` over ``windows`` (N, T) with its 95 % bootstrap interval over windows.
+
+    Returns {"ppl", "ppl_ci": [lo, hi], "windows": N, "tokens": N * (T - 1),
+    "nll_per_window": [NLL summed over each window's T - 1 predicted tokens]}."""
+    device = next(model.parameters()).device
+    nll: list[float] = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size].to(device)  # (B, T)
+        logits = model(ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        per_token = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+        nll += per_token.sum(-1).tolist()
+        done = start + ids.shape[0]
+        progress(done / windows.shape[0], f"perplexity {done}/{windows.shape[0]}")
+    return ppl_summary(nll, [windows.shape[1] - 1] * windows.shape[0])
+
+
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: Progress = _noop) -> float:
     """exp of the mean next-token negative log-likelihood over ``windows`` (N, T)."""
+    return perplexity_stats(model, windows, batch_size, progress)["ppl"]
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def _capture_head(model):
+    """Forward hook on the output head keeping its input and output of the last call."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"the output head is a {type(head).__name__}, not a Linear layer")
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        seen["input"], seen["output"] = args[0], output
+
+    return head, seen, head.register_forward_hook(hook)
+
+
+@dataclass
+class DenseReference:
+    """The dense model's side of agreement on fixed windows, held on the CPU.
+
+    Full-vocabulary log-probs are too big to cache (1024 x 49152 fp32 = 200 MB a window). The logits
+    are a linear function of the output head's input, so we keep that input, (T - 1, d) a window
+    (1024 x 576 fp32 = 2.4 MB), and one copy of the head, and recompute the dense logits exactly when
+    comparing: one (T, d) x (d, V) matmul a window, about a tenth of a forward of the 135M model.
+    :meth:`build` checks that the model's logits are the head's output unchanged (no soft-capping).
+    """
+
+    windows: torch.Tensor  # (N, T) token ids
+    hidden: torch.Tensor  # (N, T-1, d) head inputs at the positions that predict a next token
+    head_weight: torch.Tensor  # (V, d)
+    head_bias: torch.Tensor | None  # (V,)
+    nll_per_window: list[float]  # the dense model's NLL sum per window, for the ppl ratio
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, windows: torch.Tensor, progress: Progress = _noop) -> "DenseReference":
+        """One forward of ``model`` (the dense model, on any device) per window of ``windows`` (N, T)."""
+        device = next(model.parameters()).device
+        head, seen, handle = _capture_head(model)
+        hidden, nll = [], []
+        try:
+            for i in range(windows.shape[0]):
+                ids = windows[i:i + 1].to(device)  # (1, T)
+                logits = model(ids, use_cache=False).logits  # (1, T, V)
+                if not torch.equal(seen["output"].to(logits.dtype), logits):
+                    raise ValueError("the model's logits are not its output head's output (soft-capping "
+                                     "or scaling?); DenseReference cannot recompute them")
+                hidden.append(seen["input"][0, :-1].to("cpu", copy=True))  # (T-1, d)
+                nll.append(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").item())
+                progress((i + 1) / windows.shape[0], f"dense reference {i + 1}/{windows.shape[0]}")
+        finally:
+            handle.remove()
+        bias = None if head.bias is None else head.bias.detach().to("cpu", copy=True)
+        return cls(windows.cpu(), torch.stack(hidden), head.weight.detach().to("cpu", copy=True), bias, nll)
+
+    def head(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense output head's weight (V, d) and bias (V,) as fp32 on ``device``."""
+        bias = None if self.head_bias is None else self.head_bias.to(device, torch.float32)
+        return self.head_weight.to(device, torch.float32), bias
+
+    def dense_logits(self, index: int, start: int, stop: int, head: tuple) -> torch.Tensor:
+        """fp32 dense logits (stop - start, V) of window ``index`` at positions [start, stop), with
+        ``head`` from :meth:`head` (so it is moved to the device once per evaluation)."""
+        weight, bias = head
+        return F.linear(self.hidden[index, start:stop].to(weight.device, torch.float32), weight, bias)
+
+    def ppl_stats(self) -> dict:
+        """The dense model's :func:`perplexity_stats` on the reference windows (no forward needed)."""
+        return ppl_summary(self.nll_per_window, [self.windows.shape[1] - 1] * self.windows.shape[0])
+
+
+@torch.no_grad()
+def evaluate_against(model, reference: DenseReference, progress: Progress = _noop) -> dict:
+    """Perplexity of ``model`` and its agreement with the dense model, one forward per window.
+
+    ``model`` may live on another device than the one the reference was built on. Returns the keys
+    of :func:`perplexity_stats` plus "agreement": {"kl": mean KL(dense || model) per token (nats),
+    "kl_ci", "top1": fraction of positions whose argmax equals the dense argmax, "top1_ci",
+    "ppl_ratio": ppl / dense ppl, "ppl_ratio_ci", "dense_ppl", "windows", "tokens"}; every interval
+    is a 95 % percentile bootstrap over windows (the ppl ratio's resamples windows in pairs)."""
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start:start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
-        progress((start + ids.shape[0]) / windows.shape[0], f"perplexity {start + ids.shape[0]}/{windows.shape[0]}")
-    return math.exp(nll / count)
+    head = reference.head(device)
+    n, length = reference.windows.shape
+    nll, kl, agree = [0.0] * n, [0.0] * n, [0] * n
+    for i in range(n):
+        ids = reference.windows[i:i + 1].to(device)  # (1, T)
+        logits = model(ids, use_cache=False).logits[0, :-1]  # (T-1, V)
+        for start in range(0, length - 1, POSITION_CHUNK):
+            stop = min(start + POSITION_CHUNK, length - 1)
+            dense = reference.dense_logits(i, start, stop, head)  # (P, V)
+            a, b, c = compare_chunk(logits[start:stop], dense, ids[0, 1 + start:1 + stop])
+            nll[i] += a
+            kl[i] += b
+            agree[i] += c
+        progress((i + 1) / n, f"perplexity and agreement {i + 1}/{n}")
+    tokens = [length - 1] * n
+    out = ppl_summary(nll, tokens)
+    dense_nll = reference.nll_per_window
+    log_ratio_ci = bootstrap_interval([c - d for c, d in zip(nll, dense_nll)], tokens)
+    out["agreement"] = {
+        "kl": sum(kl) / sum(tokens), "kl_ci": list(bootstrap_interval(kl, tokens)),
+        "top1": sum(agree) / sum(tokens), "top1_ci": list(bootstrap_interval(agree, tokens)),
+        "ppl_ratio": math.exp((sum(nll) - sum(dense_nll)) / sum(tokens)),
+        "ppl_ratio_ci": [math.exp(x) for x in log_ratio_ci],
+        "dense_ppl": math.exp(sum(dense_nll) / sum(tokens)),
+        "windows": n, "tokens": sum(tokens),
+    }
+    return out
 
 
-def wiki_perplexity(model, tokenizer, num_windows: int | None = 32, seq_len: int = 1024,
-                    progress: Progress = _noop) -> float:
-    return perplexity(model, evaluation_windows(tokenizer, num_windows, seq_len), progress=progress)
+def agreement(model, reference: DenseReference, progress: Progress = _noop) -> dict:
+    """The "agreement" entry of :func:`evaluate_against`."""
+    return evaluate_against(model, reference, progress)["agreement"]
 
 
 def sizes(model) -> dict[str, int]:
