@@ -1,63 +1,93 @@
-"""The one public verb: ``compress(model, config, calibration) -> Report``.
+"""The one public verb: ``compress(model, config, calibration) -> Compressed(model, report)``.
 
-It dispatches on the config's type to the method's orchestration and fills what every report shares
-(parameter counts before and after, timings). The model is changed in place; methods that need the
-compressed format return the converted model as ``report.compressed`` (the same object for layer
-dropping).
+It dispatches on the config's type to the method (:mod:`compression.methods`), works on a private
+copy so the caller's model is never changed, and fills what every report shares (parameter counts,
+timings, calibration facts and warnings). The :class:`Report` is plain data; the compressed model
+travels beside it.
+
+Memory: the copy is made before any work, so the peak is the dense model twice plus one block's
+calibration activations; the compressed copy then shrinks as blocks are rewritten.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from .arch import block_params, count_params, view
-from .layerdrop import LayerDropConfig, compress_layerdrop
+from .methods import method_for
 from .report import Report
 
 Progress = Callable[[float, str], None]
 
 
-def _methods() -> dict[type, Callable]:
-    table = {LayerDropConfig: compress_layerdrop}
-    try:
-        from .slicegpt import SliceGPTConfig, compress_slicegpt
-        table[SliceGPTConfig] = compress_slicegpt
-    except ImportError:
-        pass
-    try:
-        from .modegpt import MoDeGPTConfig, compress_modegpt
-        table[MoDeGPTConfig] = compress_modegpt
-    except ImportError:
-        pass
-    try:
-        from .olica import OlicaConfig, compress_olica
-        table[OlicaConfig] = compress_olica
-    except ImportError:
-        pass
-    return table
+class Compressed(NamedTuple):
+    model: torch.nn.Module
+    report: Report
 
 
-def compress(model, config, calibration: torch.Tensor | None,
-             progress: Progress | None = None) -> Report:
-    """Compress ``model`` with the method that ``config``'s type names.
+def calibration_facts(tokens: torch.Tensor | None, hidden_size: int) -> tuple[dict, list[str]]:
+    """Size and fingerprint of the calibration tokens, and warnings when they are too few or too
+    repetitive to estimate (hidden × hidden) statistics: fewer tokens, or fewer distinct tokens, than
+    the hidden size leave the correlations rank-deficient, and per-layer errors measured on such text
+    say nothing about other text."""
+    if tokens is None:
+        return {"tokens": 0}, []
+    n, distinct = tokens.numel(), int(torch.unique(tokens).numel())
+    digest = hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+    facts = {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "tokens": n,
+             "distinct_tokens": distinct, "fingerprint": digest}
+    warnings = []
+    if n < hidden_size:
+        warnings.append(f"calibration has {n} tokens, fewer than the hidden size {hidden_size}: the "
+                        "statistics are rank-deficient and the result is unreliable")
+    if distinct < hidden_size:
+        warnings.append(f"calibration has only {distinct} distinct tokens (hidden size {hidden_size}): "
+                        "the block-input correlations are rank-deficient beyond what damping covers")
+    return facts, warnings
 
-    calibration: token ids (N, T) from :meth:`compression.data.TextSpec.batches` (methods that need
-    no statistics accept None). progress: ``progress(fraction, message)`` callback.
+
+def check_tokens(tokens: torch.Tensor | None, vocab_size: int, what: str) -> None:
+    if tokens is None:
+        return
+    if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        raise ValueError(f"{what} must be token ids of shape (sequences, length ≥ 2), got "
+                         f"{tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int32, torch.int64) or int(tokens.min()) < 0 \
+            or int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{what} must be integer token ids in [0, {vocab_size})")
+
+
+def compress(model, config, calibration: torch.Tensor | None, progress: Progress | None = None,
+             held_out: torch.Tensor | None = None) -> Compressed:
+    """Compress a copy of ``model`` with the method that ``config``'s type names.
+
+    calibration: token ids (N, T) (methods that need no statistics accept None). held_out: token ids
+    on which per-layer errors are measured, disjoint from the calibration (None: measured in-sample
+    and flagged). progress: ``progress(fraction, message)``; an exception raised there stops the work.
     """
-    methods = _methods()
-    if type(config) not in methods:
-        names = ", ".join(t.__name__ for t in methods)
-        raise TypeError(f"unknown compression config {type(config).__name__}; expected one of {names}")
-    view(model)  # unsupported architectures fail here, before any work
+    method = method_for(config)
+    mv = view(model)  # unsupported architectures fail here, before any work
+    if method.needs_calibration and calibration is None:
+        raise ValueError(f"{method.label} needs calibration tokens")
+    vocab = model.config.vocab_size
+    check_tokens(calibration, vocab, "calibration")
+    check_tokens(held_out, vocab, "held-out tokens")
+    method.plan(config, mv.config, None)  # an unreachable plan fails before the copy
+    facts, warnings = calibration_facts(calibration, mv.hidden_size)
+    progress = progress or (lambda f, m: None)
     params_dense, block_dense = count_params(model), block_params(model)
+    progress(0.0, "copying the dense model")
     t0 = time.perf_counter()
     with torch.no_grad():
-        report = methods[type(config)](model, config, calibration, progress or (lambda f, m: None))
+        working = copy.deepcopy(model)
+        out, report = method.run(working, config, calibration, progress, held_out)
     report.compress_seconds = time.perf_counter() - t0
-    out = report.compressed if report.compressed is not None else model
-    report.compressed = out
     report.params_dense, report.block_params_dense = params_dense, block_dense
     report.params_compressed, report.block_params_compressed = count_params(out), block_params(out)
-    return report
+    report.calibration = {**facts, **report.calibration}
+    report.warnings = warnings + report.warnings
+    return Compressed(out, report)

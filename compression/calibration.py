@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .arch import ModelView
+from .ops import relative_error
 
 CAPTURED_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 
@@ -94,7 +95,7 @@ class Gram:
 
 
 @contextmanager
-def record_inputs(modules: dict[str, nn.Module], dims: dict[str, int] | None = None):
+def record_inputs(modules: dict[str, nn.Module]):
     """Accumulate the Gram matrix of each named module's input while the context is open.
 
     Yields ``{name: Gram}``; hooks are removed on exit.
@@ -149,10 +150,67 @@ def block_influence(mv: ModelView, inputs: BlockInputs, progress=None) -> list[f
     return scores
 
 
-def prepare_sequential(model, calibration, allocation, ratio: float, batch_size: int, progress):
+IN_SAMPLE_BATCHES = 2  # calibration batches that stand in for held-out ones when none are given
+
+
+class Probe:
+    """Where per-module reconstruction errors are measured, apart from the fitted statistics.
+
+    With held-out batches (preferred) they are pushed through every block beside the calibration
+    stream and never enter a Gram matrix, so an error cannot look small just because the fit saw
+    the same tokens. Without them the first calibration batches are used and the report says so.
+    Call order per block: ``attention`` (before the rewrite), ``attention_error`` (after),
+    ``mlp`` (before), ``mlp_error`` (after); the probe stream then moves on to the next block.
+    """
+
+    def __init__(self, held_out: BlockInputs | None):
+        self.inputs = held_out
+        self.hidden = None if held_out is None else held_out.hidden
+        self.mid: list[torch.Tensor] | None = None
+        self.where = "calibration (in-sample)" if held_out is None else "held-out"
+
+    def attention(self, layer) -> list[torch.Tensor] | None:
+        if self.hidden is None:
+            return None
+        return [layer.attention_out(h, k) for h, k in zip(self.hidden, self.inputs.kwargs)]
+
+    def attention_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
+        if dense_probe is None:
+            return relative_error(torch.cat(new_fit[:IN_SAMPLE_BATCHES]),
+                                  torch.cat(dense_fit[:IN_SAMPLE_BATCHES]))
+        new = self.attention(layer)
+        self.mid = [h + a for h, a in zip(self.hidden, new)]
+        return relative_error(torch.cat(new), torch.cat(dense_probe))
+
+    def mlp(self, layer) -> list[torch.Tensor] | None:
+        return None if self.mid is None else [layer.mlp_out(x) for x in self.mid]
+
+    def mlp_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
+        if dense_probe is None:
+            return relative_error(torch.cat(new_fit[:IN_SAMPLE_BATCHES]),
+                                  torch.cat(dense_fit[:IN_SAMPLE_BATCHES]))
+        new = self.mlp(layer)
+        self.hidden = [x + m for x, m in zip(self.mid, new)]
+        return relative_error(torch.cat(new), torch.cat(dense_probe))
+
+
+@dataclass
+class Sequential:
+    """What the per-block methods start from (see :func:`prepare_sequential`)."""
+
+    model: nn.Module
+    view: ModelView
+    inputs: BlockInputs
+    probe: Probe
+    influence: list[float] | None
+    sparsity: list[float]
+    seconds: float
+
+
+def prepare_sequential(model, config, calibration, held_out, progress) -> Sequential:
     """Shared set-up of the per-block methods (MoDeGPT, Olica): convert to the compressed format,
-    capture the first block's inputs and plan per-layer sparsity (Block Influence only when the
-    allocation needs it). Returns (model, view, inputs, influence, sparsity, seconds)."""
+    capture the first block's inputs for the calibration and held-out tokens and plan per-layer
+    sparsity (Block Influence only when the allocation needs it)."""
     import time
 
     from .arch import view
@@ -161,8 +219,11 @@ def prepare_sequential(model, calibration, allocation, ratio: float, batch_size:
     model = to_compressed(model)
     mv = view(model)
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(mv, calibration, batch_size)
-    influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m)) \
-        if allocation.needs_influence else None
-    sparsity = allocation.sparsities(ratio, len(mv.layers), influence)
-    return model, mv, inputs, influence, sparsity, time.perf_counter() - t0
+    progress(0.0, "calibration: capturing block inputs")
+    inputs = capture_block_inputs(mv, calibration, config.batch_size)
+    probe = Probe(None if held_out is None else capture_block_inputs(mv, held_out, config.batch_size))
+    influence = None
+    if config.allocation == "auto":
+        influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m))
+    sparsity = config.sparsities(len(mv.layers), influence)
+    return Sequential(model, mv, inputs, probe, influence, sparsity, time.perf_counter() - t0)

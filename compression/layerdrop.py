@@ -15,26 +15,31 @@ from torch import nn
 
 from .arch import ModelView, count_params, view
 from .calibration import block_influence, capture_block_inputs
+from .knobs import check, knob, values
+from .modeling import spec_params
+from .plan import Plan
 from .report import LayerReport, Report
 
 
 @dataclass
 class LayerDropConfig:
-    """Drop whole decoder blocks.
+    """Drop whole decoder blocks: the fewest lowest-influence blocks whose removal reaches ``ratio``,
+    or exactly ``layers`` when given (then ``ratio`` is ignored)."""
 
-    ratio: fraction of decoder-block parameters to remove; the fewest lowest-influence blocks whose
-        removal reaches it are dropped. Ignored when ``layers`` is given.
-    layers: explicit indices of the blocks to drop.
-    """
-
-    ratio: float | None = 0.25
-    layers: tuple[int, ...] | None = None
+    ratio: float | None = knob(0.25, kind="float", label="Target ratio", low=0.0, high=0.9, optional=True,
+                               help="fraction of decoder-block parameters to remove")
+    layers: tuple[int, ...] | None = knob(None, kind="ints", label="Blocks to drop", low=0, optional=True,
+                                          help="indices of the blocks to drop, comma-separated "
+                                               "(instead of --ratio)")
+    batch_size: int = knob(8, kind="int", label="Calibration batch", low=1, high=4096, flag="--calib-batch",
+                           help="calibration sequences per forward pass", advanced=True)
 
     def __post_init__(self):
+        check(self)
         if self.layers is not None:
-            self.layers = tuple(sorted(set(int(i) for i in self.layers)))
-        elif self.ratio is None or not 0.0 <= self.ratio <= 0.9:
-            raise ValueError(f"ratio must be in [0, 0.9], got {self.ratio}")
+            self.layers, self.ratio = tuple(sorted(set(self.layers))), None
+        elif self.ratio is None:
+            raise ValueError("layer dropping needs a ratio or the layers to drop")
 
     def validate_for(self, num_layers: int) -> None:
         if self.layers is not None:
@@ -80,15 +85,31 @@ def block_sizes(mv: ModelView) -> list[int]:
     return [count_params(block) for block in mv.layers]
 
 
-def compress_layerdrop(model, config: LayerDropConfig, calibration, progress) -> Report:
-    """Block Influence on the calibration tokens, then drop the chosen blocks."""
+def plan(config: LayerDropConfig, base, influence: list[float] | None = None) -> Plan:
+    """The dense block spec for kept blocks, None for dropped ones. Without influence a ratio is
+    forecast by dropping the first blocks: blocks are equal-sized, so the count is the same."""
+    from .modeling import dense_spec
+
+    L = base.num_hidden_layers
+    config.validate_for(L)
+    spec = dense_spec(base)
+    size = spec_params(spec, base)
+    drop = set(config.layers if config.layers is not None
+               else layers_to_drop(influence or list(range(L)), [size] * L, config.ratio))
+    return Plan([None if i in drop else dict(spec) for i in range(L)])
+
+
+def run(model, config: LayerDropConfig, calibration, progress, held_out=None):
+    """Block Influence on the calibration tokens, then drop the chosen blocks of ``model`` (a private
+    copy); returns (model, Report). The model keeps its own class."""
     mv = view(model)
     config.validate_for(len(mv.layers))
     sizes = block_sizes(mv)
     t0 = time.perf_counter()
     influence = None
     if calibration is not None:
-        inputs = capture_block_inputs(mv, calibration)
+        progress(0.0, "calibration: capturing block inputs")
+        inputs = capture_block_inputs(mv, calibration, config.batch_size)
         influence = block_influence(mv, inputs, progress)
         del inputs
     calibration_seconds = time.perf_counter() - t0
@@ -103,7 +124,7 @@ def compress_layerdrop(model, config: LayerDropConfig, calibration, progress) ->
                           params_compressed=0 if i in drop else n,
                           influence=None if influence is None else influence[i])
               for i, n in enumerate(sizes)]
-    return Report(method="layerdrop", config={"ratio": config.ratio, "layers": drop},
-                  ratio_target=config.ratio if config.layers is None else None,
-                  calibration_seconds=calibration_seconds, block_influence=influence,
-                  layers=layers, compressed=model)
+    return model, Report(method="layerdrop", config={**values(config), "layers": drop},
+                         ratio_target=config.ratio if config.layers is None else None,
+                         calibration_seconds=calibration_seconds, block_influence=influence,
+                         layers=layers)

@@ -1,68 +1,77 @@
-"""Method names -> config dataclasses, for the CLI and the app (the library takes configs directly)."""
+"""The method registry: one :class:`Method` per compression method, keyed by name and config type.
+
+The CLI, the app and the benchmark list methods, build configs and forecast sizes from here only. A
+new method is one module with a config dataclass (fields declared with :func:`compression.knobs.knob`),
+``plan(config, base_config, influence) -> Plan`` and ``run(model, config, calibration, progress,
+held_out) -> (model, Report)``, plus one line in ``METHODS``.
+"""
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from .layerdrop import LayerDropConfig
-from .modegpt import MoDeGPTConfig
-from .olica import OlicaConfig
-from .plan import Allocation
-from .slicegpt import SliceGPTConfig
-
-METHODS = ("layerdrop", "slicegpt", "modegpt", "olica")
+from . import layerdrop, modegpt, olica, slicegpt
+from .knobs import Knob, knobs
 
 
-def add_method_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", default=None,
-                   help="layerdrop: comma-separated block indices to drop (instead of --ratio)")
-    p.add_argument("--slicing", type=float, default=None,
-                   help="slicegpt: fraction of hidden dimensions deleted (the paper's knob)")
-    p.add_argument("--widths", default=None,
-                   help="slicegpt: comma-separated kept width per layer (instead of --ratio)")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "auto", "manual"),
-                   help="modegpt/olica: spread of sparsity over layers")
-    p.add_argument("--epsilon", type=float, default=Allocation.epsilon,
-                   help="modegpt/olica: softmax temperature of automatic allocation")
-    p.add_argument("--layer-sparsity", default=None,
-                   help="modegpt/olica: comma-separated per-layer sparsities (allocation manual)")
-    p.add_argument("--ridge", type=float, default=None,
-                   help="modegpt: leverage-score λ / olica: calibration ridge (relative)")
-    p.add_argument("--attn-share", type=float, default=OlicaConfig.attn_share,
-                   help="olica: attention sparsity relative to the layer's")
-    p.add_argument("--calibrate-layers", type=int, default=OlicaConfig.calibrate_layers,
-                   help="olica: layers that get a linear-calibration branch (0: off)")
-    p.add_argument("--calibrate-rank", type=int, default=OlicaConfig.calibrate_rank,
-                   help="olica: rank of each calibration branch")
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    summary: str            # one paragraph for the UI and --help (markdown allowed)
+    config: type
+    plan: Callable          # (config, base_config, influence | None) -> Plan: the one place widths are set
+    run: Callable           # (model, config, calibration, progress, held_out) -> (model, Report)
+    needs_calibration: bool = True
+    influence_allocation: bool = False  # offers Block-Influence ("auto") allocation
+
+    def knobs(self) -> list[Knob]:
+        return knobs(self.config)
+
+    def make_config(self, values: dict[str, Any]):
+        """``Config(**values)`` after dropping unknown keys and Nones (config defaults apply)."""
+        names = {k.name for k in self.knobs()}
+        return self.config(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
-def _list(text: str | None, kind=int):
-    return None if not text else tuple(kind(x) for x in text.split(",") if x.strip())
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("modegpt", "MoDeGPT", "Rebuilds each block's MLP (Nyström, **ridge leverage scores**), "
+           "query-key (CR decomposition, whole rotary pairs) and value-output (SVD per kv group) at "
+           "smaller inner widths, from calibration correlations (arXiv 2408.09632).",
+           modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, influence_allocation=True),
+    Method("olica", "Olica", "Orthogonal decomposition of value-output per head, rotary-pair query-key "
+           "pruning, MLP neuron pruning, and a **low-rank linear calibration branch** fitted by ridge "
+           "regression on the layers whose pruning error is most predictable.",
+           olica.OlicaConfig, olica.plan, olica.run, influence_allocation=True),
+    Method("slicegpt", "SliceGPT", "Folds the norms, rotates the residual stream into its principal "
+           "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
+           "matrices carry the stream between bases (arXiv 2401.15024).",
+           slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run),
+    Method("layerdrop", "Layer dropping (ShortGPT / LayerChop)", "Deletes whole decoder blocks, those "
+           "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
+           "optional recovery training heals the model (arXiv 2305.14864).",
+           layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, needs_calibration=False),
+)}
 
 
-def allocation_from_args(args) -> Allocation:
-    return Allocation(kind=args.allocation, epsilon=args.epsilon,
-                      per_layer=_list(args.layer_sparsity, float))
+class UnknownMethod(ValueError):
+    pass
 
 
-def config_from_args(args):
-    """The method config for parsed CLI arguments; raises ValueError on bad values."""
-    if args.method == "layerdrop":
-        layers = _list(args.layers)
-        if layers is None and args.ratio is None:
-            raise ValueError("layerdrop needs --ratio or --layers")
-        return LayerDropConfig(ratio=args.ratio, layers=layers)
-    if args.method == "slicegpt":
-        return SliceGPTConfig(slicing=args.slicing, ratio=args.ratio, widths=_list(args.widths),
-                              batch_size=args.calib_batch)
-    if args.ratio is None:
-        raise ValueError(f"{args.method} needs --ratio")
-    if args.method == "modegpt":
-        extra = {} if args.ridge is None else {"ridge": args.ridge}
-        return MoDeGPTConfig(ratio=args.ratio, allocation=allocation_from_args(args),
-                             batch_size=args.calib_batch, **extra)
-    if args.method == "olica":
-        extra = {} if args.ridge is None else {"ridge": args.ridge}
-        return OlicaConfig(ratio=args.ratio, allocation=allocation_from_args(args),
-                           attn_share=args.attn_share, calibrate_layers=args.calibrate_layers,
-                           calibrate_rank=args.calibrate_rank, batch_size=args.calib_batch, **extra)
-    raise ValueError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise UnknownMethod(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_for(config) -> Method:
+    for method in METHODS.values():
+        if type(config) is method.config:
+            return method
+    raise TypeError(f"unknown compression config {type(config).__name__}; expected one of "
+                    f"{', '.join(m.config.__name__ for m in METHODS.values())}")
+
+
+def config_from(name: str, values: dict[str, Any]):
+    """The config of method ``name`` from plain values (form fields, CLI flags, a report's config)."""
+    return get(name).make_config(values)

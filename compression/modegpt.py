@@ -7,99 +7,73 @@ Each block is three modules, each rebuilt from calibration correlations to a sma
   ‖C_q^{1/2} e_i‖·‖C_k^{1/2} e_i‖. With RoPE a column is a rotary pair (i, i + d/2); with GQA the
   score of a kv group sums its query heads.
 - Type III, value-output: per kv group, the SVD of C^{1/2} W_V W_O (C: block-input correlation).
-The math lives in :mod:`compression.ops` and here as small functions; ``compress_modegpt`` walks the
-blocks in sequence, so each block is calibrated on the outputs of the already-compressed ones.
+The math lives in :mod:`compression.ops` and :mod:`compression.rewrite`; ``run`` walks the blocks in
+sequence, so each block is calibrated on the outputs of the already-compressed ones.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .calibration import prepare_sequential, record_inputs
-from .rewrite import compress_attention
-from .ops import nystrom_mlp, relative_error, select_outputs, set_linear
-from .plan import Allocation
+from . import knobs
+from .knobs import knob
+from .ops import nystrom_mlp, select_outputs, set_linear
+from .plan import LayerwiseConfig, Plan, inner_widths
 from .report import LayerReport, Report
+from .rewrite import compress_attention
 
 
 @dataclass
-class MoDeGPTConfig:
-    """ratio: fraction of decoder-block parameters removed, spread over layers by ``allocation``.
+class MoDeGPTConfig(LayerwiseConfig):
+    """``ratio`` of decoder-block parameters removed, spread over layers by ``allocation``."""
 
-    ridge: λ of the leverage scores, relative to the mean eigenvalue of C (λ = ridge · tr C / m).
-    vo_eps: eigenvalues of W_Vᵀ C W_V below vo_eps · max are treated as zero.
+    ridge: float = knob(1.0, kind="float", label="Leverage ridge λ", low=0.0, low_open=True, advanced=True,
+                        help="λ of the ridge leverage scores, relative to the mean eigenvalue of the "
+                             "MLP correlation; larger → scores closer to the channels' energy")
+
+
+def plan(config: MoDeGPTConfig, base, influence: list[float] | None = None) -> Plan:
+    """Every module of layer i keeps 1 − φ_i of its inner width (the paper's uniform module split)."""
+    return Plan([inner_widths(base, s) for s in config.sparsities(base.num_hidden_layers, influence)])
+
+
+def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None):
+    """Compress ``model`` (a private copy) block by block; returns (model, Report).
+
+    held_out: token ids (n, T) on which the per-layer errors are measured; without them the first
+    calibration batches are used (in-sample, flagged in the report).
     """
-
-    ratio: float = 0.25
-    allocation: Allocation = field(default_factory=Allocation)
-    ridge: float = 1.0
-    vo_eps: float = 1e-8
-    error_batches: int = 2
-    batch_size: int = 8
-
-    def __post_init__(self):
-        if not 0.0 <= self.ratio <= 0.9:
-            raise ValueError(f"ratio must be in [0, 0.9], got {self.ratio}")
-        if self.ridge <= 0:
-            raise ValueError("ridge must be positive")
-        if isinstance(self.allocation, str):
-            self.allocation = Allocation(kind=self.allocation)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --- orchestration -------------------------------------------------------------------------------------
-
-def module_sizes(attn, mlp, sparsity: float) -> dict[str, int]:
-    """Inner widths kept at ``sparsity`` (the same fraction for each module, as the paper)."""
-    keep = 1.0 - sparsity
-    return {"qk_pairs": max(1, round(keep * attn.head_dim / 2)), "v_dim": max(1, round(keep * attn.head_dim)),
-            "mlp_dim": max(1, round(keep * mlp.gate_proj.out_features))}
-
-
-def compress_modegpt(model, config: MoDeGPTConfig, calibration, progress) -> Report:
     if calibration is None:
         raise ValueError("MoDeGPT needs calibration tokens")
-    model, mv, inputs, influence, sparsity, calibration_seconds = prepare_sequential(
-        model, calibration, config.allocation, config.ratio, config.batch_size, progress)
+    s = prepare_sequential(model, config, calibration, held_out, progress)
+    model, mv, inputs, probe = s.model, s.view, s.inputs, s.probe
+    specs = plan(config, mv.config, s.influence).specs
     L = len(mv.layers)
-    n_err = min(config.error_batches, len(inputs))
     hidden, layers = inputs.hidden, []
     for i, layer in enumerate(mv.layers):
         attn, mlp = layer.self_attn, layer.mlp
         params_dense = sum(p.numel() for p in layer.parameters())
-        sizes = module_sizes(attn, mlp, sparsity[i])
-        kw = inputs.kwargs
+        spec = specs[i]
+        p_attn = probe.attention(layer)
         # Attention: correlation of the normalised block input feeds both Type II and Type III.
         a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
-            layer, hidden, kw, sizes["qk_pairs"], sizes["v_dim"])
+            layer, hidden, inputs.kwargs, spec["qk_dim"] // 2, spec["v_dim"])
         mid = [h + a for h, a in zip(hidden, a_new)]
+        errors = {"attn": probe.attention_error(layer, p_attn, a_new, a_dense)}
         # MLP: correlation of the intermediate activations (input of down_proj).
+        p_mlp = probe.mlp(layer)
         with record_inputs({"z": mlp.down_proj}) as grams:
             m_dense = [layer.mlp_out(x) for x in mid]
         c = grams["z"].mean
-        index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, sizes["mlp_dim"], config.ridge)
-        if sizes["mlp_dim"] < mlp.gate_proj.out_features:
+        index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge)
+        if spec["mlp_dim"] < mlp.gate_proj.out_features:
             select_outputs(mlp.gate_proj, index)
             select_outputs(mlp.up_proj, index)
             set_linear(mlp.down_proj, w_down)
         m_new = [layer.mlp_out(x) for x in mid]
-        errors = {"attn": relative_error(torch.cat(a_new[:n_err]), torch.cat(a_dense[:n_err])),
-                  "mlp": relative_error(torch.cat(m_new[:n_err]), torch.cat(m_dense[:n_err]))}
+        errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
         hidden = [x + m for x, m in zip(mid, m_new)]
         spectra = {"mlp_corr": torch.linalg.eigvalsh(c.double()).flip(0).tolist(),
                    "attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
@@ -109,14 +83,14 @@ def compress_modegpt(model, config: MoDeGPTConfig, calibration, progress) -> Rep
             params_compressed=sum(p.numel() for p in layer.parameters()),
             sizes={"qk_dim": attn.qk_dim, "v_dim": attn.v_dim, "mlp_dim": mlp.gate_proj.out_features},
             spectra=spectra,
-            kept={"mlp_corr": mlp.gate_proj.out_features, **{f"vo_group{g}": attn.v_dim for g in range(len(vo_spectra))}},
+            kept={"mlp_corr": mlp.gate_proj.out_features,
+                  **{f"vo_group{g}": attn.v_dim for g in range(len(vo_spectra))}},
             leverage={"scores": scores.tolist(), "kept": index.tolist(),
                       "qk_pair_scores": qk_scores.tolist()},
-            errors=errors, influence=None if influence is None else influence[i]))
-        progress(0.2 + 0.8 * (i + 1) / L, f"decomposed layer {i + 1}/{L}")
+            errors=errors, influence=None if s.influence is None else s.influence[i]))
+        progress(0.2 + 0.8 * (i + 1) / L, f"layer {i + 1}/{L}: attention (CR, SVD) and MLP (Nyström)")
     model.sync_config()
-    return Report(method="modegpt", ratio_target=config.ratio, layers=layers, compressed=model,
-                  calibration_seconds=calibration_seconds, block_influence=influence,
-                  config={"ratio": config.ratio, "allocation": config.allocation.kind,
-                          "epsilon": config.allocation.epsilon, "ridge": config.ridge,
-                          "layer_sparsity": sparsity})
+    return model, Report(method="modegpt", ratio_target=config.ratio, layers=layers,
+                         calibration_seconds=s.seconds, block_influence=s.influence,
+                         config={**knobs.values(config), "layer_sparsity": s.sparsity},
+                         extra={"errors_measured_on": probe.where})

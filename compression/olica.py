@@ -15,45 +15,51 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from . import knobs
 from .calibration import prepare_sequential, record_inputs
-from .rewrite import compress_attention
-from .ops import relative_error, select_inputs, select_outputs, sqrt_psd
-from .plan import Allocation
+from .knobs import knob
+from .ops import select_inputs, select_outputs, sqrt_psd
+from .plan import LayerwiseConfig, Plan, inner_widths
 from .report import LayerReport, Report
+from .rewrite import compress_attention
 
 
 @dataclass
-class OlicaConfig:
-    """ratio: fraction of block parameters removed; allocation spreads it over layers.
+class OlicaConfig(LayerwiseConfig):
+    """``ratio`` of block parameters removed, spread over layers by ``allocation``; the calibration
+    branches are paid for out of the same budget."""
 
-    attn_share: attention sparsity relative to the layer's (1.0 = same fraction as the MLP; the MLP
-        takes up whatever attention does not, so each layer still meets its target).
-    calibrate_layers / calibrate_rank: linear calibration on this many layers with this rank
-        (0 layers switches it off); ridge: λ relative to the mean eigenvalue of XᵀX/n.
-    """
+    attn_share: float = knob(1.0, kind="float", label="Attention share", low=0.0, high=10.0,
+                             advanced=True, help="attention sparsity relative to the layer's; the MLP "
+                                                 "takes the rest of the layer's budget")
+    calibrate_layers: int = knob(8, kind="int", label="Calibrated layers", low=0, high=1024,
+                                 help="layers given a linear-calibration branch (0: off)")
+    calibrate_rank: int = knob(64, kind="int", label="Calibration rank", low=1, high=65536, advanced=True,
+                               help="rank of each calibration branch")
+    ridge: float = knob(1e-3, kind="float", label="Calibration ridge", low=0.0, low_open=True, advanced=True,
+                        help="ridge of the calibration regression, relative to the mean eigenvalue "
+                             "of the MLP input correlation")
 
-    ratio: float = 0.25
-    allocation: Allocation = field(default_factory=Allocation)
-    attn_share: float = 1.0
-    calibrate_layers: int = 8
-    calibrate_rank: int = 64
-    ridge: float = 1e-3
-    error_batches: int = 2
-    batch_size: int = 8
 
-    def __post_init__(self):
-        if not 0.0 <= self.ratio <= 0.9:
-            raise ValueError(f"ratio must be in [0, 0.9], got {self.ratio}")
-        if self.attn_share < 0:
-            raise ValueError("attn_share must be >= 0")
-        if self.calibrate_layers < 0 or self.calibrate_rank < 0:
-            raise ValueError("calibrate_layers and calibrate_rank must be >= 0")
-        if isinstance(self.allocation, str):
-            self.allocation = Allocation(kind=self.allocation)
+def branch_cost(config: OlicaConfig, base) -> tuple[int, int, int]:
+    """(calibrated layers, parameters of their branches, MLP channels every layer gives up for them)."""
+    L, D, m = base.num_hidden_layers, base.hidden_size, base.intermediate_size
+    n_cal = min(config.calibrate_layers, L) if config.ratio > 0 else 0
+    params = n_cal * config.calibrate_rank * 2 * D
+    per_channel = 3 * D
+    return n_cal, params, (-(-params // (per_channel * L)) if n_cal else 0)  # ceil
+
+
+def plan(config: OlicaConfig, base, influence: list[float] | None = None) -> Plan:
+    """Attention at ``attn_share`` × φ_i, the MLP the rest, minus the channels that pay for branches
+    (whose layers are only known after fitting, hence ``extra_params``)."""
+    _, params, cut = branch_cost(config, base)
+    sparsity = config.sparsities(base.num_hidden_layers, influence)
+    return Plan([inner_widths(base, s, config.attn_share, cut) for s in sparsity], extra_params=params)
 
 
 # --- math ---------------------------------------------------------------------------------------------
@@ -94,21 +100,6 @@ def explained(gram: torch.Tensor, cross: torch.Tensor, r_sq: float, w: torch.Ten
 
 # --- orchestration --------------------------------------------------------------------------------------
 
-def layer_sizes(attn, mlp, sparsity: float, attn_share: float, extra_mlp_cut: int) -> dict[str, int]:
-    """Inner widths for a layer at ``sparsity``: attention at ``attn_share`` × sparsity, the MLP takes
-    the rest of the layer's budget, minus ``extra_mlp_cut`` neurons that pay for calibration branches."""
-    d_in, D = attn.q_proj.in_features, attn.o_proj.out_features
-    H, Hkv, hd, m = attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.gate_proj.out_features
-    p_qk, p_vo = d_in * (H + Hkv) * hd, d_in * Hkv * hd + H * hd * D
-    p_mlp = m * (2 * mlp.gate_proj.in_features + mlp.down_proj.out_features)
-    s_attn = min(0.95, attn_share * sparsity)
-    s_mlp = (sparsity * (p_qk + p_vo + p_mlp) - s_attn * (p_qk + p_vo)) / p_mlp
-    s_mlp = min(max(s_mlp, 0.0), 0.95)
-    keep = 1.0 - s_attn
-    return {"qk_pairs": max(1, round(keep * hd / 2)), "v_dim": max(1, round(keep * hd)),
-            "mlp_dim": max(1, round((1 - s_mlp) * m) - extra_mlp_cut)}
-
-
 def prune_mlp(mlp, index: torch.Tensor) -> None:
     select_outputs(mlp.gate_proj, index)
     select_outputs(mlp.up_proj, index)
@@ -124,46 +115,48 @@ def add_branch(mlp, a: torch.Tensor, b: torch.Tensor) -> None:
     mlp.branch_out = new_linear(b.T, like)  # (d_out, r)
 
 
-def compress_olica(model, config: OlicaConfig, calibration, progress) -> Report:
+def run(model, config: OlicaConfig, calibration, progress, held_out=None):
+    """Compress ``model`` (a private copy) block by block; returns (model, Report).
+
+    held_out: token ids (n, T) on which the per-layer errors are measured (see MoDeGPT's ``run``).
+    """
     if calibration is None:
         raise ValueError("Olica needs calibration tokens")
-    model, mv, inputs, influence, sparsity, calibration_seconds = prepare_sequential(
-        model, calibration, config.allocation, config.ratio, config.batch_size, progress)
-    L = len(mv.layers)
-    n_cal = min(config.calibrate_layers, L) if config.ratio > 0 else 0
-    rank = config.calibrate_rank
-    first = mv.layers[0]
-    branch_params = n_cal * rank * (first.mlp.gate_proj.in_features + first.mlp.down_proj.out_features)
-    per_neuron = 2 * first.mlp.gate_proj.in_features + first.mlp.down_proj.out_features
-    extra_cut = -(-branch_params // (per_neuron * L))  # ceil: neurons each layer gives up
-    n_err = min(config.error_batches, len(inputs))
-    hidden, layers, fits = inputs.hidden, [], []
+    s = prepare_sequential(model, config, calibration, held_out, progress)
+    model, mv, inputs, probe = s.model, s.view, s.inputs, s.probe
+    specs = plan(config, mv.config, s.influence).specs
+    n_cal, _, _ = branch_cost(config, mv.config)
+    rank, L = config.calibrate_rank, len(mv.layers)
+    hidden, layers, fits, probe_fits = inputs.hidden, [], [], []
     for i, layer in enumerate(mv.layers):
-        attn, mlp, kw = layer.self_attn, layer.mlp, inputs.kwargs
+        attn, mlp, kw, spec = layer.self_attn, layer.mlp, inputs.kwargs, specs[i]
         params_dense = sum(p.numel() for p in layer.parameters())
-        sizes = layer_sizes(attn, mlp, sparsity[i], config.attn_share, extra_cut if n_cal else 0)
+        p_attn = probe.attention(layer)
         a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
-            layer, hidden, kw, sizes["qk_pairs"], sizes["v_dim"])
+            layer, hidden, kw, spec["qk_dim"] // 2, spec["v_dim"])
         mid = [h + a for h, a in zip(hidden, a_new)]
+        errors = {"attn": probe.attention_error(layer, p_attn, a_new, a_dense)}
+        p_mlp = probe.mlp(layer)
         with record_inputs({"x": mlp.gate_proj, "z": mlp.down_proj}) as grams:
             m_dense = [layer.mlp_out(x) for x in mid]
         g_x, z_sq = grams["x"].mean, grams["z"].mean.diagonal()
         scores = neuron_importance(z_sq, mlp.down_proj.weight)
-        index = torch.sort(torch.topk(scores, min(sizes["mlp_dim"], scores.numel())).indices).values
+        index = torch.sort(torch.topk(scores, min(spec["mlp_dim"], scores.numel())).indices).values
         if index.numel() < scores.numel():
             prune_mlp(mlp, index)
         m_new = [layer.mlp_out(x) for x in mid]
-        # Second moments of the pruned MLP's residual against its input, for linear calibration.
         norm = layer.post_attention_layernorm
-        cross = sum(norm(x).double().flatten(0, 1).T @ (md - mn).double().flatten(0, 1)
-                    for x, md, mn in zip(mid, m_dense, m_new)) / grams["x"].count
-        r_sq = sum(float((md - mn).double().pow(2).sum()) for md, mn in zip(m_dense, m_new)) / grams["x"].count
-        dense_sq = sum(float(md.double().pow(2).sum()) for md in m_dense) / grams["x"].count
-        w = ridge_fit(g_x, cross, config.ridge) if n_cal else None
-        fits.append({"gram": g_x, "cross": cross, "r_sq": r_sq, "dense_sq": dense_sq, "w": w,
-                     "explained": explained(g_x, cross, r_sq, w) if n_cal else 0.0})
-        errors = {"attn": relative_error(torch.cat(a_new[:n_err]), torch.cat(a_dense[:n_err])),
-                  "mlp": (r_sq / max(dense_sq, 1e-30)) ** 0.5}  # over all calibration tokens
+        fit = residual_moments([norm(x) for x in mid], m_dense, m_new, g_x)
+        fit["w"] = ridge_fit(fit["gram"], fit["cross"], config.ridge) if n_cal else None
+        fit["explained"] = explained(fit["gram"], fit["cross"], fit["r_sq"], fit["w"]) if n_cal else 0.0
+        fits.append(fit)
+        if p_mlp is None:  # in-sample: the calibration moments themselves
+            probe_fits.append(fit)
+            errors["mlp"] = (fit["r_sq"] / max(fit["dense_sq"], 1e-30)) ** 0.5
+        else:
+            p_in = [norm(x) for x in probe.mid]
+            errors["mlp"] = probe.mlp_error(layer, p_mlp, None, None)
+            probe_fits.append(residual_moments(p_in, p_mlp, [layer.mlp_out(x) for x in probe.mid]))
         hidden = [x + m for x, m in zip(mid, m_new)]
         spectra = {"attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
@@ -172,26 +165,38 @@ def compress_olica(model, config: OlicaConfig, calibration, progress) -> Report:
             kept={f"vo_group{g}": attn.v_dim for g in range(len(vo_spectra))},
             leverage={"scores": scores.tolist(), "kept": index.tolist(),
                       "qk_pair_scores": qk_scores.tolist()},
-            errors=errors, influence=None if influence is None else influence[i]))
-        progress(0.2 + 0.7 * (i + 1) / L, f"pruned layer {i + 1}/{L}")
+            errors=errors, influence=None if s.influence is None else s.influence[i]))
+        progress(0.2 + 0.7 * (i + 1) / L, f"layer {i + 1}/{L}: attention and MLP pruning")
     chosen = sorted(range(L), key=lambda j: fits[j]["explained"], reverse=True)[:n_cal]
     for j in chosen:
-        fit = fits[j]
-        a, b = weighted_low_rank(fit["w"], fit["gram"], rank)
+        a, b = weighted_low_rank(fits[j]["w"], fits[j]["gram"], rank)
         add_branch(mv.layers[j].mlp, a, b)
-        after = residual_sq(fit["gram"], fit["cross"], fit["r_sq"], a @ b)
+        pf = probe_fits[j]
+        after = residual_sq(pf["gram"], pf["cross"], pf["r_sq"], a @ b)
         layers[j].errors["mlp_before_calibration"] = layers[j].errors["mlp"]
-        layers[j].errors["mlp"] = (max(after, 0.0) / max(fit["dense_sq"], 1e-30)) ** 0.5
+        layers[j].errors["mlp"] = (max(after, 0.0) / max(pf["dense_sq"], 1e-30)) ** 0.5
     for j, layer in enumerate(mv.layers):
         spec = layer.spec()
         layers[j].sizes = {k: spec[k] for k in ("qk_dim", "v_dim", "mlp_dim", "branch_rank")}
         layers[j].params_compressed = sum(p.numel() for p in layer.parameters())
     progress(1.0, "linear calibration done")
     model.sync_config()
-    return Report(method="olica", ratio_target=config.ratio, layers=layers, compressed=model,
-                  calibration_seconds=calibration_seconds, block_influence=influence,
-                  config={"ratio": config.ratio, "allocation": config.allocation.kind,
-                          "epsilon": config.allocation.epsilon, "attn_share": config.attn_share,
-                          "calibrate_layers": n_cal, "calibrate_rank": rank, "ridge": config.ridge,
-                          "calibrated": sorted(chosen), "layer_sparsity": sparsity},
-                  extra={"explained_by_linear_fit": [f["explained"] for f in fits]})
+    return model, Report(method="olica", ratio_target=config.ratio, layers=layers,
+                         calibration_seconds=s.seconds, block_influence=s.influence,
+                         config={**knobs.values(config), "calibrate_layers": n_cal,
+                                 "layer_sparsity": s.sparsity, "calibrated": sorted(chosen)},
+                         extra={"explained_by_linear_fit": [f["explained"] for f in fits],
+                                "errors_measured_on": probe.where})
+
+
+def residual_moments(inputs: list, dense: list, pruned: list, gram: torch.Tensor | None = None) -> dict:
+    """Second moments of the pruned MLP's residual R = dense − pruned against its input X, per token:
+    gram XᵀX/n (or the one given), cross XᵀR/n, r_sq ‖R‖²/n and dense_sq ‖dense‖²/n (float64)."""
+    n = sum(x.shape[0] * x.shape[1] for x in inputs)
+    flat = lambda t: t.double().flatten(0, 1)  # noqa: E731  (b, T, d) -> (b·T, d)
+    if gram is None:
+        gram = sum(flat(x).T @ flat(x) for x in inputs) / n
+    cross = sum(flat(x).T @ flat(d - p) for x, d, p in zip(inputs, dense, pruned)) / n
+    r_sq = sum(float((d - p).double().pow(2).sum()) for d, p in zip(dense, pruned)) / n
+    dense_sq = sum(float(d.double().pow(2).sum()) for d in dense) / n
+    return {"gram": gram, "cross": cross, "r_sq": r_sq, "dense_sq": dense_sq}

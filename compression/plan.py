@@ -10,7 +10,9 @@ target exactly before the methods round sizes to whole channels, heads and rotar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .knobs import check, knob
 
 
 @dataclass
@@ -86,3 +88,80 @@ def entropic_allocation(influence: list[float], target: float, epsilon: float,
             phi[i] = max_layer
             free.remove(i)
         budget = target * L - max_layer * (L - len(free))
+
+
+ALLOCATIONS = ("uniform", "auto", "manual")
+
+
+@dataclass
+class LayerwiseConfig:
+    """Knobs shared by the per-block methods (MoDeGPT, Olica): a target and its spread over layers.
+
+    ``allocation`` may also be given as an :class:`Allocation` (unpacked into the three fields).
+    """
+
+    ratio: float = knob(0.25, kind="float", label="Target ratio", low=0.0, high=0.9,
+                        help="fraction of decoder-block parameters to remove")
+    allocation: str = knob("uniform", kind="str", label="Allocation over layers", choices=ALLOCATIONS,
+                           help="uniform: the same sparsity everywhere; auto: from Block Influence "
+                                "(entropic softmax, MoDeGPT §3.3); manual: --layer-sparsity")
+    epsilon: float = knob(0.1, kind="float", label="Allocation temperature ε", low=0.0, low_open=True,
+                          help="auto allocation: φ_i ∝ softmax(−BI_i/ε); small ε prunes "
+                               "low-influence layers harder", advanced=True)
+    layer_sparsity: tuple[float, ...] | None = knob(
+        None, kind="floats", label="Per-layer sparsity", low=0.0, high=0.95, optional=True,
+        help="manual allocation: one sparsity per layer, comma-separated")
+    batch_size: int = knob(8, kind="int", label="Calibration batch", low=1, high=4096, flag="--calib-batch",
+                           help="calibration sequences per forward pass", advanced=True)
+
+    def __post_init__(self):
+        if isinstance(self.allocation, Allocation):
+            alloc = self.allocation
+            self.allocation, self.epsilon, self.layer_sparsity = alloc.kind, alloc.epsilon, alloc.per_layer
+        check(self)
+        self.spread  # noqa: B018  (validates the combination: manual needs its values)
+
+    @property
+    def spread(self) -> Allocation:
+        return Allocation(kind=self.allocation, epsilon=self.epsilon, per_layer=self.layer_sparsity)
+
+    def sparsities(self, num_layers: int, influence: list[float] | None = None) -> list[float]:
+        """Per-layer sparsity; without influence an automatic plan is forecast as uniform (same mean)."""
+        if self.allocation == "auto" and influence is None:
+            return [self.ratio] * num_layers
+        return self.spread.sparsities(self.ratio, num_layers, influence)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-layer block shapes a method will produce (None: the block is removed), plus parameters
+    whose placement is only known after fitting (Olica's calibration branches)."""
+
+    specs: list = field(default_factory=list)
+    extra_params: int = 0
+
+
+def inner_widths(base, sparsity: float, attn_share: float | None = None, extra_mlp_cut: int = 0) -> dict:
+    """Block spec with attention and MLP inner widths cut at ``sparsity`` (MoDeGPT, Olica).
+
+    ``attn_share`` None: every module loses the same fraction (MoDeGPT). Otherwise attention loses
+    ``attn_share`` × sparsity and the MLP takes the rest of the block's budget (Olica); the MLP then
+    gives up ``extra_mlp_cut`` more channels. Widths are whole rotary pairs, value dims and channels.
+    """
+    from .modeling import dense_spec
+
+    spec = dense_spec(base)
+    hd, m, D = spec["qk_dim"], spec["mlp_dim"], spec["d_in"]
+    H = base.num_attention_heads
+    Hkv = getattr(base, "num_key_value_heads", None) or H
+    if attn_share is None:
+        s_attn = s_mlp = sparsity
+    else:
+        p_attn = D * (H + Hkv) * hd + D * Hkv * hd + H * hd * D
+        p_mlp = 3 * D * m
+        s_attn = min(0.95, attn_share * sparsity)
+        s_mlp = min(max((sparsity * (p_attn + p_mlp) - s_attn * p_attn) / p_mlp, 0.0), 0.95)
+    keep = 1.0 - s_attn
+    spec.update(qk_dim=2 * max(1, round(keep * hd / 2)), v_dim=max(1, round(keep * hd)),
+                mlp_dim=max(1, round((1 - s_mlp) * m) - extra_mlp_cut))
+    return spec

@@ -5,7 +5,7 @@ saved ``report.json`` reproduces every figure of a run.
 
 Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
 
-- ``method``: "layerdrop" | "slicegpt" | "modegpt" | "olica" | "dense"
+- ``method``: a name of :data:`compression.methods.METHODS`
 - ``model``: model name or folder; ``config``: the method config as a dict
 - ``ratio_target``: fraction of decoder-block parameters to remove (None when given as widths)
 - ``params_dense`` / ``params_compressed``: all parameters, tied weights counted once
@@ -24,13 +24,27 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
         ``mlp``, ``mlp_before_calibration``;
     ``influence``: Block Influence of the layer (or None).
 - ``heal``: recovery-training record or None; ``extra``: free-form method notes.
+- ``calibration``: ``samples``, ``seq_len``, ``tokens``, ``distinct_tokens``, ``fingerprint`` (of the
+    token ids), ``source`` and the like; ``warnings``: strings the UI and CLI must show.
+- ``evaluation``: metrics measured after compression, each with the settings that produced it.
+
+:meth:`Report.from_dict` validates all of this (types, the method name, the layer entries) and
+raises :class:`ReportError` naming the field, never echoing the file's content.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+MAX_LAYERS = 4096
+MAX_VECTOR = 1 << 20  # longest list a report may hold (spectra, leverage scores)
+
+
+class ReportError(ValueError):
+    """A report of the wrong shape; the message names the field, not the offending content."""
 
 
 @dataclass
@@ -65,8 +79,9 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     heal: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    # The compressed model object itself (not serialised): methods may return a new wrapper module.
-    compressed: Any = field(default=None, repr=False, compare=False)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio_achieved(self) -> float:
@@ -76,21 +91,114 @@ class Report:
         return 1.0 - self.block_params_compressed / self.block_params_dense
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("compressed", "layers")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
         d = json.loads(json.dumps(d))  # a deep copy of plain data only
         d["layers"] = [asdict(layer) for layer in self.layers]
         d["ratio_achieved"] = self.ratio_achieved
         return d
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        from .files import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Report":
-        d = {k: v for k, v in d.items() if k not in ("ratio_achieved", "compressed")}
+    def from_dict(cls, d: Any) -> "Report":
+        """A validated Report; :class:`ReportError` on anything of the wrong shape."""
+        d = validate(d)
+        d = {k: v for k, v in d.items() if k != "ratio_achieved"}
         layers = [LayerReport(**layer) for layer in d.pop("layers", [])]
         return cls(layers=layers, **d)
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        from .files import read_json
+
+        return cls.from_dict(read_json(Path(path)))
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _numbers(x, limit: int = MAX_VECTOR) -> bool:
+    return isinstance(x, list) and len(x) <= limit and all(_is_number(v) for v in x)
+
+
+def _table(x, ok) -> bool:
+    """A dict with short string keys whose values all pass ``ok``."""
+    return isinstance(x, dict) and len(x) <= 4096 and all(
+        isinstance(k, str) and len(k) <= 64 and ok(v) for k, v in x.items())
+
+
+def _leverage_value(v) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_VECTOR and all(
+        _is_number(x) or _numbers(x) for x in v)
+
+
+TOP_LEVEL = {  # field -> (check, what it must be)
+    "model": (lambda x: isinstance(x, str) and len(x) <= 512, "a string of at most 512 characters"),
+    "config": (lambda x: isinstance(x, dict), "an object"),
+    "ratio_target": (lambda x: x is None or _is_number(x), "a number or null"),
+    "params_dense": (_is_count, "a non-negative integer"),
+    "params_compressed": (_is_count, "a non-negative integer"),
+    "block_params_dense": (_is_count, "a non-negative integer"),
+    "block_params_compressed": (_is_count, "a non-negative integer"),
+    "ppl_dense": (lambda x: x is None or _is_number(x), "a number or null"),
+    "ppl_compressed": (lambda x: x is None or _is_number(x), "a number or null"),
+    "calibration_seconds": (_is_number, "a number"),
+    "compress_seconds": (_is_number, "a number"),
+    "block_influence": (lambda x: x is None or _numbers(x, MAX_LAYERS), "a list of numbers or null"),
+    "layers": (lambda x: isinstance(x, list) and len(x) <= MAX_LAYERS, f"a list of at most {MAX_LAYERS}"),
+    "heal": (lambda x: x is None or isinstance(x, dict), "an object or null"),
+    "extra": (lambda x: isinstance(x, dict), "an object"),
+    "calibration": (lambda x: isinstance(x, dict), "an object"),
+    "warnings": (lambda x: isinstance(x, list) and len(x) <= 100
+                 and all(isinstance(w, str) and len(w) <= 1000 for w in x), "a list of short strings"),
+    "evaluation": (lambda x: isinstance(x, dict), "an object"),
+    "ratio_achieved": (lambda x: x is None or _is_number(x), "a number or null"),
+}
+LAYER = {
+    "index": (_is_count, "a non-negative integer"),
+    "removed": (lambda x: isinstance(x, bool), "true or false"),
+    "params_dense": (_is_count, "a non-negative integer"),
+    "params_compressed": (_is_count, "a non-negative integer"),
+    "sizes": (lambda x: _table(x, _is_count), "an object of non-negative integers"),
+    "spectra": (lambda x: _table(x, _numbers), "an object of number lists"),
+    "kept": (lambda x: _table(x, _is_count), "an object of non-negative integers"),
+    "leverage": (lambda x: _table(x, _leverage_value), "an object of number lists"),
+    "errors": (lambda x: _table(x, _is_number), "an object of numbers"),
+    "influence": (lambda x: x is None or _is_number(x), "a number or null"),
+}
+
+
+def _check_fields(d: dict, schema: dict, where: str) -> None:
+    unknown = len(set(d) - set(schema))
+    if unknown:
+        raise ReportError(f"{where} has {unknown} unknown field(s)")
+    for name, value in d.items():
+        ok, what = schema[name]
+        if not ok(value):
+            raise ReportError(f"{where}.{name} must be {what}")
+
+
+def validate(d: Any) -> dict:
+    """``d`` if it is a well-formed report dict, else :class:`ReportError` naming the field."""
+    from .methods import METHODS
+
+    if not isinstance(d, dict):
+        raise ReportError("a report must be a JSON object")
+    if d.get("method") not in METHODS:
+        raise ReportError(f"report.method must be one of {', '.join(METHODS)}")
+    _check_fields({k: v for k, v in d.items() if k != "method"}, TOP_LEVEL, "report")
+    for i, layer in enumerate(d.get("layers", [])):
+        if not isinstance(layer, dict) or "index" not in layer:
+            raise ReportError(f"report.layers[{i}] must be an object with an index")
+        _check_fields(layer, LAYER, f"report.layers[{i}]")
+    return d

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from .arch import view
-from .calibration import Gram, capture_block_inputs
+from .calibration import IN_SAMPLE_BATCHES, Gram, capture_block_inputs
 from .modeling import spec_params, to_compressed
 from .ops import (new_linear, pca, relative_error, rotate_inputs, rotate_outputs, round_down,
                   scale_inputs)
+from .knobs import check, knob, values
+from .plan import Plan
 from .report import LayerReport, Report
 
 
@@ -32,28 +34,30 @@ from .report import LayerReport, Report
 class SliceGPTConfig:
     """Exactly one of ``slicing`` (fraction of hidden dims deleted, the paper's knob), ``ratio``
     (fraction of block parameters to remove, skip matrices counted) or ``widths`` (one kept width per
-    layer) sets the sizes."""
+    layer) sets the sizes; with none given, ``ratio`` = 0.25."""
 
-    slicing: float | None = None
-    ratio: float | None = None
-    widths: tuple[int, ...] | None = None
-    round_to: int = 8          # kept widths are multiples of this (hardware friendly, as the paper)
-    damping: float = 0.01      # relative eigh damping (the reference implementation's value)
-    error_batches: int = 2     # calibration batches on which per-layer errors vs dense are measured
-    batch_size: int = 8
+    ratio: float | None = knob(None, kind="float", label="Target ratio", low=0.0, high=0.9, optional=True,
+                               help="fraction of decoder-block parameters to remove (skip matrices "
+                                    "counted)")
+    slicing: float | None = knob(None, kind="float", label="Slicing fraction", low=0.0, high=1.0,
+                                 high_open=True, optional=True,
+                                 help="fraction of hidden dimensions deleted (the paper's knob)")
+    widths: tuple[int, ...] | None = knob(None, kind="ints", label="Per-layer widths", low=1,
+                                          optional=True, help="kept width of every layer, comma-separated")
+    round_to: int = knob(8, kind="int", label="Round widths to", low=1, high=4096, advanced=True,
+                         help="kept widths are multiples of this (hardware friendly, as the paper)")
+    damping: float = knob(0.01, kind="float", label="PCA damping", low=0.0, high=1.0, advanced=True,
+                          help="relative damping of the eigendecomposition (the reference's value)")
+    batch_size: int = knob(8, kind="int", label="Calibration batch", low=1, high=4096, flag="--calib-batch",
+                           help="calibration sequences per forward pass", advanced=True)
 
     def __post_init__(self):
+        check(self)
         given = [x is not None for x in (self.slicing, self.ratio, self.widths)]
-        if sum(given) != 1:
-            raise ValueError("SliceGPT needs exactly one of slicing, ratio or widths")
-        if self.slicing is not None and not 0.0 <= self.slicing < 1.0:
-            raise ValueError(f"slicing must be in [0, 1), got {self.slicing}")
-        if self.ratio is not None and not 0.0 <= self.ratio <= 0.9:
-            raise ValueError(f"ratio must be in [0, 0.9], got {self.ratio}")
-        if self.widths is not None:
-            self.widths = tuple(int(w) for w in self.widths)
-            if min(self.widths) < 1:
-                raise ValueError("widths must be positive")
+        if not any(given):
+            self.ratio = 0.25
+        elif sum(given) != 1:
+            raise ValueError("SliceGPT takes exactly one of ratio, slicing or widths")
 
 
 def sliced_specs(base, widths: list[int]) -> list[dict]:
@@ -141,7 +145,17 @@ def slice_layer(layer, inputs: list[torch.Tensor], kwargs: list[dict], q_in: tor
     return outputs, q_out, {"mlp_input": vals_mid.tolist(), "block_output": vals_out.tolist()}
 
 
-def compress_slicegpt(model, config: SliceGPTConfig, calibration, progress) -> Report:
+def plan(config: SliceGPTConfig, base, influence=None) -> Plan:
+    """Block shapes of the sliced model: layer i keeps ``plan_widths(...)[i]`` directions."""
+    return Plan(sliced_specs(base, plan_widths(config, base)))
+
+
+def run(model, config: SliceGPTConfig, calibration, progress, held_out=None):
+    """Rotate and slice ``model`` (a private copy) layer by layer; returns (model, Report).
+
+    The per-layer "block" error compares the sliced stream (rotated back) with the dense stream on
+    ``held_out`` tokens when given, else on the first calibration batches (in-sample).
+    """
     if calibration is None:
         raise ValueError("SliceGPT needs calibration tokens")
     model = to_compressed(model)
@@ -150,29 +164,36 @@ def compress_slicegpt(model, config: SliceGPTConfig, calibration, progress) -> R
     widths = plan_widths(config, base)
     D = base.hidden_size
     t0 = time.perf_counter()
+    progress(0.0, "calibration: capturing block inputs")
     inputs = capture_block_inputs(mv, calibration, config.batch_size)
-    n_err = min(config.error_batches, len(inputs))
-    dense_hidden = [h.clone() for h in inputs.hidden[:n_err]]
+    if held_out is None:
+        probe = inputs.with_hidden([h.clone() for h in inputs.hidden[:IN_SAMPLE_BATCHES]])
+        probe.kwargs = probe.kwargs[:IN_SAMPLE_BATCHES]
+    else:
+        probe = capture_block_inputs(mv, held_out, config.batch_size)
     calibration_seconds = time.perf_counter() - t0
+    dense_probe, sliced_probe = probe.hidden, [h.clone() for h in probe.hidden]
     hidden, q_in = inputs.hidden, torch.eye(D, dtype=torch.float64, device=mv.device)
     layers, last = [], len(mv.layers) - 1
     for i, layer in enumerate(mv.layers):
         params_dense = sum(p.numel() for p in layer.parameters())
-        dense_hidden = [layer(h, **kw) for h, kw in zip(dense_hidden, inputs.kwargs)]
+        dense_probe = [layer(h, **kw) for h, kw in zip(dense_probe, probe.kwargs)]
         fold_norms(layer)
         hidden, q_out, spectra = slice_layer(layer, hidden, inputs.kwargs, q_in, widths[i],
                                              i == last, config.damping)
-        errors = {"block": relative_error(torch.cat([h.double() @ q_out.T for h in hidden[:n_err]]),
-                                          torch.cat(dense_hidden))} if n_err else {}
+        sliced_probe = [layer(h, **kw) for h, kw in zip(sliced_probe, probe.kwargs)]
+        errors = {"block": relative_error(torch.cat([h.double() @ q_out.T for h in sliced_probe]),
+                                          torch.cat(dense_probe))}
         q_in = q_out
         layers.append(LayerReport(
             index=i, params_dense=params_dense, params_compressed=sum(p.numel() for p in layer.parameters()),
             sizes={k: layer.spec()[k] for k in ("d_in", "d_mid", "d_out")}, spectra=spectra,
             kept={"mlp_input": widths[i], "block_output": D if i == last else widths[i]},
             errors=errors))
-        progress((i + 1) / len(mv.layers), f"sliced layer {i + 1}/{len(mv.layers)}")
+        progress((i + 1) / len(mv.layers), f"layer {i + 1}/{len(mv.layers)}: rotated and sliced")
     model.sync_config()
-    return Report(method="slicegpt", ratio_target=config.ratio, layers=layers, compressed=model,
-                  calibration_seconds=calibration_seconds,
-                  config={"slicing": config.slicing, "ratio": config.ratio, "widths": widths,
-                          "damping": config.damping, "round_to": config.round_to})
+    return model, Report(method="slicegpt", ratio_target=config.ratio, layers=layers,
+                         calibration_seconds=calibration_seconds,
+                         config={**values(config), "widths": widths},
+                         extra={"errors_measured_on": "held-out" if held_out is not None
+                                else "calibration (in-sample)"})

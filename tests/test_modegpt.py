@@ -54,14 +54,13 @@ def test_vo_decomposition_matches_weighted_svd_of_the_product():
 
 def test_full_rank_reproduces_dense_logits(model, tokens):
     ref = logits(model, tokens)
-    report = compress(model, MoDeGPTConfig(ratio=0.0), tokens)
-    torch.testing.assert_close(logits(report.compressed, tokens), ref, rtol=1e-4, atol=1e-4)
+    out, report = compress(model, MoDeGPTConfig(ratio=0.0), tokens)
+    torch.testing.assert_close(logits(out, tokens), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_compression_keeps_rope_pairs_and_gqa_groups(tokens, tmp_path):
     model = tiny_model("llama", layers=2)
-    report = compress(model, MoDeGPTConfig(ratio=0.5), tokens)
-    out = report.compressed
+    out, report = compress(model, MoDeGPTConfig(ratio=0.5), tokens)
     attn = out.model.layers[0].self_attn
     hd = attn.head_dim
     assert attn.qk_dim == 8 and attn.rope_index.shape == (2, 4)  # 2 kv groups x 4 kept pairs
@@ -83,7 +82,7 @@ def test_kept_pairs_attention_equals_dense_attention_on_those_pairs(tokens):
     dense = tiny_model("qwen2", layers=1)
     reference = tiny_model("qwen2", layers=1)
     cfg = MoDeGPTConfig(ratio=0.25)
-    out = compress(dense, cfg, tokens).compressed
+    out = compress(dense, cfg, tokens).model
     attn = out.model.layers[0].self_attn
     ref_attn = reference.model.layers[0].self_attn
     hd, G = 16, 2
@@ -123,7 +122,7 @@ def test_entropic_allocation_hits_target_and_orders_by_influence():
 
 def test_auto_allocation_report_sums_to_target(tokens):
     model = tiny_model("mistral", tied=False, layers=4)
-    report = compress(model, MoDeGPTConfig(ratio=0.3, allocation=Allocation("auto", epsilon=0.05)), tokens)
+    out, report = compress(model, MoDeGPTConfig(ratio=0.3, allocation=Allocation("auto", epsilon=0.05)), tokens)
     phi = report.config["layer_sparsity"]
     assert sum(phi) / 4 == pytest.approx(0.3)
     assert len(set(round(p, 6) for p in phi)) > 1  # really non-uniform

@@ -22,8 +22,7 @@ def test_norm_folding_alone_keeps_logits(model, tokens):
 
 def test_zero_slicing_full_rotation_keeps_logits(model, tokens):
     ref = logits(model, tokens)
-    report = compress(model, SliceGPTConfig(slicing=0.0), tokens)
-    out = report.compressed
+    out, report = compress(model, SliceGPTConfig(slicing=0.0), tokens)
     assert out.model.layers[0].attn_skip is not None  # really rotated, not skipped
     rot = out.model.layers[1].attn_skip.weight
     assert not torch.allclose(rot, torch.eye(rot.shape[0]), atol=1e-3)
@@ -44,8 +43,7 @@ def test_pca_recovers_planted_components():
 def test_slicing_sizes_and_reload(tokens, tmp_path):
     model = tiny_model("qwen2", layers=3)
     dense_params = count_params(model)
-    report = compress(model, SliceGPTConfig(slicing=0.25), tokens)
-    out = report.compressed
+    out, report = compress(model, SliceGPTConfig(slicing=0.25), tokens)
     d = plan_widths(SliceGPTConfig(slicing=0.25), view(out).config)[0]
     assert d == 48
     specs = [layer.spec() for layer in out.model.layers]
@@ -65,18 +63,18 @@ def test_slicing_sizes_and_reload(tokens, tmp_path):
 
 def test_ratio_finds_width_reaching_target(tokens):
     model = tiny_model("llama", layers=3)
-    report = compress(model, SliceGPTConfig(ratio=0.3), tokens)
+    out, report = compress(model, SliceGPTConfig(ratio=0.3), tokens)
     assert report.ratio_achieved >= 0.3
     wider = report.config["widths"][0] + 8  # one step wider would miss the target
     from compression.modeling import spec_params
     from compression.slicegpt import sliced_specs
-    base = view(report.compressed).config
+    base = view(out).config
     dense = sum(p.numel() for p in tiny_model("llama", layers=3).model.layers.parameters())
     assert 1 - sum(spec_params(s, base) for s in sliced_specs(base, [wider] * 3)) / dense < 0.3
 
 
 def test_per_layer_widths(tokens):
-    report = compress(tiny_model("mistral", tied=False), SliceGPTConfig(widths=(56, 40, 48)), tokens)
+    out, report = compress(tiny_model("mistral", tied=False), SliceGPTConfig(widths=(56, 40, 48)), tokens)
     assert [l.sizes["d_mid"] for l in report.layers] == [56, 40, 48]
 
 

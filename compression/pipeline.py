@@ -1,0 +1,214 @@
+"""One pipeline for the CLI, the app and the benchmark: calibrate → compress → evaluate → heal → save.
+
+Each step is a function of plain inputs, so the app can run them one at a time (with its own model
+cache) and the CLI all at once (:func:`run`). Progress goes through :class:`Stages`, which labels every
+stage and maps its own 0..1 onto the whole job's bar.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .api import compress
+from .data import TextSpec, chunk, tokenize, wiki_split
+from .evaluate import perplexity
+from .files import FileError, read_json, write_json_atomic
+from .report import Report
+
+Progress = Callable[[float, str], None]
+HELD_OUT_SEQUENCES = 2  # calibration-split sequences after the fitted ones, for per-layer errors
+
+
+def _noop(fraction: float, message: str) -> None:
+    pass
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+class Stages:
+    """Named stages with weights; ``stage(name)`` returns a progress callback for that stage that
+    reports ``(overall fraction, "name: message")`` to ``progress``."""
+
+    def __init__(self, progress: Progress, weights: dict[str, float]):
+        self.progress, self.names = progress, list(weights)
+        total = sum(weights.values()) or 1.0
+        self.start, acc = {}, 0.0
+        for name, w in weights.items():
+            self.start[name] = (acc / total, w / total)
+            acc += w
+
+    def stage(self, name: str) -> Progress:
+        begin, width = self.start[name]
+        label = f"[{self.names.index(name) + 1}/{len(self.names)}] {name}"
+
+        def callback(fraction: float, message: str = "") -> None:
+            fraction = min(max(float(fraction), 0.0), 1.0)
+            self.progress(begin + width * fraction, f"{label}: {message}" if message else label)
+        callback(0.0)
+        return callback
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+def calibration_tokens(tokenizer, spec: TextSpec, held_out: int = HELD_OUT_SEQUENCES):
+    """(fit tokens (N, T), held-out tokens (n, T) or None): the held-out sequences follow the fitted
+    ones in the same text, so they are never in a statistic and never in the evaluation split."""
+    text = spec.text if spec.text is not None else wiki_split("calibration")
+    ids = tokenize(tokenizer, text)
+    fit = chunk(ids, spec.num_samples, spec.seq_len, "calibration")
+    rest = ids[fit.numel():]
+    n = min(held_out, rest.numel() // spec.seq_len)
+    return fit, (chunk(rest, n, spec.seq_len, "held-out") if n else None)
+
+
+# --- the dense reference, computed once ----------------------------------------------------------
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def model_identity(name: str) -> str:
+    """What identifies the dense weights: the resolved folder's weight files (path, size, mtime), or
+    the name itself for a hub id."""
+    from .models import resolve_source
+
+    source = Path(resolve_source(name))
+    weights = sorted(source.glob("*.safetensors")) if source.is_dir() else []
+    if not weights:
+        return name
+    return "|".join(f"{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+
+
+@dataclass
+class DenseCache:
+    """Dense-model metrics remembered per (weights, metric, settings): the dense model never changes
+    and recomputing costs minutes on a CPU. In memory, and in a JSON file when ``path`` is set
+    (written atomically; a corrupt file is named in the error)."""
+
+    path: Path | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, name: str, metric: str, **settings) -> str:
+        return json.dumps([model_identity(name), metric, settings], sort_keys=True)
+
+    def get(self, key: str):
+        if key not in self.memory and self.path is not None and self.path.exists():
+            data = read_json(self.path)
+            if not isinstance(data, dict):
+                raise FileError(f"{self.path} is not a cache file (expected a JSON object)")
+            self.memory.update(data)
+        return self.memory.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.memory[key] = value
+        if self.path is not None:
+            on_disk = read_json(self.path) if self.path.exists() else {}
+            write_json_atomic(self.path, {**on_disk, key: value})
+
+    def ppl(self, name: str, model, windows: torch.Tensor, progress: Progress = _noop) -> float:
+        param = next(model.parameters())
+        key = self.key(name, "ppl", windows=fingerprint(windows), shape=list(windows.shape),
+                       dtype=str(param.dtype), device=param.device.type)
+        value = self.get(key)
+        if value is None:
+            value = perplexity(model, windows, progress=progress)
+            self.put(key, value)
+        else:
+            progress(1.0, "cached")
+        return value
+
+
+def default_cache() -> DenseCache:
+    from .models import cache_root
+
+    return DenseCache(cache_root() / "dense_metrics.json")
+
+
+# --- one job ------------------------------------------------------------------------------------
+
+def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *, eval_windows: int = 0,
+                         eval_len: int = 1024, seed: int = 0, cache: DenseCache | None = None,
+                         progress: Progress = _noop):
+    """Calibrate, compress a copy of ``dense`` and measure wiki perplexity of both (``eval_windows``
+    windows; 0 skips). Returns (compressed model, Report)."""
+    from .data import evaluation_windows
+
+    weights = {"calibration text": 0.05, "compress": 1.0}
+    if eval_windows:
+        weights.update({"dense perplexity": 0.15, "compressed perplexity": 0.15})
+    stages = Stages(progress, weights)
+    step = stages.stage("calibration text")
+    fit, held_out = calibration_tokens(tokenizer, spec)
+    step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
+    torch.manual_seed(int(seed))
+    model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out)
+    report.model = name
+    report.calibration.update(source="text" if spec.text is not None else "wiki", seed=int(seed))
+    if eval_windows:
+        windows = evaluation_windows(tokenizer, eval_windows, eval_len)
+        cache = cache or DenseCache()
+        report.ppl_dense = cache.ppl(name, dense, windows, stages.stage("dense perplexity"))
+        report.ppl_compressed = perplexity(model, windows, progress=stages.stage("compressed perplexity"))
+        report.evaluation["ppl"] = {"dense": report.ppl_dense, "compressed": report.ppl_compressed,
+                                    "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                                    "text": "wiki evaluation split"}
+    return model, report
+
+
+def heal_and_measure(model, tokenizer, heal_config, windows: torch.Tensor | None = None,
+                     progress: Progress = _noop) -> dict:
+    """Recovery-train ``model`` in place; the record has perplexity before/after on ``windows``."""
+    from .heal import heal
+
+    eval_fn = None if windows is None else (lambda m: perplexity(m, windows))
+    return heal(model, tokenizer, heal_config, progress, eval_fn=eval_fn)
+
+
+# --- saving: one layout --------------------------------------------------------------------------
+
+def check_out_folder(folder: Path, force: bool = False) -> None:
+    """``folder`` must be new or empty unless ``force`` (then it is replaced whole at the end)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise FileError(f"{folder} is not empty; choose a new folder or pass --force to replace it")
+    parent = folder.resolve().parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise FileError(f"{parent} is not writable")
+
+
+def save(folder: Path, model, tokenizer, report: Report | dict, replace: bool = False) -> Path:
+    """The one layout: the model (safetensors + config + tokenizer, loadable by ``from_pretrained``)
+    and ``report.json`` side by side in ``folder``. Written to a temporary folder and renamed at the
+    end, so there are no half-written runs and no old weight files mixed with new ones."""
+    folder = Path(folder)
+    check_out_folder(folder, force=replace)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.resolve().parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "report.json", report.to_dict() if isinstance(report, Report) else report)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
