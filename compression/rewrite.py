@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .ops import head_columns, rotary_pair_scores, select_outputs, set_linear, vo_decomposition
 
 
+def _column_scale(norm, heads: int, hd: int) -> torch.Tensor | None:
+    """(heads, hd) factor a q/k norm applies to each output column (per head or whole projection)."""
+    return None if norm is None else norm.scale().detach().double().reshape(-1, hd).expand(heads, hd)
+
+
+def _select_norm(norm, rows: torch.Tensor, heads: int, hd: int, per_head: bool) -> None:
+    """Keep a q/k norm's scales for the kept columns ``rows`` (indices into heads·hd); a per-head norm
+    gets one scale row per head, since kv groups keep different pairs. Its mean stays over head_dim."""
+    if norm is None:
+        return
+    w = norm.weight.detach().reshape(-1, hd).expand(heads, hd).reshape(-1)[rows]
+    norm.weight = nn.Parameter(w.view(heads, -1) if per_head else w, requires_grad=False)
+
+
 def keep_rotary_pairs(attn, gram: torch.Tensor, keep_pairs: int) -> torch.Tensor:
-    """Cut q_proj/k_proj to ``keep_pairs`` rotary pairs per head; returns the scores (Hkv, hd/2)."""
+    """Cut q_proj/k_proj (and their norms) to ``keep_pairs`` rotary pairs per head; returns the scores
+    (Hkv, hd/2). A q/k norm's scale weighs each column's second moment (its RMS factor is shared by the
+    columns of a head, so it does not change the ranking)."""
     H, Hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     g = gram.double()
     wq = attn.q_proj.weight.double().view(H, hd, -1)   # (H, hd, d_in)
@@ -17,6 +34,9 @@ def keep_rotary_pairs(attn, gram: torch.Tensor, keep_pairs: int) -> torch.Tensor
     if attn.q_proj.bias is not None:  # biases shift the outputs: add their second moment
         q_diag += attn.q_proj.bias.double().view(H, hd) ** 2
         k_diag += attn.k_proj.bias.double().view(Hkv, hd) ** 2
+    if attn.q_norm is not None:
+        q_diag = q_diag * _column_scale(attn.q_norm, H, hd) ** 2
+        k_diag = k_diag * _column_scale(attn.k_norm, Hkv, hd) ** 2
     scores = rotary_pair_scores(q_diag, k_diag, attn.num_key_value_groups)
     if keep_pairs >= hd // 2:
         return scores
@@ -26,6 +46,9 @@ def keep_rotary_pairs(attn, gram: torch.Tensor, keep_pairs: int) -> torch.Tensor
                         for h in range(H)])
     select_outputs(attn.q_proj, q_rows)
     select_outputs(attn.k_proj, k_rows)
+    per_head = attn.qk_norm == "head"
+    _select_norm(attn.q_norm, q_rows, H, hd, per_head)
+    _select_norm(attn.k_norm, k_rows, Hkv, hd, per_head)
     attn.qk_dim = 2 * keep_pairs
     attn.register_buffer("rope_index", pairs.to(attn.q_proj.weight.device))
     return scores

@@ -3,24 +3,42 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                          Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 128
 
 
-def tiny_config(kind: str, tied: bool = True, layers: int = 3):
+# Per-architecture extras of the tiny configs: what makes each one differ from Llama is switched on
+# (Gemma: soft-caps, a query scalar unlike head_dim, sliding windows shorter than the test sequences;
+# Qwen3: a sliding layer; Phi-3 stays fully rotary, since partial rotary is refused by MoDeGPT/Olica).
+EXTRA = {
+    "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=2,
+                        final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh"),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
+           "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config, "olmo2": Olmo2Config}
+NEW_ARCHS = ["qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"]
+
+
+def tiny_config(kind: str, tied: bool = True, layers: int = 3, **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, rms_norm_eps=1e-6)
-    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind](**common)
+    return CONFIGS[kind](**{**common, **EXTRA.get(kind, {}), **overrides})
 
 
-def tiny_model(kind: str = "llama", tied: bool = True, layers: int = 3, seed: int = 0):
+def tiny_model(kind: str = "llama", tied: bool = True, layers: int = 3, seed: int = 0, **overrides):
     """A random model whose norms are not all ones (so norm folding is really exercised)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, tied, layers)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, tied, layers, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
