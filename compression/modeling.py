@@ -33,7 +33,8 @@ def dense_spec(base, layer_idx: int = 0) -> dict:
             "qk_dim": shape.head_dim, "v_dim": shape.head_dim, "mlp_dim": shape.intermediate,
             "qkv_bias": bias or arch.qkv_bias, "o_bias": bias,
             "mlp_bias": bool(getattr(base, "mlp_bias", False)),
-            "pre_norm": arch.attn_norm is not None, "post_norm": arch.attn_post_norm is not None,
+            "pre_norm": arch.attn_norm is not None, "norm_scale": arch.attn_norm is not None,
+            "post_norm": arch.attn_post_norm is not None,
             "qk_norm": arch.qk_norm, "sliding_window": _sliding_window(base, layer_idx)}
 
 
@@ -103,3 +104,84 @@ def to_compressed(model: nn.Module) -> CompressedForCausalLM:
     shell.generation_config = model.generation_config
     return shell.eval()
 
+
+
+# --- export: a standard architecture where the result is one, else this format with its own code ---
+
+def _nonstandard(model: CompressedForCausalLM) -> str | None:
+    """Why ``model`` is not its original architecture with a smaller ``intermediate_size``, or None."""
+    base = model.model.config
+    widths = {layer.spec()["mlp_dim"] for layer in model.model.layers}
+    for i, layer in enumerate(model.model.layers):
+        spec, dense = layer.spec(), dense_spec(base, i)
+        changed = sorted(k for k in dense.keys() | spec.keys()
+                         if k != "mlp_dim" and spec.get(k, False) != dense.get(k, False))
+        if spec.get("branch_rank"):
+            return f"layer {i} has a low-rank calibration branch (rank {spec['branch_rank']})"
+        if changed:
+            return f"layer {i} differs from a dense {base.model_type} block in " + ", ".join(
+                f"{k} ({spec.get(k)} vs {dense.get(k)})" for k in changed)
+    if len(widths) > 1:
+        return f"MLP widths differ across layers ({min(widths)}..{max(widths)})"
+    return None
+
+
+def export_format(model) -> tuple[str, str]:
+    """("native", reason) when ``model`` is exactly a standard transformers architecture (layer dropping
+    keeps the original class; MLP-only pruning with one width in every layer is the original class with
+    a smaller ``intermediate_size``), else ("remote_code", reason): the compressed format, saved with
+    its own modeling file so ``trust_remote_code=True`` loads it without this project."""
+    if not isinstance(model, CompressedForCausalLM):
+        return "native", f"the model is still a {type(model).__name__} (whole blocks dropped at most)"
+    why = _nonstandard(model)
+    if why is not None:
+        return "remote_code", why
+    width = model.model.layers[0].mlp.gate_proj.out_features if len(model.model.layers) else None
+    return "native", (f"MLP-only pruning with uniform widths: a {model.model.config.model_type} model "
+                      f"with intermediate_size {width}")
+
+
+def to_native(model: CompressedForCausalLM) -> nn.Module:
+    """The original architecture's class holding the weights of a model :func:`export_format` calls
+    native (fused projections fused again); logits are unchanged."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    base = copy.deepcopy(model.model.config)
+    if len(model.model.layers):
+        base.intermediate_size = model.model.layers[0].mlp.gate_proj.out_features
+    native = AutoModelForCausalLM.from_config(base, dtype=model.lm_head.weight.dtype).eval()
+    nv, ours = view(native), ARCHITECTURES["compressed_decoder"]
+    arch = nv.arch
+    with torch.no_grad():
+        for block, layer in zip(nv.blocks, model.model.layers):
+            src = BlockView(block.index, layer, ours)
+            for part in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm",
+                         "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm"):
+                if getattr(arch, part) is not None:
+                    block.get(part).load_state_dict(src.get(part).state_dict())
+            if arch.qkv is not None:
+                for name in ("weight", "bias"):
+                    parts = [getattr(src.get(p), name) for p in ("q", "k", "v")]
+                    if parts[0] is not None:
+                        getattr(block.get("qkv"), name).copy_(torch.cat(parts))
+            if arch.gate_up is not None:
+                block.get("gate_up").weight.copy_(torch.cat([src.gate.weight, src.up.weight]))
+        outside = {k: v for k, v in model.model.state_dict().items() if not k.startswith("layers.")}
+        nv.decoder.load_state_dict(outside, strict=False)
+        if not nv.tied:
+            nv.lm_head.weight.copy_(model.lm_head.weight)
+    native.generation_config = model.generation_config
+    return native
+
+
+def save_model(model, tokenizer, folder) -> tuple[str, str]:
+    """Save ``model`` (and ``tokenizer``) in the most portable format that is exact; returns
+    :func:`export_format`'s (format, reason) so callers can record which case applied."""
+    fmt, reason = export_format(model)
+    (to_native(model) if fmt == "native" and isinstance(model, CompressedForCausalLM) else model) \
+        .save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return fmt, reason
