@@ -99,6 +99,19 @@ def test_confidence_interval():
         zs.confidence_interval(0.5, 0)
 
 
+def test_mean_with_interval():
+    se = math.sqrt(0.25 / 49)  # lm-eval's sample stderr of acc 0.5 over n = 50
+    out = zs.mean_with_interval([0.5] * 5, [se] * 5)
+    assert out["acc"] == 0.5
+    assert out["stderr"] == pytest.approx(se / math.sqrt(5))
+    assert out["ci"] == pytest.approx([0.5 - 0.0626, 0.5 + 0.0626], abs=5e-4)
+    uneven = zs.mean_with_interval([0.2, 0.8], [0.03, 0.04])
+    assert uneven["acc"] == pytest.approx(0.5) and uneven["stderr"] == pytest.approx(0.025)
+    assert zs.mean_with_interval([0.4, 0.6], [0.1, None]) == {"acc": 0.5, "stderr": None, "ci": None}
+    with pytest.raises(ValueError):
+        zs.mean_with_interval([0.5], [])
+
+
 # --------------------------------------------------------------------------- task YAMLs
 
 
@@ -240,15 +253,26 @@ def test_zero_shot_headline(headline):
         assert entry["metric"] == zs.METRICS[name]
         assert 0.0 <= entry["value"] <= 1.0
         assert entry["n"] == LIMIT
-        assert entry["value"] == entry["metrics"][entry["metric"]]
-        assert entry["stderr"] is None or entry["stderr"] >= 0
+        assert entry["acc"] == entry["value"] == entry["metrics"][entry["metric"]]
+        p = entry["acc"]  # lm-eval's stderr is the sample standard error of the per-item scores
+        assert entry["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (LIMIT - 1)))
+        assert entry["ci"] == pytest.approx([p - 1.96 * entry["stderr"], p + 1.96 * entry["stderr"]])
         assert len(entry["samples"]) == LIMIT
         assert entry["value"] == pytest.approx(
             sum(s[entry["metric"]] for s in entry["samples"]) / LIMIT
         )
     values = [result["tasks"][t]["value"] for t in zs.HEADLINE_TASKS]
     assert result["average"] == pytest.approx(sum(values) / len(values))
+    stderrs = [result["tasks"][t]["stderr"] for t in zs.HEADLINE_TASKS]
+    assert result["average_stderr"] == pytest.approx(math.sqrt(sum(se * se for se in stderrs)) / 5)
+    lo, hi = result["average_ci"]
+    assert lo <= result["average"] <= hi
+    mean = result["mean"]
+    assert mean["tasks"] == list(zs.HEADLINE_TASKS) and mean["n"] == 5 * LIMIT
+    assert (mean["acc"], mean["stderr"], mean["ci"]) == (result["average"], result["average_stderr"],
+                                                         result["average_ci"])
     assert result["limit"] == LIMIT and result["seconds"] > 0
+    assert result["items_per_s"] == pytest.approx(5 * LIMIT / result["seconds"])
     assert calls[0][0] == 0.0 and calls[-1][0] == 1.0
     assert len(calls) == len(zs.HEADLINE_TASKS) + 1
 
@@ -314,7 +338,8 @@ def test_custom_model_class_untied_head_left_alone(tokenizer):
     result = zs.zero_shot(model, tokenizer, tasks="winogrande", limit=2, batch_size=2)
     entry = result["tasks"]["winogrande"]
     assert entry["n"] == 2 and 0.0 <= entry["value"] <= 1.0
-    assert result["average"] is None  # not all headline tasks
+    assert result["average"] is None and result["average_ci"] is None  # not all headline tasks
+    assert result["mean"]["acc"] == entry["acc"] and result["mean"]["tasks"] == ["winogrande"]
     assert torch.equal(model.lm_head.weight, head)
     assert "tie_weights" not in vars(model)
 
@@ -333,3 +358,22 @@ def test_missing_data_is_reported(tmp_path, monkeypatch, model, tokenizer):
     assert sorted(p.name for p in d.iterdir()) == ["offline_piqa.yaml", "utils.py"]
     with pytest.raises(FileNotFoundError, match="hellaswag"):
         zs.zero_shot(model, tokenizer, tasks=["piqa", "hellaswag"])
+
+
+def test_threads_are_set_for_the_pass_and_restored(model, tokenizer, monkeypatch):
+    seen = []
+    real = zs._lm_class()
+    monkeypatch.setattr(real, "_model_call",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or
+                        super(real, self)._model_call(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that ignoring ``threads`` would show
+    try:
+        result = zs.zero_shot(model, tokenizer, tasks="piqa", limit=2, batch_size=2, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert result["tasks"]["piqa"]["n"] == 2
+    assert seen and set(seen) == {1}
+    with pytest.raises(ValueError, match="threads"):
+        zs.zero_shot(model, tokenizer, tasks="piqa", threads=0)
