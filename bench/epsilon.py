@@ -10,26 +10,24 @@ are written to ``bench/epsilon.json``; "uniform" is ε → ∞.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression.api import compress  # noqa: E402
-from compression.calibration import prepare_sequential  # noqa: E402
-from compression.data import TextSpec, evaluation_windows  # noqa: E402
-from compression.evaluate import perplexity, sizes  # noqa: E402
-from compression.modegpt import MoDeGPTConfig  # noqa: E402
-from compression.models import load_model  # noqa: E402
-from compression.plan import Allocation  # noqa: E402
+from compression import compress
+from compression.calibration import prepare_sequential
+from compression.data import TextSpec, evaluation_windows
+from compression.evaluate import perplexity, sizes
+from compression.files import read_json, write_json_atomic
+from compression.modegpt import MoDeGPTConfig
+from compression.models import load_model
+from compression.plan import Allocation
 
 
 def dense_influence(model, calibration) -> list[float]:
     """Block Influence of every layer of the dense ``model`` (converted in place by the set-up)."""
-    *_, influence, _, _ = prepare_sequential(model, calibration, Allocation("auto"), 0.0, 8,
-                                             lambda f, m: None)
-    return influence
+    config = MoDeGPTConfig(ratio=0.0, allocation="auto")
+    return prepare_sequential(model, config, calibration, None, lambda f, m: None).influence
 
 
 def allocation(eps: str) -> Allocation:
@@ -46,7 +44,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("bench/epsilon.json"))
     args = ap.parse_args()
 
-    data = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    data = read_json(args.out) if args.out.exists() else {"rows": []}
     done = {(r["model"], r["ratio"], r["epsilon"]) for r in data["rows"]}
     model, tokenizer = load_model(args.model)
     calibration = TextSpec(64, 512).batches(tokenizer)
@@ -62,16 +60,16 @@ def main():
         per_layer = allocation(eps).sparsities(args.ratio, len(influence), influence)
         model, _ = load_model(args.model)
         t0 = time.perf_counter()
-        report = compress(model, MoDeGPTConfig(ratio=args.ratio, allocation=Allocation(
+        compressed, report = compress(model, MoDeGPTConfig(ratio=args.ratio, allocation=Allocation(
             "manual", per_layer=tuple(per_layer))), calibration)
         row = {"model": args.model, "ratio": args.ratio, "epsilon": eps, "per_layer": per_layer,
-               "params": sizes(report.compressed)["params"],
-               "ppl": perplexity(report.compressed, windows),
+               "params": sizes(compressed)["params"],
+               "ppl": perplexity(compressed, windows),
                "compress_seconds": time.perf_counter() - t0}
         print(json.dumps({k: v for k, v in row.items() if k != "per_layer"}), flush=True)
         data["rows"].append(row)
-        args.out.write_text(json.dumps(data, indent=1))
-        del model, report
+        write_json_atomic(args.out, data)
+        del model, compressed, report
     for r in sorted(data["rows"], key=lambda r: (r["ratio"], r["epsilon"])):
         print(f"ratio {r['ratio']:g}  ε {r['epsilon']:>7}  sparsity {min(r['per_layer']):.3f}–"
               f"{max(r['per_layer']):.3f}  params {r['params'] / 1e6:.2f}M  ppl {r['ppl']:.2f}")

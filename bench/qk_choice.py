@@ -10,21 +10,19 @@ relative error of the attention output (value/output projections left dense) on 
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression.arch import view  # noqa: E402
-from compression.calibration import capture_block_inputs, record_inputs, run_block  # noqa: E402
-from compression.data import TextSpec  # noqa: E402
-from compression.modeling import to_compressed  # noqa: E402
-from compression.models import load_model  # noqa: E402
-from compression.olica import weighted_low_rank  # noqa: E402
-from compression.ops import relative_error, set_linear  # noqa: E402
-from compression.rewrite import keep_rotary_pairs  # noqa: E402
+from compression.arch import view
+from compression.calibration import capture_block_inputs, record_inputs, run_block
+from compression.data import TextSpec
+from compression.modeling import to_compressed
+from compression.models import load_model
+from compression.olica import weighted_low_rank
+from compression.ops import relative_error, set_linear
+from compression.rewrite import keep_rotary_pairs
 
 
 def low_rank_linear(linear, gram, keep: float) -> int:
@@ -69,7 +67,7 @@ def main():
             print(json.dumps(row), flush=True)
         if i >= max(wanted):
             break
-        hidden = run_block(layer, inputs.with_hidden(hidden))
+        hidden = run_block(layer, hidden, inputs.kwargs_for(i))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("pairs", "low_rank")}
     print(json.dumps({"keep": args.keep, "mean": mean}))
 

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .api import compress
-from .data import TextSpec, evaluation_windows
-from .evaluate import perplexity, sizes, speed, speed_side_by_side
-from .layerdrop import LayerDropConfig
-from .modegpt import MoDeGPTConfig
-from .models import load_model
-from .olica import OlicaConfig
-from .plan import Allocation
-from .slicegpt import SliceGPTConfig
+from compression import LayerDropConfig, MoDeGPTConfig, OlicaConfig, SliceGPTConfig, compress
+from compression.data import TextSpec, evaluation_windows
+from compression.evaluate import perplexity, sizes, speed, speed_side_by_side
+from compression.files import read_json, write_json_atomic
+from compression.models import load_model
 
 RATIOS = (0.10, 0.20, 0.25, 0.30)
 SLICING = (0.10, 0.20, 0.25, 0.30)
@@ -32,7 +28,7 @@ BENCH_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "
 
 def method_configs(ratios=RATIOS, slicing=SLICING, allocation: str = "uniform") -> list[tuple[str, float, object]]:
     """(method label, ratio or slicing, config) for every benchmark row except dense."""
-    alloc = Allocation(kind=allocation)
+    alloc = allocation
     tag = "" if allocation == "uniform" else f"-{allocation}"
     rows = []
     for r in ratios:
@@ -60,7 +56,7 @@ def evaluate_row(model, tokenizer, windows, tasks, limit, dense=None) -> dict:
         both = speed_side_by_side({"dense": dense, "compressed": model})
         row.update(both["compressed"], **versus_dense(both["compressed"], both["dense"]))
     if tasks:
-        from .zeroshot import zero_shot
+        from compression.zeroshot import zero_shot
 
         t0 = time.perf_counter()
         zs = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=limit)
@@ -96,7 +92,7 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
     tasks = BENCH_TASKS if tasks is None else tasks
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    data = read_json(path) if path.exists() else {"rows": []}
     data["machine"], data["settings"] = machine(), {
         "model": model_name, "calibration": list(calib), "eval_windows": eval_windows,
         "zero_shot_limit": limit, "tasks": list(tasks)}
@@ -106,7 +102,7 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
 
     def save(row):
         data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
-        path.write_text(json.dumps(data, indent=1))
+        write_json_atomic(path, data)
 
     model, tokenizer = load_model(model_name, device)
     windows = evaluation_windows(tokenizer, eval_windows)
@@ -125,7 +121,7 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
         log(f"{label} {ratio}")
         model, tokenizer = load_model(model_name, device)
         t0 = time.perf_counter()
-        report = compress(model, config, calibration)
+        compressed, report = compress(model, config, calibration)
         row = {"model": model_name, "method": label, "ratio": ratio,
                "ratio_achieved": report.ratio_achieved, "compress_seconds": time.perf_counter() - t0,
                "calibration_seconds": report.calibration_seconds,
@@ -133,13 +129,13 @@ def run(out: Path, model_name: str = "smollm2-135m", ratios=RATIOS, slicing=SLIC
         # A fresh dense copy (cached load, < 1 s) so each row's speeds are measured side by side:
         # timings on a shared machine drift, alternating rounds keeps the comparison fair.
         dense, _ = load_model(model_name, device)
-        row.update(evaluate_row(report.compressed, tokenizer, windows, tasks, limit, dense=dense))
+        row.update(evaluate_row(compressed, tokenizer, windows, tasks, limit, dense=dense))
         save(row)
         if keep is not None:
             folder = kept_path(keep, label, ratio)
-            report.compressed.save_pretrained(folder)
+            compressed.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-        del model, report, dense
+        del model, compressed, report, dense
     return data["rows"]
 
 
@@ -155,7 +151,7 @@ def respeed(out: Path, keep: Path, model_name: str = "smollm2-135m", rounds: int
     Rows measured in different runs saw different machine load; this puts every row's speed on the
     same footing. Rows without a kept model keep their speeds and their ``speed_round``."""
     path = out / "results.json"
-    data = json.loads(path.read_text())
+    data = read_json(path)
     rows = {key(r): r for r in data["rows"] if r["model"] == model_name}
     models = {("dense", 0.0): load_model(model_name, device)[0]}
     for (_, label, ratio), row in rows.items():
@@ -175,7 +171,7 @@ def respeed(out: Path, keep: Path, model_name: str = "smollm2-135m", rounds: int
         row.update(s, speed_round=stamp)
         if label != "dense":
             row.update(versus_dense(s, dense))
-    path.write_text(json.dumps(data, indent=1))
+    write_json_atomic(path, data)
     return data["rows"]
 
 
@@ -274,7 +270,7 @@ def respeed_note(rows: list[dict]) -> str:
 
 
 def write_markdown(results: Path, markdown: Path, assets: Path, command: str) -> None:
-    data = json.loads(results.read_text())
+    data = read_json(results)
     rows, settings, m = data["rows"], data["settings"], data["machine"]
     stem = "bench_" + settings["model"].replace("/", "_").replace(".", "")
     pngs = plots(rows, assets, stem)

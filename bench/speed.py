@@ -7,13 +7,11 @@ alike; medians over rounds. Same thread count for all.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression.evaluate import sizes, speed_side_by_side  # noqa: E402
-from compression.models import DEFAULT_MODEL, load_model  # noqa: E402
+from compression.evaluate import sizes, speed_side_by_side
+from compression.models import DEFAULT_MODEL, load_model
 
 
 def main():

@@ -11,15 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression import bench  # noqa: E402
-from compression.layerdrop import LayerDropConfig  # noqa: E402
-from compression.models import cache_root  # noqa: E402
-from compression.modegpt import MoDeGPTConfig  # noqa: E402
-from compression.olica import OlicaConfig  # noqa: E402
-from compression.plan import Allocation  # noqa: E402
-from compression.slicegpt import SliceGPTConfig  # noqa: E402
+from bench import runner as bench
+from compression.layerdrop import LayerDropConfig
+from compression.models import cache_root
+from compression.modegpt import MoDeGPTConfig
+from compression.olica import OlicaConfig
+from compression.plan import Allocation
+from compression.slicegpt import SliceGPTConfig
 
 RATIOS = (0.25, 0.1, 0.2, 0.3)
 VARIANTS = {

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .arch import block_params, count_params, view
+from .arch import block_params, count_params, refusal, view
 from .methods import method_for
 from .report import Report
 
@@ -71,6 +71,9 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     """
     method = method_for(config)
     mv = view(model)  # unsupported architectures fail here, before any work
+    reason = refusal(model.config, method.name)
+    if reason:
+        raise ValueError(reason)
     if method.needs_calibration and calibration is None:
         raise ValueError(f"{method.label} needs calibration tokens")
     vocab = model.config.vocab_size

@@ -22,58 +22,74 @@ CAPTURED_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 
 @dataclass
 class BlockInputs:
-    """Per calibration batch: hidden states (b, T, d) and the block keyword arguments."""
+    """Per calibration batch: the first block's hidden states (b, T, d) and, per layer, the block
+    keyword arguments (layers can differ: sliding-window masks, local vs global rotary tables)."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
+    layer_kwargs: list[list[dict]] = field(default_factory=list)  # [layer][batch]
 
     def __len__(self) -> int:
         return len(self.hidden)
 
+    @property
+    def kwargs(self) -> list[dict]:
+        """The first block's keyword arguments per batch."""
+        return self.layer_kwargs[0]
+
+    def kwargs_for(self, layer: int) -> list[dict]:
+        return self.layer_kwargs[layer] if layer < len(self.layer_kwargs) else self.layer_kwargs[0]
+
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.kwargs)
+        return BlockInputs(hidden, self.layer_kwargs)
+
+    def head(self, batches: int) -> "BlockInputs":
+        """The first ``batches`` batches (hidden states cloned)."""
+        return BlockInputs([h.clone() for h in self.hidden[:batches]],
+                           [kw[:batches] for kw in self.layer_kwargs])
 
 
 class _Recorder(nn.Module):
-    """Stands in for the block list during capture: records block-0 inputs, returns them unchanged."""
+    """Stands in for block ``index`` during capture: records its keyword arguments (and, for block 0,
+    its hidden states) and returns the hidden states unchanged."""
 
-    def __init__(self, sink: BlockInputs):
+    def __init__(self, sink: BlockInputs, index: int):
         super().__init__()
-        self.sink = sink
+        self.sink, self.index = sink, index
 
     def forward(self, hidden_states, **kwargs):
-        self.sink.hidden.append(hidden_states)
-        self.sink.kwargs.append({k: kwargs.get(k) for k in CAPTURED_KWARGS})
+        if self.index == 0:
+            self.sink.hidden.append(hidden_states)
+        self.sink.layer_kwargs[self.index].append({k: kwargs.get(k) for k in CAPTURED_KWARGS})
         return hidden_states
 
 
 @contextmanager
-def _blocks_replaced(mv: ModelView, module: nn.Module):
+def _blocks_replaced(mv: ModelView, modules: list[nn.Module]):
     decoder = mv.decoder
-    layers, n = decoder.layers, decoder.config.num_hidden_layers
-    decoder.layers = nn.ModuleList([module])
-    decoder.config.num_hidden_layers = 1
+    layers = decoder.layers
+    decoder.layers = nn.ModuleList(modules)
     try:
         yield
     finally:
         decoder.layers = layers
-        decoder.config.num_hidden_layers = n
 
 
 @torch.no_grad()
 def capture_block_inputs(mv: ModelView, tokens: torch.Tensor, batch_size: int = 8) -> BlockInputs:
-    """Inputs of the first block for ``tokens`` (N, T), in batches of ``batch_size`` sequences."""
-    sink = BlockInputs()
-    with _blocks_replaced(mv, _Recorder(sink)):
+    """Inputs of the first block, and every block's keyword arguments, for ``tokens`` (N, T), in
+    batches of ``batch_size`` sequences (one pass through the embeddings only)."""
+    n = len(mv.layers)
+    sink = BlockInputs(layer_kwargs=[[] for _ in range(n)])
+    with _blocks_replaced(mv, [_Recorder(sink, i) for i in range(n)]):
         for start in range(0, tokens.shape[0], batch_size):
             mv.decoder(tokens[start:start + batch_size].to(mv.device), use_cache=False)
     return sink
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     """The block's outputs for every calibration batch."""
-    return [block(h, use_cache=False, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    return [block(h, use_cache=False, **kw) for h, kw in zip(hidden, kwargs)]
 
 
 class Gram:
@@ -138,7 +154,7 @@ def block_influence(mv: ModelView, inputs: BlockInputs, progress=None) -> list[f
     hidden = inputs.hidden
     blocks = mv.layers
     for i, block in enumerate(blocks):
-        outputs = run_block(block, inputs.with_hidden(hidden))
+        outputs = run_block(block, hidden, inputs.kwargs_for(i))
         total, count = 0.0, 0
         for x_in, x_out in zip(hidden, outputs):
             s, n = cosine_influence(x_in, x_out)
@@ -172,7 +188,8 @@ class Probe:
     def attention(self, layer) -> list[torch.Tensor] | None:
         if self.hidden is None:
             return None
-        return [layer.attention_out(h, k) for h, k in zip(self.hidden, self.inputs.kwargs)]
+        kwargs = self.inputs.kwargs_for(layer.self_attn.layer_idx)
+        return [layer.attention_out(h, k) for h, k in zip(self.hidden, kwargs)]
 
     def attention_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
         if dense_probe is None:

@@ -22,8 +22,8 @@ class Method:
     config: type
     plan: Callable          # (config, base_config, influence | None) -> Plan: the one place widths are set
     run: Callable           # (model, config, calibration, progress, held_out) -> (model, Report)
+    allocations: tuple[str, ...] = ("uniform", "manual")  # how sizes may spread over layers (UI)
     needs_calibration: bool = True
-    influence_allocation: bool = False  # offers Block-Influence ("auto") allocation
 
     def knobs(self) -> list[Knob]:
         return knobs(self.config)
@@ -38,11 +38,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("modegpt", "MoDeGPT", "Rebuilds each block's MLP (Nyström, **ridge leverage scores**), "
            "query-key (CR decomposition, whole rotary pairs) and value-output (SVD per kv group) at "
            "smaller inner widths, from calibration correlations (arXiv 2408.09632).",
-           modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, influence_allocation=True),
+           modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, ("uniform", "auto", "manual")),
     Method("olica", "Olica", "Orthogonal decomposition of value-output per head, rotary-pair query-key "
            "pruning, MLP neuron pruning, and a **low-rank linear calibration branch** fitted by ridge "
            "regression on the layers whose pruning error is most predictable.",
-           olica.OlicaConfig, olica.plan, olica.run, influence_allocation=True),
+           olica.OlicaConfig, olica.plan, olica.run, ("uniform", "auto", "manual")),
     Method("slicegpt", "SliceGPT", "Folds the norms, rotates the residual stream into its principal "
            "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
@@ -50,7 +50,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("layerdrop", "Layer dropping (ShortGPT / LayerChop)", "Deletes whole decoder blocks, those "
            "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
            "optional recovery training heals the model (arXiv 2305.14864).",
-           layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, needs_calibration=False),
+           layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, ("auto", "manual"),
+           needs_calibration=False),
 )}
 
 

@@ -59,7 +59,7 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None):
         p_attn = probe.attention(layer)
         # Attention: correlation of the normalised block input feeds both Type II and Type III.
         a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
-            layer, hidden, inputs.kwargs, spec["qk_dim"] // 2, spec["v_dim"])
+            layer, hidden, inputs.kwargs_for(i), spec["qk_dim"] // 2, spec["v_dim"])
         mid = [h + a for h, a in zip(hidden, a_new)]
         errors = {"attn": probe.attention_error(layer, p_attn, a_new, a_dense)}
         # MLP: correlation of the intermediate activations (input of down_proj).

@@ -128,6 +128,21 @@ def resolve_source(name_or_path: str) -> str:
     return name_or_path  # a hub id; works when the user has it cached or is online
 
 
+def _load_error(name: str, err: Exception) -> ModelError:
+    """A readable reason: not found while offline, not found on the hub, or the library's own words."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    looks_missing = any(w in text.lower() for w in ("couldn't connect", "offline", "not found", "404",
+                                                     "does not appear to have", "is not a local folder"))
+    if looks_missing and offline:
+        return ModelError(f"model {name!r} is not found locally, and the hub is off (offline mode): "
+                          "use a packaged name or a local folder")
+    if looks_missing:
+        return ModelError(f"model {name!r} is not found: neither a local folder nor a hub model "
+                          "you can reach")
+    return ModelError(f"cannot load model {name!r}: {text}")
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config alone: cheap, so bad input fails before weights are read."""
     from transformers import AutoConfig
@@ -138,12 +153,15 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
+        raise _load_error(name_or_path, err) from err
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
-               dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
-    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA if present, else CPU)."""
+               dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+               safetensors_only: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA if present, else CPU).
+
+    safetensors_only: refuse pickled weights (for folders that came from an upload)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import compression.modeling  # noqa: F401  registers the compressed-model classes
@@ -154,10 +172,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **({"use_safetensors": True} if safetensors_only else {})
         )
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
+        raise _load_error(name_or_path, err) from err
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

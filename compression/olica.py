@@ -129,7 +129,7 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
     rank, L = config.calibrate_rank, len(mv.layers)
     hidden, layers, fits, probe_fits = inputs.hidden, [], [], []
     for i, layer in enumerate(mv.layers):
-        attn, mlp, kw, spec = layer.self_attn, layer.mlp, inputs.kwargs, specs[i]
+        attn, mlp, kw, spec = layer.self_attn, layer.mlp, inputs.kwargs_for(i), specs[i]
         params_dense = sum(p.numel() for p in layer.parameters())
         p_attn = probe.attention(layer)
         a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(

@@ -59,11 +59,13 @@ class Stages:
 
 # --- calibration ---------------------------------------------------------------------------------
 
-def calibration_tokens(tokenizer, spec: TextSpec, held_out: int = HELD_OUT_SEQUENCES):
+def calibration_tokens(tokenizer, spec: TextSpec, held_out: int = HELD_OUT_SEQUENCES,
+                       ids: torch.Tensor | None = None):
     """(fit tokens (N, T), held-out tokens (n, T) or None): the held-out sequences follow the fitted
-    ones in the same text, so they are never in a statistic and never in the evaluation split."""
-    text = spec.text if spec.text is not None else wiki_split("calibration")
-    ids = tokenize(tokenizer, text)
+    ones in the same text, so they are never in a statistic and never in the evaluation split.
+    ``ids``: the text already tokenized (the app caches the wiki split)."""
+    if ids is None:
+        ids = tokenize(tokenizer, spec.text if spec.text is not None else wiki_split("calibration"))
     fit = chunk(ids, spec.num_samples, spec.seq_len, "calibration")
     rest = ids[fit.numel():]
     n = min(held_out, rest.numel() // spec.seq_len)
@@ -137,9 +139,13 @@ def default_cache() -> DenseCache:
 
 def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *, eval_windows: int = 0,
                          eval_len: int = 1024, seed: int = 0, cache: DenseCache | None = None,
-                         progress: Progress = _noop):
+                         progress: Progress = _noop, calibration: tuple | None = None,
+                         windows: torch.Tensor | None = None):
     """Calibrate, compress a copy of ``dense`` and measure wiki perplexity of both (``eval_windows``
-    windows; 0 skips). Returns (compressed model, Report)."""
+    windows of ``eval_len`` tokens; 0 skips). Returns (compressed model, Report).
+
+    calibration: (fit, held-out) tokens already cut from ``spec``'s text; windows: evaluation windows
+    already cut (the app caches both)."""
     from .data import evaluation_windows
 
     weights = {"calibration text": 0.05, "compress": 1.0}
@@ -147,14 +153,15 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
         weights.update({"dense perplexity": 0.15, "compressed perplexity": 0.15})
     stages = Stages(progress, weights)
     step = stages.stage("calibration text")
-    fit, held_out = calibration_tokens(tokenizer, spec)
+    fit, held_out = calibration if calibration is not None else calibration_tokens(tokenizer, spec)
     step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
     torch.manual_seed(int(seed))
     model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out)
     report.model = name
     report.calibration.update(source="text" if spec.text is not None else "wiki", seed=int(seed))
     if eval_windows:
-        windows = evaluation_windows(tokenizer, eval_windows, eval_len)
+        if windows is None:
+            windows = evaluation_windows(tokenizer, eval_windows, eval_len)
         cache = cache or DenseCache()
         report.ppl_dense = cache.ppl(name, dense, windows, stages.stage("dense perplexity"))
         report.ppl_compressed = perplexity(model, windows, progress=stages.stage("compressed perplexity"))
@@ -192,15 +199,23 @@ def check_out_folder(folder: Path, force: bool = False) -> None:
 def save(folder: Path, model, tokenizer, report: Report | dict, replace: bool = False) -> Path:
     """The one layout: the model (safetensors + config + tokenizer, loadable by ``from_pretrained``)
     and ``report.json`` side by side in ``folder``. Written to a temporary folder and renamed at the
-    end, so there are no half-written runs and no old weight files mixed with new ones."""
+    end, so there are no half-written runs and no old weight files mixed with new ones.
+
+    The model is saved in the most portable exact format (:func:`compression.modeling.save_model`:
+    the original architecture's class where the result fits it, else the compressed format with its
+    modeling code); the report records which, under ``export``."""
+    from .modeling import save_model
+
     folder = Path(folder)
     check_out_folder(folder, force=replace)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.resolve().parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "report.json", report.to_dict() if isinstance(report, Report) else report)
+        fmt, reason = save_model(model, tokenizer, tmp)
+        data = report.to_dict() if isinstance(report, Report) else dict(report)
+        data["export"] = {"format": fmt, "reason": reason}
+        if isinstance(report, Report):
+            report.export = data["export"]
+        write_json_atomic(tmp / "report.json", data)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
             folder.rename(old)

@@ -148,12 +148,10 @@ def inner_widths(base, sparsity: float, attn_share: float | None = None, extra_m
     ``attn_share`` × sparsity and the MLP takes the rest of the block's budget (Olica); the MLP then
     gives up ``extra_mlp_cut`` more channels. Widths are whole rotary pairs, value dims and channels.
     """
-    from .modeling import dense_spec
+    from .modeling import Shape, dense_spec
 
-    spec = dense_spec(base)
-    hd, m, D = spec["qk_dim"], spec["mlp_dim"], spec["d_in"]
-    H = base.num_attention_heads
-    Hkv = getattr(base, "num_key_value_heads", None) or H
+    spec, shape = dense_spec(base), Shape.of(base)
+    hd, m, D, H, Hkv = shape.head_dim, shape.intermediate, shape.hidden, shape.heads, shape.kv_heads
     if attn_share is None:
         s_attn = s_mlp = sparsity
     else:
@@ -164,4 +162,6 @@ def inner_widths(base, sparsity: float, attn_share: float | None = None, extra_m
     keep = 1.0 - s_attn
     spec.update(qk_dim=2 * max(1, round(keep * hd / 2)), v_dim=max(1, round(keep * hd)),
                 mlp_dim=max(1, round((1 - s_mlp) * m) - extra_mlp_cut))
+    # Heads keep different rotary pairs, so a per-head q/k norm becomes one scale row per head.
+    spec["qk_norm_per_head"] = spec.get("qk_norm") == "head" and spec["qk_dim"] < hd
     return spec

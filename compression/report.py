@@ -27,6 +27,7 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
 - ``calibration``: ``samples``, ``seq_len``, ``tokens``, ``distinct_tokens``, ``fingerprint`` (of the
     token ids), ``source`` and the like; ``warnings``: strings the UI and CLI must show.
 - ``evaluation``: metrics measured after compression, each with the settings that produced it.
+- ``export``: how the saved folder stores the model (``format``: "native" or "remote_code", and why).
 
 :meth:`Report.from_dict` validates all of this (types, the method name, the layer entries) and
 raises :class:`ReportError` naming the field, never echoing the file's content.
@@ -82,6 +83,7 @@ class Report:
     calibration: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio_achieved(self) -> float:
@@ -162,6 +164,7 @@ TOP_LEVEL = {  # field -> (check, what it must be)
     "warnings": (lambda x: isinstance(x, list) and len(x) <= 100
                  and all(isinstance(w, str) and len(w) <= 1000 for w in x), "a list of short strings"),
     "evaluation": (lambda x: isinstance(x, dict), "an object"),
+    "export": (lambda x: isinstance(x, dict), "an object"),
     "ratio_achieved": (lambda x: x is None or _is_number(x), "a number or null"),
 }
 LAYER = {

@@ -167,8 +167,7 @@ def run(model, config: SliceGPTConfig, calibration, progress, held_out=None):
     progress(0.0, "calibration: capturing block inputs")
     inputs = capture_block_inputs(mv, calibration, config.batch_size)
     if held_out is None:
-        probe = inputs.with_hidden([h.clone() for h in inputs.hidden[:IN_SAMPLE_BATCHES]])
-        probe.kwargs = probe.kwargs[:IN_SAMPLE_BATCHES]
+        probe = inputs.head(IN_SAMPLE_BATCHES)
     else:
         probe = capture_block_inputs(mv, held_out, config.batch_size)
     calibration_seconds = time.perf_counter() - t0
@@ -177,11 +176,12 @@ def run(model, config: SliceGPTConfig, calibration, progress, held_out=None):
     layers, last = [], len(mv.layers) - 1
     for i, layer in enumerate(mv.layers):
         params_dense = sum(p.numel() for p in layer.parameters())
-        dense_probe = [layer(h, **kw) for h, kw in zip(dense_probe, probe.kwargs)]
+        kw_probe = probe.kwargs_for(i)
+        dense_probe = [layer(h, **kw) for h, kw in zip(dense_probe, kw_probe)]
         fold_norms(layer)
-        hidden, q_out, spectra = slice_layer(layer, hidden, inputs.kwargs, q_in, widths[i],
+        hidden, q_out, spectra = slice_layer(layer, hidden, inputs.kwargs_for(i), q_in, widths[i],
                                              i == last, config.damping)
-        sliced_probe = [layer(h, **kw) for h, kw in zip(sliced_probe, probe.kwargs)]
+        sliced_probe = [layer(h, **kw) for h, kw in zip(sliced_probe, kw_probe)]
         errors = {"block": relative_error(torch.cat([h.double() @ q_out.T for h in sliced_probe]),
                                           torch.cat(dense_probe))}
         q_in = q_out

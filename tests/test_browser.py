@@ -76,7 +76,7 @@ def test_compress_inspect_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("Samples").fill("4")
         page.get_by_label("Tokens each").fill("64")
         page.get_by_role("button", name="Compress", exact=True).click()
-        status = page.get_by_text("✅").first
+        status = page.get_by_text("✔").first
         status.wait_for()
         assert "r1" in status.inner_text()
 

@@ -31,7 +31,7 @@ def test_view_exposes_every_part(model):
 
 def test_unknown_architecture_lists_supported():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(UnsupportedArchitecture, match="llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedArchitecture, match="llama, mistral, olmo2, phi3, qwen2, qwen3"):
         view(model)
 
 
@@ -64,8 +64,8 @@ def test_capture_then_run_blocks_reproduces_hidden_states(model, tokens):
     inputs = capture_block_inputs(mv, tokens, batch_size=3)
     assert [h.shape[0] for h in inputs.hidden] == [3, 3, 2]
     hidden = inputs.hidden
-    for block in mv.layers:
-        hidden = run_block(block, inputs.with_hidden(hidden))
+    for i, block in enumerate(mv.layers):
+        hidden = run_block(block, hidden, inputs.kwargs_for(i))
     final = mv.final_norm(torch.cat(hidden))
     with torch.no_grad():
         expected = mv.decoder(tokens).last_hidden_state

@@ -44,7 +44,7 @@ def compress_and_reload(tmp_path, *args):
     cli("compress", "--model", "smollm2-135m", *args, *SMALL, "--out", str(out))
     report = json.loads((out / "report.json").read_text())
     import compression  # noqa: F401  registers the compressed format
-    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert count_params(model) == report["params_compressed"]
     assert math.isfinite(report["ppl_compressed"]) and report["ppl_compressed"] > report["ppl_dense"]
     return report, model

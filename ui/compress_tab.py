@@ -1,0 +1,236 @@
+"""The Compress tab: model, method, target and allocation (with a per-layer editor), calibration,
+method options (generated from the configs' knobs), a live forecast, and the job with its progress."""
+from __future__ import annotations
+
+import inspect
+
+import gradio as gr
+
+import viz
+from compression.data import TextSpec
+from compression.heal import HealConfig
+from compression.methods import METHODS
+from compression.pipeline import Stages, compress_and_measure, heal_and_measure
+
+from . import forms
+from .common import OK, STOP, WARN, Context, millions, user_errors
+from .jobs import progress_html, watch
+from .runs import Run, Stopped
+
+DEFAULT_METHOD = "modegpt"  # leads BENCHMARKS.md at ratio 0.25 (with automatic allocation)
+DEFAULT_ALLOCATION = "auto"
+MAX_CALIB_TOKENS = 1 << 20  # samples × length cap, so one request cannot hold the slot for hours
+
+
+def with_option_params(fn):
+    """A generator function calling ``fn(..., options={...}, request=...)`` whose signature lists one
+    parameter per method option (``<method>_<knob>``): gradio reads it for the inputs' order and the
+    API's parameter names, so a new knob needs no change here or in app.py."""
+    names = [forms.option_param(m, k) for m, k in forms.option_knobs()]
+    defaults = {forms.option_param(m, k): k.default for m, k in forms.option_knobs()}
+    base = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("options", "request")]
+    P = inspect.Parameter
+    params = base + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names] + \
+        [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]
+    signature = inspect.Signature(params)
+
+    def wrapper(*args, **kwargs):
+        values = signature.bind(*args, **kwargs)
+        values.apply_defaults()
+        values = dict(values.arguments)
+        options = {n: values.pop(n) for n in names}
+        yield from fn(**values, options=options)
+
+    wrapper.__signature__ = signature
+    wrapper.__annotations__ = {"request": gr.Request}
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class CompressTab:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    # --- the form ------------------------------------------------------------------------------
+    def model_info(self, name: str):
+        """(info markdown, layer count); a bad name shows its reason and clears the old info."""
+        try:
+            with user_errors():
+                info = self.ctx.store.info(name)
+        except gr.Error as err:
+            return f"{WARN} {err.message}", 0
+        return (f"**{info.model_type}** · {info.num_layers} layers · hidden {info.hidden_size} · "
+                f"{info.params / 1e6:,.1f}M parameters"), info.num_layers
+
+    def layout(self, method: str, allocation: str):
+        """(allocation, note, slicing checkbox, per-layer text, ε, one group per method)."""
+        m = METHODS.get(method) or METHODS[DEFAULT_METHOD]
+        allocation = forms.allocation_value(allocation)
+        value = allocation if allocation in m.allocations else m.allocations[0]
+        return (gr.update(value=value) if value != allocation else gr.update(), m.summary,
+                gr.update(visible=method == "slicegpt"), gr.update(visible=value == "manual"),
+                gr.update(visible=value == "auto" and "auto" in m.allocations and method != "layerdrop"),
+                *(gr.update(visible=method == name) for name in METHODS))
+
+    def default_per_layer(self, method, allocation, ratio, num_layers, per_layer):
+        """Valid per-layer values for the method when manual allocation is (re)picked."""
+        num_layers = int(num_layers or 0)
+        if forms.allocation_value(allocation) != "manual" or not num_layers:
+            return gr.update()
+        kind = int if method == "layerdrop" else float
+        try:
+            values = forms.parse_list(per_layer or "", kind, "values")
+        except ValueError:
+            values = ()
+        if method == "layerdrop":
+            ok = values and all(0 <= v < num_layers for v in values) and all(float(v).is_integer() for v in values)
+            return gr.update() if ok and "." not in (per_layer or "") else ""
+        ok = len(values) == num_layers and all(0 <= v <= 0.95 for v in values)
+        return gr.update() if ok else ",".join([f"{float(ratio):.2f}"] * num_layers)
+
+    def _config(self, name, method, ratio, allocation, per_layer, slicing, batch_size=8, epsilon=0.1,
+                options=None):
+        info = self.ctx.store.info(name)
+        return forms.make_config(method, float(ratio), allocation, per_layer, num_layers=info.num_layers,
+                                 hidden_size=info.hidden_size, slicing=bool(slicing),
+                                 epsilon=float(epsilon), batch_size=int(batch_size), options=options)
+
+    def forecast(self, name, method, ratio, allocation, per_layer, slicing):
+        """Live forecast from shapes alone (no weights are read); problems are shown, not raised."""
+        try:
+            config = self._config(name, method, ratio, allocation, per_layer, slicing)
+            fc = forms.forecast_numbers(self.ctx.store, name, config)
+        except Exception as err:  # noqa: BLE001  any message is better than a stale forecast
+            return f"### Forecast\n{WARN} {err}"
+        mb = 2 ** 20
+        dtype = str(self.ctx.store.dtype).split(".")[-1]
+        return (f"### Forecast\n| | dense | compressed |\n|---|---:|---:|\n"
+                f"| parameters | {millions(fc['params_dense'])} | **{millions(fc['params'])}** |\n"
+                f"| weights ({dtype}) | {fc['bytes_dense'] / mb:,.1f} MB | **{fc['bytes'] / mb:,.1f} MB** |"
+                f"\n\nBlocks lose **{fc['ratio']:.1%}** of their parameters; the whole model "
+                f"{1 - fc['params'] / fc['params_dense']:.1%}.")
+
+    def achieved_target(self, method, allocation, per_layer, ratio):
+        """In manual mode the target slider shows the mean of the per-layer values, read-only."""
+        if forms.allocation_value(allocation) != "manual" or method == "layerdrop":
+            return gr.update(interactive=True)
+        try:
+            values = forms.parse_list(per_layer or "", float, "values")
+        except ValueError:
+            return gr.update(interactive=False)
+        mean = sum(values) / len(values) if values else ratio
+        return gr.update(value=round(min(max(mean, 0.0), 0.9), 2), interactive=False,
+                         label="Target ratio (manual: mean of the per-layer values)")
+
+    # --- the job -------------------------------------------------------------------------------
+    def compress(self, session, model_name, method, ratio, allocation="auto", per_layer="", slicing=False,
+                 calib_samples=16, calib_len=256, seed=0, batch_size=8, epsilon=0.1, calib_text="",
+                 ppl_windows=4, options: dict | None = None, request: gr.Request = None):
+        """Compress a copy of the dense model, streaming progress.
+
+        Yields (progress panel, status, summary, run dropdown, session)."""
+        self.ctx.register(request, session)
+        with user_errors():
+            model_name = (model_name or "").strip()
+            config = self._config(model_name, method, ratio, allocation, per_layer, slicing, batch_size,
+                                  epsilon, options)
+            forms.forecast_numbers(self.ctx.store, model_name, config)  # unreachable targets fail now
+            samples, length, windows = int(calib_samples), int(calib_len), int(ppl_windows)
+            if samples < 1 or length < 2 or samples * length > MAX_CALIB_TOKENS:
+                raise ValueError(f"calibration must be 1 to {MAX_CALIB_TOKENS:,} tokens "
+                                 f"(samples ≥ 1, length ≥ 2)")
+            if not 0 <= windows <= 64:
+                raise ValueError("perplexity windows must be in [0, 64]")
+            spec = TextSpec(samples, length, (calib_text or "").strip()[:2_000_000] or None)
+        store = self.ctx.store
+
+        def job(progress):
+            stages = Stages(progress, {"loading the model": 0.05, "compressing": 1.0})
+            step = stages.stage("loading the model")
+            dense, tokenizer = store.get(model_name)
+            calibration = store.calibration(model_name, spec)  # CalibrationError on too little text
+            step(1.0, "ready")
+            model, report = compress_and_measure(
+                model_name, dense, tokenizer, config, spec, eval_windows=windows, seed=int(seed),
+                cache=store.dense, progress=stages.stage("compressing"),
+                calibration=calibration,
+                windows=store.eval_windows(model_name, windows) if windows else None)
+            return Run(session.new_id(), model_name, report.to_dict(), model, tokenizer)
+
+        try:
+            with user_errors():
+                for state in watch(job, session, self.ctx.slot):
+                    if not state.done.is_set():
+                        yield progress_html(state, "Compress"), gr.update(), gr.update(), gr.update(), session
+        except Stopped:
+            yield "", f"{STOP} Stopped. The dense model is untouched.", {"stopped": True}, \
+                self.runs_dropdown(session), session
+            return
+        run = session.add(state.result)
+        yield progress_html(state, "Compress"), self.status(run), self.summary(run), \
+            self.runs_dropdown(session, run.id), session
+
+    @staticmethod
+    def status(run: Run) -> str:
+        r = run.report
+        ppl = r.get("evaluation", {}).get("ppl")
+        ppl_text = (f" · wiki ppl {ppl['dense']:.2f} → **{ppl['compressed']:.2f}** "
+                    f"({ppl['windows']} windows)" if ppl else "")
+        warn = "".join(f"\n\n{WARN} **{w}**" for w in r.get("warnings") or [])
+        return (f"{OK} **{run.id}**: {millions(r['params_dense'])} → **{millions(r['params_compressed'])}** "
+                f"parameters (blocks −{r['ratio_achieved']:.1%}){ppl_text} in "
+                f"{r['compress_seconds']:.1f} s{warn}")
+
+    @staticmethod
+    def summary(run: Run) -> dict:
+        summary = {k: v for k, v in run.report.items() if not isinstance(v, (list, dict))}
+        summary["run"] = run.id
+        return summary
+
+    def stop(self, session):
+        session.request_stop()
+        return f"{STOP} Stopping… the dense model is untouched."
+
+    @staticmethod
+    def runs_dropdown(session, value=None):
+        choices = [(run.label, run.id) for run in session.runs.values()]
+        value = value or (choices[-1][1] if choices else None)
+        return gr.update(choices=choices, value=value)
+
+    # --- healing -------------------------------------------------------------------------------
+    def heal(self, session, run_id, tokens=16384, lora_rank=8, seq_len=256, ppl_windows=4):
+        """Recovery-train the run's compressed model in place; yields (progress, status, loss figure)."""
+        store = self.ctx.store
+        with user_errors():
+            run = session.get(run_id)
+            if run.model is None:
+                raise ValueError(f"run {run.id}'s model is no longer in memory; compress or load it again")
+            calib = run.report.get("calibration") or {}
+            config = HealConfig(tokens=int(tokens), lora_rank=int(lora_rank), seq_len=int(seq_len),
+                                offset=int(calib.get("tokens", 0)))
+            windows = int(ppl_windows)
+            if not 0 <= windows <= 64:
+                raise ValueError("perplexity windows must be in [0, 64]")
+
+        def job(progress):
+            eval_windows = store.eval_windows(run.model_name, windows) if windows else None
+            return heal_and_measure(run.model, run.tokenizer, config, eval_windows, progress)
+
+        try:
+            with user_errors():
+                for state in watch(job, session, self.ctx.slot):
+                    if not state.done.is_set():
+                        yield progress_html(state, "Heal"), gr.update(), gr.update()
+        except Stopped:
+            yield "", f"{STOP} Stopped. LoRA adapters are discarded.", viz.loss_figure([])
+            return
+        rec = state.result
+        run.report["heal"] = rec
+        if rec.get("ppl_after") is not None:
+            run.report["ppl_compressed"] = rec["ppl_after"]
+        run.metrics = {}  # evaluation numbers describe the model before healing
+        ppl = (f" · ppl {rec['ppl_before']:.2f} → **{rec['ppl_after']:.2f}** ({windows} windows)"
+               if rec.get("ppl_after") is not None else "")
+        status = (f"{OK} healed **{run.id}** on {rec['tokens']:,} tokens in {rec['seconds']:.0f} s · loss "
+                  f"{rec['loss'][0]:.3f} → {rec['loss'][-1]:.3f}{ppl}")
+        yield progress_html(state, "Heal"), status, viz.loss_figure(rec["loss"], rec.get("tokens_seen"))

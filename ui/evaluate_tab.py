@@ -1,0 +1,141 @@
+"""The Evaluate tab: dense vs compressed on the same footing (perplexity with its window count,
+zero-shot with its item count, speed, size); the dense side is computed once per setting."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from compression.evaluate import perplexity, sizes, speed
+from compression.pipeline import Stages
+
+from .common import Context, megabytes, user_errors
+from .jobs import progress_html, watch
+from .runs import Stopped
+
+METRIC_NAMES = {"params": "parameters", "block_params": "block parameters", "bytes": "weights (MB)",
+                "prefill_tok_s": "prefill tokens/s", "decode_tok_s": "decode tokens/s",
+                "peak_mem_mb": "peak memory (MB)"}
+MAX_LIMIT = 10_000
+
+
+def evaluate_model(model, tokenizer, windows=None, tasks=(), limit=None, measure_speed=False,
+                   progress=lambda f, m: None, speed_args=None) -> dict:
+    """Sizes, perplexity on ``windows`` (N, T) token ids, zero-shot and speed, as one flat dict."""
+    out: dict[str, Any] = dict(sizes(model))
+    if windows is not None:
+        out["ppl"] = perplexity(model, windows, progress=lambda f, m: progress(0.3 * f, m))
+        out["ppl_windows"] = int(windows.shape[0])
+    if tasks:
+        from compression.zeroshot import zero_shot
+
+        zs = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=limit,
+                       progress=lambda f, desc="": progress(0.3 + 0.6 * f, f"zero-shot: {desc}"))
+        for task, entry in zs["tasks"].items():
+            out[f"zs:{task}"] = {"acc": entry["value"], "metric": entry["metric"],
+                                 "stderr": entry.get("stderr"), "n": entry.get("n") or entry.get("samples")}
+        if zs.get("average") is not None:
+            out["zero_shot_avg"] = zs["average"]
+    if measure_speed:
+        progress(0.95, "speed: prefill and decode")
+        out.update(speed(model, **(speed_args or {})))
+    return out
+
+
+def _fmt(key: str, x) -> str:
+    if x is None:
+        return ""
+    if key == "bytes":
+        return megabytes(x)
+    if key in ("params", "block_params"):
+        return f"{x / 1e6:,.2f}M"
+    if isinstance(x, dict):  # a zero-shot task
+        n, se = x.get("n"), x.get("stderr")
+        return f"{x['acc']:.3f}" + (f" ± {1.96 * se:.3f}" if se else "") + (f" (n={n})" if n else "")
+    return f"{x:,.1f}" if abs(x) >= 100 else f"{x:,.3f}"
+
+
+def compare_rows(dense: dict, comp: dict) -> list[list]:
+    """[metric, dense, compressed, Δ %] rows; every number carries its sample (windows, items)."""
+    rows = []
+    windows = comp.get("ppl_windows")
+    for key in dict.fromkeys([*comp, *dense]):
+        a, b = dense.get(key), comp.get(key)
+        if key in ("threads", "ppl_windows") or a is None or b is None:
+            continue
+        name = METRIC_NAMES.get(key, key)
+        if key == "ppl":
+            name = f"perplexity (wiki, {windows} × 1024-token windows)"
+        elif key.startswith("zs:"):
+            name = f"zero-shot {key[3:]} ({b.get('metric', 'acc')}, 95% interval)"
+            a_val, b_val = a["acc"], b["acc"]
+        elif key == "zero_shot_avg":
+            name = "zero-shot average (tasks run)"
+        a_val = a["acc"] if isinstance(a, dict) else a
+        b_val = b["acc"] if isinstance(b, dict) else b
+        delta = f"{100 * (b_val - a_val) / a_val:+.1f}%" if a_val else ""
+        if key in ("prefill_tok_s", "decode_tok_s"):
+            delta += " (CPU timings drift: compare side by side, see bench/speed.py)"
+        rows.append([name, _fmt(key, a), _fmt(key, b), delta])
+    return rows
+
+
+class EvaluateTab:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def evaluate(self, session, run_id, ppl_windows=4, tasks=(), limit=50, measure_speed=True):
+        """Yields (progress panel, table rows [metric, dense, compressed, Δ %])."""
+        store = self.ctx.store
+        with user_errors():
+            run = session.get(run_id)
+            if run.model is None:
+                raise ValueError(f"run {run.id} has only its report in memory; compress or load it again")
+            limit = int(limit) if limit else None
+            windows = int(ppl_windows or 0)
+            if not 0 <= windows <= 64 or (limit is not None and not 1 <= limit <= MAX_LIMIT):
+                raise ValueError(f"perplexity windows must be in [0, 64] and zero-shot items in [1, {MAX_LIMIT}]")
+            from compression.zeroshot import TASKS
+
+            tasks = tuple(tasks or ())
+            if any(t not in TASKS for t in tasks):
+                raise ValueError(f"zero-shot tasks must be among {', '.join(TASKS)}")
+        speed_args = {} if self.ctx.on_gpu else {"prompt_len": 128, "new_tokens": 32, "repeats": 3}
+        args = dict(tasks=tasks, limit=limit, measure_speed=bool(measure_speed), speed_args=speed_args)
+
+        def job(progress):
+            stages = Stages(progress, {"dense model": 1.0, "compressed model": 1.0})
+            eval_windows = store.eval_windows(run.model_name, windows) if windows else None
+            key = json.dumps([run.model_name, "eval", windows, list(tasks), limit, bool(measure_speed)])
+            dense = store.dense.get(key)
+            step = stages.stage("dense model")
+            if dense is None:
+                model, tok = store.get(run.model_name)
+                dense = evaluate_model(model, tok, eval_windows, progress=step, **args)
+                store.dense.put(key, dense)
+            comp = evaluate_model(run.model, run.tokenizer, eval_windows,
+                                  progress=stages.stage("compressed model"), **args)
+            return dense, comp
+
+        try:
+            with user_errors():
+                for state in watch(job, session, self.ctx.slot):
+                    if not state.done.is_set():
+                        yield progress_html(state, "Evaluate"), []
+        except Stopped:
+            yield "", []
+            return
+        dense, comp = state.result
+        settings = f"windows={windows} tasks={','.join(tasks)} limit={limit}"
+        run.metrics[settings] = {"dense": dense, "compressed": comp}
+        if "ppl" in comp:  # keep the perplexity measured on the most windows
+            best = run.report.setdefault("evaluation", {}).get("ppl")
+            if best is None or windows >= best.get("windows", 0):
+                run.report["evaluation"]["ppl"] = {"dense": dense["ppl"], "compressed": comp["ppl"],
+                                                   "windows": windows, "seq_len": 1024,
+                                                   "text": "wiki evaluation split"}
+                run.report["ppl_dense"], run.report["ppl_compressed"] = dense["ppl"], comp["ppl"]
+        if "zero_shot_avg" in comp:
+            run.report.setdefault("evaluation", {})["zero_shot"] = {
+                "dense": dense["zero_shot_avg"], "compressed": comp["zero_shot_avg"],
+                "tasks": list(tasks), "limit": limit}
+        yield progress_html(state, "Evaluate"), compare_rows(dense, comp)

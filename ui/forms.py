@@ -1,0 +1,109 @@
+"""Form values -> method configs, and the controls for every method option, from the knob metadata.
+
+The Compress tab has hand-made controls for what every method shares (the target, the allocation over
+layers with its per-layer editor, the calibration batch); every other knob of a method's config
+becomes a control in that method's option group automatically (:func:`option_knobs`), and reaches
+the handler as ``<method>_<knob>``. Adding a knob to a method is one field in its config.
+"""
+from __future__ import annotations
+
+from compression.knobs import Knob, parse_list
+from compression.methods import METHODS, get
+
+# Knobs with their own hand-made controls in the Compress tab.
+CORE = ("ratio", "allocation", "epsilon", "layer_sparsity", "widths", "layers", "slicing", "batch_size")
+ALLOCATION_LABELS = {"uniform": "uniform", "auto": "automatic", "manual": "manual"}
+REACH_TOLERANCE = 0.02  # a plan removing this much less than the target counts as unreachable
+
+
+def option_knobs() -> list[tuple[str, Knob]]:
+    """(method name, knob) for every knob without a hand-made control, in registry order."""
+    return [(m.name, k) for m in METHODS.values() for k in m.knobs() if k.name not in CORE]
+
+
+def option_param(method: str, k: Knob) -> str:
+    return f"{method}_{k.name}"
+
+
+def allocation_value(value: str | None) -> str:
+    """Accept the labels shown ("automatic") as well as the values."""
+    return {"automatic": "auto"}.get(value or "", value or "")
+
+
+def make_config(method: str, ratio: float, allocation: str, per_layer, *, num_layers: int,
+                hidden_size: int, slicing: bool = False, epsilon: float = 0.1, batch_size: int = 8,
+                options: dict | None = None):
+    """The method config for form values; ValueError with a readable message on bad input.
+
+    per_layer (manual allocation): the indices of the blocks to drop (layer dropping), or one value per
+    layer: the sparsity (MoDeGPT, Olica) or the fraction of hidden dims deleted (SliceGPT).
+    options: ``{"<method>_<knob>": value}`` from the option controls (others' options are ignored).
+    """
+    m = get(method)
+    allocation = allocation_value(allocation)
+    if allocation not in m.allocations:
+        shown = " / ".join(ALLOCATION_LABELS[a] for a in m.allocations)
+        raise ValueError(f"{m.label} supports allocation {shown}, not {allocation!r}")
+    values = {k.name: (options or {}).get(option_param(method, k)) for k in m.knobs() if k.name not in CORE}
+    values["batch_size"] = batch_size
+    manual = allocation == "manual"
+    if method == "layerdrop":
+        if manual:
+            layers = parse_list(per_layer or "", int, "the blocks to drop") if isinstance(per_layer, str) \
+                else tuple(per_layer or ())
+            if not layers:
+                raise ValueError("manual layer dropping: pick at least one block to drop")
+            config = m.make_config({**values, "layers": layers})
+            config.validate_for(num_layers)
+            return config
+        return m.make_config({**values, "ratio": ratio})
+    per = _per_layer_values(per_layer, num_layers) if manual else None
+    if method == "slicegpt":
+        if manual:
+            if not all(0.0 <= v < 1.0 for v in per):
+                raise ValueError("per-layer slicing fractions must be in [0, 1)")
+            step = int(values.get("round_to") or m.config.round_to)
+            widths = [max(step, int((1 - v) * hidden_size) // step * step) for v in per]
+            return m.make_config({**values, "widths": widths})
+        return m.make_config({**values, ("slicing" if slicing else "ratio"): ratio})
+    return m.make_config({**values, "ratio": ratio, "allocation": allocation, "epsilon": epsilon,
+                          "layer_sparsity": per})
+
+
+def _per_layer_values(per_layer, num_layers: int) -> tuple[float, ...]:
+    values = parse_list(per_layer or "", float, "the per-layer values") if isinstance(per_layer, str) \
+        else tuple(float(v) for v in per_layer or ())
+    if len(values) != num_layers:
+        raise ValueError(f"manual allocation needs {num_layers} per-layer values, got {len(values)}")
+    return values
+
+
+def target_of(config) -> float | None:
+    """The parameter ratio a config promises (None when sizes were given per layer)."""
+    if getattr(config, "layers", None) is not None or getattr(config, "widths", None) is not None:
+        return None
+    if getattr(config, "allocation", None) == "manual":
+        return None
+    return getattr(config, "ratio", None)
+
+
+def forecast_numbers(store, name: str, config) -> dict:
+    """forecast() on the weightless skeleton plus sizes; ValueError if the target is out of reach."""
+    from compression.forecast import forecast
+
+    info = store.info(name)
+    fc = dict(forecast(info.skeleton, config))
+    fc["params_dense"] = info.params
+    fc["bytes"] = fc["params"] * store.bytes_per_param()
+    fc["bytes_dense"] = info.params * store.bytes_per_param()
+    target = target_of(config)
+    if target is not None and fc["ratio"] < target - REACH_TOLERANCE:
+        raise ValueError(f"{name} cannot reach a ratio of {target:.0%} with {get_label(config)}: the "
+                         f"closest plan removes {fc['ratio']:.1%} of the block parameters")
+    return fc
+
+
+def get_label(config) -> str:
+    from compression.methods import method_for
+
+    return method_for(config).label

@@ -1,0 +1,78 @@
+"""The Runs tab: this session's runs in a table and two plots, loading saved runs, downloading a zip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+import viz
+
+from .common import OK, Context, user_errors
+from .runs import Session, load_run, zip_run
+
+RUN_COLUMNS = ["run", "model", "method", "target", "achieved", "params (M)", "ppl dense", "ppl",
+               "ppl windows", "zero-shot avg (tasks, limit)", "compress s", "model in memory"]
+
+
+def _round(x, digits: int = 3):
+    return None if x is None else round(float(x), digits)
+
+
+def runs_table(session: Session) -> list[list]:
+    rows = []
+    for run in session.runs.values():
+        r = run.report
+        ev = r.get("evaluation") or {}
+        ppl, zs = ev.get("ppl") or {}, ev.get("zero_shot") or {}
+        zs_text = (f"{zs['compressed']:.3f} ({len(zs.get('tasks', []))}, {zs.get('limit') or 'all'})"
+                   if zs.get("compressed") is not None else "")
+        rows.append([run.id, run.model_name, r.get("method"),
+                     None if r.get("ratio_target") is None else round(r["ratio_target"], 3),
+                     round(r.get("ratio_achieved") or 0, 3), round((r.get("params_compressed") or 0) / 1e6, 2),
+                     _round(ppl.get("dense", r.get("ppl_dense"))), _round(ppl.get("compressed", r.get("ppl_compressed"))),
+                     ppl.get("windows"), zs_text, round(r.get("compress_seconds") or 0, 1),
+                     "yes" if run.model is not None else "report only"])
+    return rows
+
+
+def pareto_runs(session: Session) -> list[dict]:
+    """Points for viz.pareto_figure / accuracy_figure: every run plus each model's dense point."""
+    points, dense = [], {}
+    for run in session.runs.values():
+        r = run.report
+        zs = (r.get("evaluation") or {}).get("zero_shot") or {}
+        points.append({"method": r.get("method"), "params": r.get("params_compressed"),
+                       "ppl": r.get("ppl_compressed"), "ratio": r.get("ratio_achieved"),
+                       "label": run.id, "zero_shot_avg": zs.get("compressed")})
+        if r.get("ppl_dense") is not None:
+            dense[run.model_name] = {"method": "dense", "params": r.get("params_dense"),
+                                     "ppl": r["ppl_dense"], "label": f"dense {Path(run.model_name).name}",
+                                     "zero_shot_avg": zs.get("dense")}
+    return list(dense.values()) + points
+
+
+class RunsTab:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def view(self, session):
+        points = pareto_runs(session)
+        return runs_table(session), viz.pareto_figure(points), viz.accuracy_figure(points)
+
+    def load_saved(self, session, upload=None, folder="", request: gr.Request = None):
+        """Load a saved run (uploaded zip / report.json, or a folder name under the runs root)."""
+        from .compress_tab import CompressTab
+
+        self.ctx.register(request, session)
+        if isinstance(upload, dict):  # the API may send gradio's FileData dict
+            upload = upload.get("path")
+        with user_errors():
+            with self.ctx.slot:
+                run = load_run(session, upload or None, (folder or "").strip() or None,
+                               device=self.ctx.store.device)
+        what = "model and report" if run.model is not None else "report only (no model weights)"
+        return f"{OK} Loaded **{run.id}** ({what}).", CompressTab.runs_dropdown(session, run.id), session
+
+    def download(self, session, run_id):
+        with user_errors():
+            return str(zip_run(session, session.get(run_id)))
