@@ -20,11 +20,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-METHOD_LABELS = {"layerdrop": "Layer dropping (ShortGPT / LayerChop)", "slicegpt": "SliceGPT",
-                 "modegpt": "MoDeGPT", "olica": "Olica"}
 
-METHOD_NOTE_START = {"layerdrop": "Deletes whole decoder blocks", "slicegpt": "Rotates the residual stream",
-                     "modegpt": "Rebuilds each block", "olica": "Orthogonal decomposition"}
+def method_label(name: str) -> str:
+    from compression.methods import METHODS
+
+    return METHODS[name].label
+
+
+def method_note_start(name: str) -> str:
+    from compression.methods import METHODS
+
+    return METHODS[name].summary.split("**")[0][:24]
 
 
 def free_port() -> int:
@@ -72,7 +78,7 @@ def _flow(page, url, out, method, ratio, prompt, timeout_s, saved=None, saved_la
         _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s)
     if saved:  # Inspect a saved run (a method with spectra) without compressing again
         page.get_by_role("tab", name="Runs").click()
-        page.get_by_label("…or a saved run's folder on the server").fill(saved)
+        page.get_by_label("…or a saved run's folder name", exact=False).fill(saved)
         page.get_by_role("button", name="Load run").click()
         page.get_by_text("Loaded").first.wait_for(timeout=ms)
         page.get_by_role("tab", name="Inspect").click()
@@ -110,16 +116,19 @@ def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
 
 
 def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
-    page.get_by_label(METHOD_LABELS[method]).check()
-    page.get_by_text(METHOD_NOTE_START[method]).first.wait_for(timeout=ms)  # the form follows
+    page.get_by_label(method_label(method)).check()
+    page.get_by_text(method_note_start(method)).first.wait_for(timeout=ms)  # the form follows
     ratio_box = page.get_by_label("number input for Target ratio")
     ratio_box.fill(str(ratio))
     ratio_box.press("Enter")
     page.wait_for_timeout(2000)  # the live forecast
     page.get_by_role("button", name="Compress", exact=True).click()
-    page.get_by_text("✅").first.wait_for(timeout=ms)
+    page.locator(".job-progress").first.wait_for(timeout=30_000)  # painted within seconds, first run too
+    page.wait_for_timeout(8000)
+    page.screenshot(path=str(out / "tab_compress_progress.png"), full_page=True)
+    page.get_by_text("✔").first.wait_for(timeout=ms)
     page.screenshot(path=str(out / "tab_compress.png"), full_page=True)
-    print("compress:", page.get_by_text("✅").first.inner_text())
+    print("compress:", page.get_by_text("✔").first.inner_text())
 
     page.get_by_role("tab", name="Inspect").click()
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=ms)
@@ -141,7 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a running app (default: launch one in-process)")
     ap.add_argument("--model", default=None, help="default model of the launched app")
-    ap.add_argument("--method", default="layerdrop", choices=[*sorted(METHOD_LABELS), "none"],
+    ap.add_argument("--method", default="modegpt", choices=["modegpt", "olica", "slicegpt", "layerdrop", "none"],
                     help="none: only --saved")
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--prompt", default="What is the capital of France?")

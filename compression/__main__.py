@@ -116,6 +116,11 @@ def parse(argv):
     e.add_argument("--no-speed", action="store_true")
     e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (lm-eval), e.g. piqa,hellaswag")
     e.add_argument("--limit", type=int, default=None, help="zero-shot items per task")
+    e.add_argument("--reference", default=None,
+                   help="the dense model to measure agreement against (KL, top-1 and ppl ratio on the same "
+                        "windows), e.g. smollm2-135m")
+    e.add_argument("--code-windows", type=int, default=8,
+                   help="1024-token windows of held-out source code for a second-domain perplexity (0: skip)")
     sub.add_parser("methods", help="the methods and their options, as JSON")
     return ap.parse_args(argv)
 
@@ -188,11 +193,16 @@ def cmd_compress(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .evaluate import perplexity, sizes, speed
+    """Size, wiki and code perplexity with 95% intervals, agreement with ``--reference``, speed and
+    zero-shot (per task acc, stderr and n) of one model."""
+    from . import pipeline
+    from .data import code_split
+    from .evaluate import perplexity_stats, sizes, speed
     from .models import load_model
 
     _at_least(args.eval_windows, 1, "--eval-windows")
     _at_least(args.eval_len, 2, "--eval-len")
+    _at_least(args.code_windows, 0, "--code-windows")
     if args.limit is not None:
         _at_least(args.limit, 1, "--limit")
     if args.json is not None and args.json.is_dir():
@@ -205,21 +215,57 @@ def cmd_eval(args) -> dict:
         if unknown:
             raise UsageError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
     check_model(args.model, args.trust_remote_code)
+    if args.reference:
+        check_model(args.reference, args.trust_remote_code)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    windows = evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
+    domains = {"wiki": evaluation_windows(tokenizer, args.eval_windows, args.eval_len)}
+    if args.code_windows:
+        domains["code"] = evaluation_windows(tokenizer, args.code_windows, args.eval_len, text=code_split("evaluation"))
     result = {"model": args.model, **sizes(model)}
-    bar = tqdm_progress("perplexity")
-    result["ppl"] = perplexity(model, windows, progress=bar)
-    bar.close()
-    result["ppl_windows"] = int(windows.shape[0])
+    if args.reference:
+        dense, _ = load_model(args.reference, args.device, args.dtype, args.trust_remote_code)
+        cache, bar = pipeline.DenseCache(), tqdm_progress("perplexity and agreement")
+        stages = pipeline.Stages(bar, {f"{d} {s}": 1.0 for d in domains
+                                       for s in ("dense reference", "compressed perplexity and agreement")})
+        for domain, windows in domains.items():
+            measured = pipeline.measure_against(args.reference, dense, model, windows, cache,
+                                                _DomainStages(stages, domain), what=f"{domain} evaluation split")
+            suffix = "" if domain == "wiki" else f"_{domain}"
+            result[f"ppl{suffix}"] = measured["ppl"]["compressed"]
+            result[f"ppl{suffix}_ci"] = measured["ppl"]["compressed_ci"]
+            result[f"ppl{suffix}_dense"] = measured["ppl"]["dense"]
+            result[f"ppl{suffix}_windows"] = measured["ppl"]["windows"]
+            result[f"agreement{suffix}"] = measured["agreement"]
+        bar.close()
+        del dense, cache
+    else:
+        for domain, windows in domains.items():
+            bar = tqdm_progress(f"{domain} perplexity")
+            stats = perplexity_stats(model, windows, progress=bar)
+            bar.close()
+            suffix = "" if domain == "wiki" else f"_{domain}"
+            result[f"ppl{suffix}"], result[f"ppl{suffix}_ci"] = stats["ppl"], stats["ppl_ci"]
+            result[f"ppl{suffix}_windows"] = stats["windows"]
     if not args.no_speed:
         result.update(speed(model))
     if tasks:
         from .zeroshot import zero_shot
-        result["zero_shot"] = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=args.limit)
+        # One thread on a CPU: lm-eval's many small ops oversubscribe a shared machine (3.5x faster).
+        threads = None if next(model.parameters()).is_cuda else 1
+        result["zero_shot"] = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=args.limit, threads=threads)
     if args.json:
         write_json_atomic(args.json, result)
     return result
+
+
+class _DomainStages:
+    """Stage callbacks of one domain within the eval command's progress bar."""
+
+    def __init__(self, stages, domain: str):
+        self.stages, self.domain = stages, domain
+
+    def stage(self, name: str):
+        return self.stages.stage(f"{self.domain} {name}")
 
 
 def main(argv=None) -> int:

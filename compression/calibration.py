@@ -193,22 +193,24 @@ class Probe:
 
     def attention_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
         if dense_probe is None:
-            return relative_error(torch.cat(new_fit[:IN_SAMPLE_BATCHES]),
-                                  torch.cat(dense_fit[:IN_SAMPLE_BATCHES]))
+            return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
         new = self.attention(layer)
         self.mid = [h + a for h, a in zip(self.hidden, new)]
-        return relative_error(torch.cat(new), torch.cat(dense_probe))
+        return _error(new, dense_probe)
 
     def mlp(self, layer) -> list[torch.Tensor] | None:
         return None if self.mid is None else [layer.mlp_out(x) for x in self.mid]
 
     def mlp_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
         if dense_probe is None:
-            return relative_error(torch.cat(new_fit[:IN_SAMPLE_BATCHES]),
-                                  torch.cat(dense_fit[:IN_SAMPLE_BATCHES]))
+            return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
         new = self.mlp(layer)
         self.hidden = [x + m for x, m in zip(self.mid, new)]
-        return relative_error(torch.cat(new), torch.cat(dense_probe))
+        return _error(new, dense_probe)
+
+
+def _error(new: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    return relative_error(torch.cat(new), torch.cat(dense))
 
 
 @dataclass

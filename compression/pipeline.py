@@ -20,7 +20,7 @@ import torch
 
 from .api import compress
 from .data import TextSpec, chunk, tokenize, wiki_split
-from .evaluate import perplexity
+from .evaluate import DenseReference, evaluate_against, perplexity
 from .files import FileError, read_json, write_json_atomic
 from .report import Report
 
@@ -98,6 +98,7 @@ class DenseCache:
 
     path: Path | None = None
     memory: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, DenseReference] = field(default_factory=dict)  # in memory only (~100 MB)
 
     def key(self, name: str, metric: str, **settings) -> str:
         return json.dumps([model_identity(name), metric, settings], sort_keys=True)
@@ -116,17 +117,27 @@ class DenseCache:
             on_disk = read_json(self.path) if self.path.exists() else {}
             write_json_atomic(self.path, {**on_disk, key: value})
 
-    def ppl(self, name: str, model, windows: torch.Tensor, progress: Progress = _noop) -> float:
-        param = next(model.parameters())
-        key = self.key(name, "ppl", windows=fingerprint(windows), shape=list(windows.shape),
-                       dtype=str(param.dtype), device=param.device.type)
-        value = self.get(key)
-        if value is None:
-            value = perplexity(model, windows, progress=progress)
-            self.put(key, value)
+    def reference(self, name: str, model, windows: torch.Tensor, progress: Progress = _noop) -> DenseReference:
+        """The dense side of agreement on ``windows`` (:class:`DenseReference`), built once."""
+        key = self.key(name, "reference", windows=fingerprint(windows), shape=list(windows.shape))
+        if key not in self.references:
+            self.references[key] = DenseReference.build(model, windows, progress)
         else:
             progress(1.0, "cached")
-        return value
+        return self.references[key]
+
+
+def measure_against(name: str, dense, model, windows: torch.Tensor, cache: DenseCache,
+                    stages: Stages, what: str = "wiki evaluation split") -> dict:
+    """Perplexity of both models with 95% intervals and the compressed model's agreement with the
+    dense one (KL, top-1, ppl ratio) on ``windows``: one dense and one compressed forward a window."""
+    reference = cache.reference(name, dense, windows, stages.stage("dense reference"))
+    dense_stats = reference.ppl_stats()
+    out = evaluate_against(model, reference, stages.stage("compressed perplexity and agreement"))
+    return {"ppl": {"dense": dense_stats["ppl"], "dense_ci": dense_stats["ppl_ci"], "compressed": out["ppl"],
+                    "compressed_ci": out["ppl_ci"], "windows": int(windows.shape[0]),
+                    "seq_len": int(windows.shape[1]), "text": what},
+            "agreement": out["agreement"]}
 
 
 def default_cache() -> DenseCache:
@@ -150,7 +161,7 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
 
     weights = {"calibration text": 0.05, "compress": 1.0}
     if eval_windows:
-        weights.update({"dense perplexity": 0.15, "compressed perplexity": 0.15})
+        weights.update({"dense reference": 0.15, "compressed perplexity and agreement": 0.15})
     stages = Stages(progress, weights)
     step = stages.stage("calibration text")
     fit, held_out = calibration if calibration is not None else calibration_tokens(tokenizer, spec)
@@ -162,12 +173,9 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     if eval_windows:
         if windows is None:
             windows = evaluation_windows(tokenizer, eval_windows, eval_len)
-        cache = cache or DenseCache()
-        report.ppl_dense = cache.ppl(name, dense, windows, stages.stage("dense perplexity"))
-        report.ppl_compressed = perplexity(model, windows, progress=stages.stage("compressed perplexity"))
-        report.evaluation["ppl"] = {"dense": report.ppl_dense, "compressed": report.ppl_compressed,
-                                    "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                                    "text": "wiki evaluation split"}
+        measured = measure_against(name, dense, model, windows, cache or DenseCache(), stages)
+        report.evaluation["ppl"], report.agreement = measured["ppl"], measured["agreement"]
+        report.ppl_dense, report.ppl_compressed = measured["ppl"]["dense"], measured["ppl"]["compressed"]
     return model, report
 
 

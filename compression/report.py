@@ -27,6 +27,9 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
 - ``calibration``: ``samples``, ``seq_len``, ``tokens``, ``distinct_tokens``, ``fingerprint`` (of the
     token ids), ``source`` and the like; ``warnings``: strings the UI and CLI must show.
 - ``evaluation``: metrics measured after compression, each with the settings that produced it.
+- ``agreement``: the compressed model against the dense one on the perplexity windows: ``kl`` (mean
+    token KL(dense ‖ compressed), nats), ``top1`` (next-token argmax agreement), ``ppl_ratio``, each
+    with a 95% bootstrap interval (``*_ci``), and ``windows``.
 - ``export``: how the saved folder stores the model (``format``: "native" or "remote_code", and why).
 
 :meth:`Report.from_dict` validates all of this (types, the method name, the layer entries) and
@@ -84,6 +87,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    agreement: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio_achieved(self) -> float:
@@ -165,6 +169,7 @@ TOP_LEVEL = {  # field -> (check, what it must be)
                  and all(isinstance(w, str) and len(w) <= 1000 for w in x), "a list of short strings"),
     "evaluation": (lambda x: isinstance(x, dict), "an object"),
     "export": (lambda x: isinstance(x, dict), "an object"),
+    "agreement": (lambda x: isinstance(x, dict), "an object"),
     "ratio_achieved": (lambda x: x is None or _is_number(x), "a number or null"),
 }
 LAYER = {

@@ -228,7 +228,8 @@ def test_inspect_without_runs_and_with_bad_run(tabs, compressed):
 def test_evaluate_table_states_its_sample(tabs, compressed):
     panel, rows = last(tabs.evaluate.evaluate(compressed, "r1", 1, [], 0, True))
     table = {r[0]: r for r in rows}
-    assert "perplexity (wiki, 1 × 1024-token windows)" in table
+    assert "perplexity (wiki, 1 × 1024-token windows; 95% interval)" in table
+    assert any(name.startswith("top-1 next-token agreement") for name in table)
     for metric in ("parameters", "block parameters", "weights (MB)", "prefill tokens/s", "decode tokens/s",
                    "peak memory (MB)"):
         assert metric in table, metric

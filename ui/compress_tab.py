@@ -176,6 +176,9 @@ class CompressTab:
         ppl = r.get("evaluation", {}).get("ppl")
         ppl_text = (f" · wiki ppl {ppl['dense']:.2f} → **{ppl['compressed']:.2f}** "
                     f"({ppl['windows']} windows)" if ppl else "")
+        agree = r.get("agreement") or {}
+        if agree:
+            ppl_text += f" · agreement with dense: top-1 {agree['top1']:.1%}, KL {agree['kl']:.3f}"
         warn = "".join(f"\n\n{WARN} **{w}**" for w in r.get("warnings") or [])
         return (f"{OK} **{run.id}**: {millions(r['params_dense'])} → **{millions(r['params_compressed'])}** "
                 f"parameters (blocks −{r['ratio_achieved']:.1%}){ppl_text} in "

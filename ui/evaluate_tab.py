@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from compression.evaluate import perplexity, sizes, speed
-from compression.pipeline import Stages
+from compression.evaluate import sizes, speed
+from compression.pipeline import Stages, measure_against
 
 from .common import Context, megabytes, user_errors
 from .jobs import progress_html, watch
@@ -18,23 +18,24 @@ METRIC_NAMES = {"params": "parameters", "block_params": "block parameters", "byt
 MAX_LIMIT = 10_000
 
 
-def evaluate_model(model, tokenizer, windows=None, tasks=(), limit=None, measure_speed=False,
+def evaluate_model(model, tokenizer, tasks=(), limit=None, measure_speed=False,
                    progress=lambda f, m: None, speed_args=None) -> dict:
-    """Sizes, perplexity on ``windows`` (N, T) token ids, zero-shot and speed, as one flat dict."""
+    """Sizes, zero-shot and speed of one model, as one flat dict (perplexity and agreement are
+    measured for both models at once, see :func:`compression.pipeline.measure_against`)."""
     out: dict[str, Any] = dict(sizes(model))
-    if windows is not None:
-        out["ppl"] = perplexity(model, windows, progress=lambda f, m: progress(0.3 * f, m))
-        out["ppl_windows"] = int(windows.shape[0])
     if tasks:
         from compression.zeroshot import zero_shot
 
-        zs = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=limit,
-                       progress=lambda f, desc="": progress(0.3 + 0.6 * f, f"zero-shot: {desc}"))
+        threads = None if next(model.parameters()).is_cuda else 1  # lm-eval's small ops: 1 thread on CPU
+        zs = zero_shot(model, tokenizer, tasks=tuple(tasks), limit=limit, threads=threads,
+                       progress=lambda f, desc="": progress(0.9 * f, f"zero-shot: {desc}"))
         for task, entry in zs["tasks"].items():
-            out[f"zs:{task}"] = {"acc": entry["value"], "metric": entry["metric"],
-                                 "stderr": entry.get("stderr"), "n": entry.get("n") or entry.get("samples")}
-        if zs.get("average") is not None:
-            out["zero_shot_avg"] = zs["average"]
+            out[f"zs:{task}"] = {"acc": entry["acc"], "metric": entry["metric"],
+                                 "stderr": entry.get("stderr"), "n": entry.get("n")}
+        mean = zs.get("mean") or {}
+        if mean.get("acc") is not None:
+            out["zero_shot_avg"] = {"acc": mean["acc"], "stderr": mean.get("stderr"), "n": mean.get("n"),
+                                    "metric": f"mean of {len(tasks)} tasks"}
     if measure_speed:
         progress(0.95, "speed: prefill and decode")
         out.update(speed(model, **(speed_args or {})))
@@ -60,22 +61,29 @@ def compare_rows(dense: dict, comp: dict) -> list[list]:
     windows = comp.get("ppl_windows")
     for key in dict.fromkeys([*comp, *dense]):
         a, b = dense.get(key), comp.get(key)
-        if key in ("threads", "ppl_windows") or a is None or b is None:
+        if key in ("threads", "ppl_windows", "ppl_ci", "agreement") or a is None or b is None:
             continue
         name = METRIC_NAMES.get(key, key)
         if key == "ppl":
-            name = f"perplexity (wiki, {windows} × 1024-token windows)"
+            name = f"perplexity (wiki, {windows} × 1024-token windows; 95% interval)"
         elif key.startswith("zs:"):
             name = f"zero-shot {key[3:]} ({b.get('metric', 'acc')}, 95% interval)"
             a_val, b_val = a["acc"], b["acc"]
         elif key == "zero_shot_avg":
-            name = "zero-shot average (tasks run)"
+            name = "zero-shot average of the tasks run (95% interval)"
+        elif key == "kl":
+            name = f"KL(dense ‖ compressed) per token, nats ({windows} windows)"
+        elif key == "top1":
+            name = f"top-1 next-token agreement with dense ({windows} windows)"
         a_val = a["acc"] if isinstance(a, dict) else a
         b_val = b["acc"] if isinstance(b, dict) else b
         delta = f"{100 * (b_val - a_val) / a_val:+.1f}%" if a_val else ""
         if key in ("prefill_tok_s", "decode_tok_s"):
             delta += " (CPU timings drift: compare side by side, see bench/speed.py)"
-        rows.append([name, _fmt(key, a), _fmt(key, b), delta])
+        shown = _fmt(key, b)
+        if key == "ppl" and comp.get("ppl_ci"):
+            shown += " [{:.2f}, {:.2f}]".format(*comp["ppl_ci"])
+        rows.append([name, _fmt(key, a), shown, delta])
     return rows
 
 
@@ -103,17 +111,29 @@ class EvaluateTab:
         args = dict(tasks=tasks, limit=limit, measure_speed=bool(measure_speed), speed_args=speed_args)
 
         def job(progress):
-            stages = Stages(progress, {"dense model": 1.0, "compressed model": 1.0})
-            eval_windows = store.eval_windows(run.model_name, windows) if windows else None
-            key = json.dumps([run.model_name, "eval", windows, list(tasks), limit, bool(measure_speed)])
+            weights = {"dense model": 1.0, "compressed model": 1.0}
+            if windows:
+                weights.update({"dense reference": 0.5, "compressed perplexity and agreement": 0.5})
+            stages = Stages(progress, weights)
+            key = json.dumps([run.model_name, "eval", list(tasks), limit, bool(measure_speed)])
             dense = store.dense.get(key)
             step = stages.stage("dense model")
+            dense_model, tok = store.get(run.model_name)
             if dense is None:
-                model, tok = store.get(run.model_name)
-                dense = evaluate_model(model, tok, eval_windows, progress=step, **args)
+                dense = evaluate_model(dense_model, tok, progress=step, **args)
                 store.dense.put(key, dense)
-            comp = evaluate_model(run.model, run.tokenizer, eval_windows,
-                                  progress=stages.stage("compressed model"), **args)
+            comp = evaluate_model(run.model, run.tokenizer, progress=stages.stage("compressed model"), **args)
+            dense, comp = dict(dense), dict(comp)
+            if windows:
+                measured = measure_against(run.model_name, dense_model, run.model,
+                                           store.eval_windows(run.model_name, windows), store.dense, stages)
+                ppl, agreement = measured["ppl"], measured["agreement"]
+                dense["ppl"], comp["ppl"] = ppl["dense"], ppl["compressed"]
+                comp["ppl_windows"] = dense["ppl_windows"] = windows
+                comp["ppl_ci"] = ppl["compressed_ci"]
+                comp["kl"], comp["top1"] = agreement["kl"], agreement["top1"]
+                dense["kl"], dense["top1"] = 0.0, 1.0
+                comp["agreement"] = agreement
             return dense, comp
 
         try:
@@ -131,11 +151,12 @@ class EvaluateTab:
             best = run.report.setdefault("evaluation", {}).get("ppl")
             if best is None or windows >= best.get("windows", 0):
                 run.report["evaluation"]["ppl"] = {"dense": dense["ppl"], "compressed": comp["ppl"],
-                                                   "windows": windows, "seq_len": 1024,
-                                                   "text": "wiki evaluation split"}
+                                                   "compressed_ci": comp["ppl_ci"], "windows": windows,
+                                                   "seq_len": 1024, "text": "wiki evaluation split"}
                 run.report["ppl_dense"], run.report["ppl_compressed"] = dense["ppl"], comp["ppl"]
+                run.report["agreement"] = comp["agreement"]
         if "zero_shot_avg" in comp:
             run.report.setdefault("evaluation", {})["zero_shot"] = {
-                "dense": dense["zero_shot_avg"], "compressed": comp["zero_shot_avg"],
-                "tasks": list(tasks), "limit": limit}
+                "dense": dense["zero_shot_avg"]["acc"], "compressed": comp["zero_shot_avg"]["acc"],
+                "compressed_stderr": comp["zero_shot_avg"].get("stderr"), "tasks": list(tasks), "limit": limit}
         yield progress_html(state, "Evaluate"), compare_rows(dense, comp)
