@@ -100,14 +100,25 @@ def chunk(ids: torch.Tensor, n: int | None, length: int, what: str) -> torch.Ten
 
 @dataclass(frozen=True)
 class TextSpec:
-    """How many sequences of how many tokens, from which text (the wiki split by default)."""
+    """How many sequences of how many tokens, from which source (:mod:`compression.sources`: ``wiki``
+    by default, ``self-chat``, ``code``, ...) or from a custom ``text``, which takes precedence."""
 
     num_samples: int = 64
     seq_len: int = 512
-    text: str | None = None  # custom text instead of the wiki calibration split
+    text: str | None = None  # custom text instead of the source
+    source: str = "wiki"
+
+    @property
+    def label(self) -> str:
+        return "text" if self.text is not None else self.source
 
     def batches(self, tokenizer) -> torch.Tensor:
-        text = self.text if self.text is not None else wiki_split("calibration")
+        """The calibration tokens of a model-free source (wiki, code, custom text)."""
+        if self.text is None and self.source not in ("wiki", "code"):
+            raise ValueError(f"calibration source {self.source!r} needs the model: use "
+                             "compression.sources.calibration_tokens")
+        text = self.text if self.text is not None else (
+            wiki_split("calibration") if self.source == "wiki" else code_split("calibration"))
         return chunk(tokenize(tokenizer, text), self.num_samples, self.seq_len, "calibration")
 
 

@@ -358,3 +358,65 @@ def _resident_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------- chat agreement
+
+
+@dataclass
+class ChatReference:
+    """The dense model's side of chat agreement: conversations (an instruction and the dense model's
+    own greedy reply, chat template applied) scored on the reply tokens only.
+
+    Like :class:`DenseReference` it keeps the output head's input at the scored positions (not the
+    logits) and the head itself, so the dense logits are recomputed exactly when comparing."""
+
+    sequences: list[torch.Tensor]  # (T_i,) token ids per conversation
+    starts: list[int]  # index of the first reply token in each sequence
+    hidden: list[torch.Tensor]  # (T_i - starts_i, d) head inputs at the positions that predict a reply token
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor | None
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, sequences: list[torch.Tensor], starts: list[int],
+              progress: Progress = _noop) -> "ChatReference":
+        device = next(model.parameters()).device
+        head, seen, handle = _capture_head(model)
+        hidden = []
+        try:
+            for i, (ids, start) in enumerate(zip(sequences, starts)):
+                if not 0 < start < ids.numel():
+                    raise ValueError("every conversation needs a prompt and at least one reply token")
+                model(ids[None].to(device), use_cache=False)
+                hidden.append(seen["input"][0, start - 1:-1].to("cpu", copy=True))  # predicts ids[start:]
+                progress((i + 1) / len(sequences), f"dense chat reference {i + 1}/{len(sequences)}")
+        finally:
+            handle.remove()
+        bias = None if head.bias is None else head.bias.detach().to("cpu", copy=True)
+        return cls([s.cpu() for s in sequences], list(starts), hidden,
+                   head.weight.detach().to("cpu", copy=True), bias)
+
+
+@torch.no_grad()
+def chat_agreement(model, reference: ChatReference, progress: Progress = _noop) -> dict:
+    """KL(dense ‖ model) and top-1 agreement on the dense model's reply tokens, template applied:
+    {"kl", "kl_ci", "top1", "top1_ci", "conversations", "tokens"} (intervals: bootstrap over
+    conversations)."""
+    device = next(model.parameters()).device
+    weight, bias = (reference.head_weight.to(device, torch.float32),
+                    None if reference.head_bias is None else reference.head_bias.to(device, torch.float32))
+    kl, agree, tokens = [], [], []
+    n = len(reference.sequences)
+    for i, (ids, start) in enumerate(zip(reference.sequences, reference.starts)):
+        ids = ids.to(device)
+        logits = model(ids[None], use_cache=False).logits[0, start - 1:-1]  # (R, V)
+        dense = F.linear(reference.hidden[i].to(device, torch.float32), weight, bias)
+        _, k, a = compare_chunk(logits, dense, ids[start:])
+        kl.append(k)
+        agree.append(a)
+        tokens.append(ids.numel() - start)
+        progress((i + 1) / n, f"chat agreement {i + 1}/{n}")
+    return {"kl": sum(kl) / sum(tokens), "kl_ci": list(bootstrap_interval(kl, tokens)),
+            "top1": sum(agree) / sum(tokens), "top1_ci": list(bootstrap_interval(agree, tokens)),
+            "conversations": n, "tokens": int(sum(tokens))}

@@ -19,13 +19,14 @@ from typing import Any, Callable
 import torch
 
 from .api import compress
-from .data import TextSpec, chunk, tokenize, wiki_split
-from .evaluate import DenseReference, evaluate_against, perplexity
+from .data import TextSpec, chunk, tokenize
+from .evaluate import ChatReference, DenseReference, chat_agreement, evaluate_against
 from .files import FileError, read_json, write_json_atomic
 from .report import Report
 
 Progress = Callable[[float, str], None]
 HELD_OUT_SEQUENCES = 2  # calibration-split sequences after the fitted ones, for per-layer errors
+CHAT_CONVERSATIONS = 16  # held-out instructions scored for chat agreement by default
 
 
 def _noop(fraction: float, message: str) -> None:
@@ -59,17 +60,21 @@ class Stages:
 
 # --- calibration ---------------------------------------------------------------------------------
 
-def calibration_tokens(tokenizer, spec: TextSpec, held_out: int = HELD_OUT_SEQUENCES,
-                       ids: torch.Tensor | None = None):
-    """(fit tokens (N, T), held-out tokens (n, T) or None): the held-out sequences follow the fitted
-    ones in the same text, so they are never in a statistic and never in the evaluation split.
-    ``ids``: the text already tokenized (the app caches the wiki split)."""
-    if ids is None:
-        ids = tokenize(tokenizer, spec.text if spec.text is not None else wiki_split("calibration"))
-    fit = chunk(ids, spec.num_samples, spec.seq_len, "calibration")
-    rest = ids[fit.numel():]
-    n = min(held_out, rest.numel() // spec.seq_len)
-    return fit, (chunk(rest, n, spec.seq_len, "held-out") if n else None)
+def calibration_tokens(name: str, model, tokenizer, spec: TextSpec, held_out: int = HELD_OUT_SEQUENCES,
+                       cache: dict | None = None, progress: Progress = _noop):
+    """(fit tokens (N, T), held-out tokens (n, T) or None, facts): the held-out sequences follow the
+    fitted ones in the same text, so they are never in a statistic and never in the evaluation split.
+    ``cache``: tokenized texts kept between calls (the app)."""
+    from . import sources
+
+    if spec.text is not None:
+        ids = tokenize(tokenizer, spec.text)
+        fit = chunk(ids, spec.num_samples, spec.seq_len, "calibration")
+        rest = ids[fit.numel():]
+        n = min(held_out, rest.numel() // spec.seq_len)
+        return fit, (chunk(rest, n, spec.seq_len, "held-out") if n else None), {"source": "text"}
+    return sources.calibration_tokens(spec.source, model_identity(name), model, tokenizer, spec.num_samples,
+                                      spec.seq_len, held_out, progress, cache)
 
 
 # --- the dense reference, computed once ----------------------------------------------------------
@@ -127,6 +132,29 @@ class DenseCache:
         return self.references[key]
 
 
+    def chat_reference(self, name: str, model, tokenizer, conversations: int,
+                       progress: Progress = _noop) -> ChatReference:
+        """The dense side of chat agreement on the first ``conversations`` held-out instructions."""
+        from . import sources
+
+        key = self.key(name, "chat", conversations=conversations)
+        if key not in self.references:
+            prompts = sources.chat_prompts("evaluation")[:conversations]
+            replies = sources.cached_replies(model_identity(name), model, tokenizer, prompts, "evaluation",
+                                             sources.SelfChat(max_new_tokens=128), sample=False, progress=lambda f, m: progress(0.8 * f, m))
+            sequences, starts = [], []
+            for prompt, reply in zip(prompts, replies):
+                head = sources.render(tokenizer, prompt)
+                ids = tokenize(tokenizer, sources.render(tokenizer, prompt, reply or "."))
+                sequences.append(ids)
+                starts.append(min(len(tokenize(tokenizer, head)), ids.numel() - 1))
+            self.references[key] = ChatReference.build(model, sequences, starts,
+                                                       lambda f, m: progress(0.8 + 0.2 * f, m))
+        else:
+            progress(1.0, "cached")
+        return self.references[key]
+
+
 def measure_against(name: str, dense, model, windows: torch.Tensor, cache: DenseCache,
                     stages: Stages, what: str = "wiki evaluation split") -> dict:
     """Perplexity of both models with 95% intervals and the compressed model's agreement with the
@@ -149,33 +177,41 @@ def default_cache() -> DenseCache:
 # --- one job ------------------------------------------------------------------------------------
 
 def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *, eval_windows: int = 0,
-                         eval_len: int = 1024, seed: int = 0, cache: DenseCache | None = None,
-                         progress: Progress = _noop, calibration: tuple | None = None,
-                         windows: torch.Tensor | None = None):
-    """Calibrate, compress a copy of ``dense`` and measure wiki perplexity of both (``eval_windows``
-    windows of ``eval_len`` tokens; 0 skips). Returns (compressed model, Report).
+                         eval_len: int = 1024, chat_eval: int = 0, seed: int = 0,
+                         cache: DenseCache | None = None, progress: Progress = _noop,
+                         calibration: tuple | None = None, windows: torch.Tensor | None = None):
+    """Calibrate, compress a copy of ``dense`` and measure both models: wiki perplexity and agreement
+    on ``eval_windows`` windows of ``eval_len`` tokens, and chat agreement on ``chat_eval`` held-out
+    instructions (0 skips either). Returns (compressed model, Report).
 
-    calibration: (fit, held-out) tokens already cut from ``spec``'s text; windows: evaluation windows
+    calibration: (fit, held-out, facts) already built from ``spec``; windows: evaluation windows
     already cut (the app caches both)."""
     from .data import evaluation_windows
 
-    weights = {"calibration text": 0.05, "compress": 1.0}
+    weights = {"calibration text": 0.05 if spec.source != "self-chat" else 0.3, "compress": 1.0}
     if eval_windows:
         weights.update({"dense reference": 0.15, "compressed perplexity and agreement": 0.15})
+    if chat_eval:
+        weights.update({"dense chat reference": 0.1, "chat agreement": 0.05})
     stages = Stages(progress, weights)
+    cache = cache or DenseCache()
     step = stages.stage("calibration text")
-    fit, held_out = calibration if calibration is not None else calibration_tokens(tokenizer, spec)
+    fit, held_out, facts = calibration if calibration is not None else \
+        calibration_tokens(name, dense, tokenizer, spec, progress=step)
     step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
     torch.manual_seed(int(seed))
     model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out)
     report.model = name
-    report.calibration.update(source="text" if spec.text is not None else "wiki", seed=int(seed))
+    report.calibration.update(facts, seed=int(seed))
     if eval_windows:
         if windows is None:
             windows = evaluation_windows(tokenizer, eval_windows, eval_len)
-        measured = measure_against(name, dense, model, windows, cache or DenseCache(), stages)
+        measured = measure_against(name, dense, model, windows, cache, stages)
         report.evaluation["ppl"], report.agreement = measured["ppl"], measured["agreement"]
         report.ppl_dense, report.ppl_compressed = measured["ppl"]["dense"], measured["ppl"]["compressed"]
+    if chat_eval:
+        reference = cache.chat_reference(name, dense, tokenizer, chat_eval, stages.stage("dense chat reference"))
+        report.agreement_chat = chat_agreement(model, reference, stages.stage("chat agreement"))
     return model, report
 
 

@@ -30,6 +30,8 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
 - ``agreement``: the compressed model against the dense one on the perplexity windows: ``kl`` (mean
     token KL(dense ‖ compressed), nats), ``top1`` (next-token argmax agreement), ``ppl_ratio``, each
     with a 95% bootstrap interval (``*_ci``), and ``windows``.
+- ``agreement_chat``: the same on the dense model's greedy replies to held-out instructions, chat
+    template applied, scored on the reply tokens only: ``kl``, ``top1``, ``conversations``, ``tokens``.
 - ``export``: how the saved folder stores the model (``format``: "native" or "remote_code", and why).
 
 :meth:`Report.from_dict` validates all of this (types, the method name, the layer entries) and
@@ -88,6 +90,7 @@ class Report:
     evaluation: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     agreement: dict[str, Any] = field(default_factory=dict)
+    agreement_chat: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio_achieved(self) -> float:
@@ -170,6 +173,7 @@ TOP_LEVEL = {  # field -> (check, what it must be)
     "evaluation": (lambda x: isinstance(x, dict), "an object"),
     "export": (lambda x: isinstance(x, dict), "an object"),
     "agreement": (lambda x: isinstance(x, dict), "an object"),
+    "agreement_chat": (lambda x: isinstance(x, dict), "an object"),
     "ratio_achieved": (lambda x: x is None or _is_number(x), "a number or null"),
 }
 LAYER = {

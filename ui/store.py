@@ -93,10 +93,11 @@ class ModelStore:
             self._tokens[key] = tokenize(self.get(name)[1], wiki_split(part))
         return self._tokens[key]
 
-    def calibration(self, name: str, spec: TextSpec):
-        """(fit tokens, held-out tokens or None), from the cached tokens for the wiki text."""
-        ids = None if spec.text is not None else self.wiki_tokens(name, "calibration")
-        return calibration_tokens(self.get(name)[1], spec, ids=ids)
+    def calibration(self, name: str, spec: TextSpec, progress=None):
+        """(fit tokens, held-out tokens or None, facts) for ``spec``; tokenized texts are cached."""
+        model, tokenizer = self.get(name)
+        return calibration_tokens(name, model, tokenizer, spec, cache=self._tokens,
+                                  progress=progress or (lambda f, m: None))
 
     def eval_windows(self, name: str, num_windows: int, seq_len: int = 1024) -> torch.Tensor:
         """``num_windows`` held-out wiki windows, from the cached tokens."""
