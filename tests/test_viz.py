@@ -43,26 +43,51 @@ def _by_name(fig):
     return {t.name: t for t in fig.data}
 
 
-def test_spectrum_all_keys(report):
+def _vlines(fig):
+    return [(s.x0, s.xref) for s in fig.layout.shapes if s.x0 == s.x1]
+
+
+def test_spectrum_one_panel_per_kind_with_its_own_kept_marker(report):
     fig = viz.spectrum_figure(report, 1)
     assert len(fig.data) == 4  # 2 spectra + 2 cumulative-energy curves
     assert "Layer 1" in fig.layout.title.text
-    assert fig.layout.yaxis.type == "log"
-    assert fig.layout.yaxis2.type != "log"
-    # one marker per kept rank, drawn on both rows
-    assert sorted(s.x0 for s in fig.layout.shapes) == [5, 5, 9, 9]
+    titles = _annotations(fig)
+    assert "attention input" in titles and "MLP input (PCA basis)" in titles
+    # a marker per panel, on that panel's own x axis, at its kept rank
+    assert sorted(_vlines(fig)) == [(5, "x"), (9, "x2")]
+    assert "kept 5/16" in " ".join(titles) and "kept 9/12" in " ".join(titles)
     spec = _by_name(fig)["attn_input"]
     assert list(spec.x) == list(range(1, 17))
     assert all(y > 0 for y in spec.y)  # zero and negative clipped for the log axis
-    energy = _by_name(fig)["attn_input energy"].y
-    assert all(a <= b for a, b in zip(energy, energy[1:]))
-    assert energy[-1] == pytest.approx(1.0) and energy[0] == pytest.approx(2 / sum(2.0 ** -k * 2 for k in range(14)))
+    assert fig.layout[spec.yaxis.replace("y", "yaxis")].type == "log"
+    energy = _by_name(fig)["attn_input energy"]
+    assert fig.layout[energy.yaxis.replace("y", "yaxis")].type != "log"
+    assert all(a <= b for a, b in zip(energy.y, energy.y[1:]))
+    assert energy.y[-1] == pytest.approx(1.0)
+    assert energy.y[0] == pytest.approx(2 / sum(2.0 ** -k * 2 for k in range(14)))
+
+
+def test_spectrum_fraction_axis_puts_every_spectrum_on_0_to_1(report):
+    fig = viz.spectrum_figure(report, 0, x_axis="fraction")
+    for name in ("attn_input", "mlp_input"):
+        x = list(_by_name(fig)[name].x)
+        assert x[-1] == pytest.approx(1.0) and x[0] == pytest.approx(1 / len(x))
+    assert sorted(x for x, _ in _vlines(fig)) == pytest.approx([5 / 16, 9 / 12])
+    with pytest.raises(ValueError, match="x_axis"):
+        viz.spectrum_figure(report, 0, x_axis="log")
+
+
+@pytest.mark.parametrize("key, title", [("mlp_corr", "MLP activation correlation (Nyström)"),
+                                        ("attn_input", "attention input"),
+                                        ("vo_group2", "value–output, kv group 2"), ("odd_key", "odd key")])
+def test_spectrum_titles_are_plain_words(key, title):
+    assert viz.spectrum_title(key) == title
 
 
 def test_spectrum_one_key(report):
     fig = viz.spectrum_figure(report, 0, key="mlp_input")
     assert [t.name for t in fig.data] == ["mlp_input", "mlp_input energy"]
-    assert {s.x0 for s in fig.layout.shapes} == {9}
+    assert [x for x, _ in _vlines(fig)] == [9]
 
 
 @pytest.mark.parametrize("layer, key", [(0, "vo_head0"), (2, None)])
@@ -78,12 +103,17 @@ def test_bad_layer_index_raises(report, fn, layer):
         fn(report, layer)
 
 
-def test_spectra_overview(report):
-    fig = viz.spectra_overview_figure(report, "attn_input")
-    assert [t.name for t in fig.data] == ["layer 0", "layer 1", "layer 3"]  # removed layer has none
-    assert fig.layout.yaxis.type == "log"
-    assert all(max(t.y) == pytest.approx(1.0) for t in fig.data)
-    assert len({t.line.color for t in fig.data}) == 3
+def test_spectra_overview_is_a_layer_heat_map_with_the_layer_outlined(report):
+    fig = viz.spectra_overview_figure(report, "attn_input", layer=1)
+    heat, kept = fig.data
+    assert heat.type == "heatmap" and list(heat.y) == [0, 1, 3]  # removed layer has none
+    assert all(row[0] == pytest.approx(0.0) for row in heat.z)  # log10(λ/λ_max) of the top one
+    assert all(max(v for v in row if v is not None) <= 0 for row in heat.z)
+    assert list(kept.x) == [5, 5, 5] and list(kept.y) == [0, 1, 3]
+    (box,) = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert (box.y0, box.y1) == (0.5, 1.5)
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.range == (-0.5, 3.5)
+    assert not [s for s in viz.spectra_overview_figure(report, "attn_input").layout.shapes if s.type == "rect"]
     assert "no data" in _annotations(viz.spectra_overview_figure(report, "nope"))
 
 
@@ -101,6 +131,11 @@ def test_leverage_partition(report):
     assert "no data" in _annotations(viz.leverage_figure(report, 2))
 
 
+def test_leverage_log_scale(report):
+    assert viz.leverage_figure(report, 0).layout.yaxis.type != "log"
+    assert viz.leverage_figure(report, 0, log_y=True).layout.yaxis.type == "log"
+
+
 def test_error_figure(report):
     fig = viz.error_figure(report)
     traces = _by_name(fig)
@@ -108,6 +143,17 @@ def test_error_figure(report):
     assert list(traces["block"].x) == [0, 1, 3]  # removed layer 2 skipped
     assert list(traces["block"].y) == pytest.approx([0.1, 0.2, 0.4])
     assert list(traces["mlp_before_calibration"].x) == [3]
+    # integer ticks from 0, and no room for a −1 or 4 tick
+    assert (fig.layout.xaxis.tick0, fig.layout.xaxis.dtick, fig.layout.xaxis.range) == (0, 1, (-0.5, 3.5))
+
+
+def test_error_figure_overlays_a_second_run(report):
+    other = {**report, "layers": [{**lay, "errors": {"block": 1.0}} for lay in report["layers"]]}
+    fig = viz.error_figure(report, other, names=("r1", "r2"))
+    traces = _by_name(fig)
+    assert {"block · r1", "block · r2", "attn · r1"} <= set(traces)
+    assert traces["block · r2"].line.dash == "dash" and traces["block · r1"].line.dash == "solid"
+    assert list(traces["block · r2"].y) == [1.0, 1.0, 1.0]
 
 
 def test_influence_figure(report):
@@ -121,12 +167,31 @@ def test_influence_figure(report):
     assert list(kept.y) == pytest.approx([0.1, 0.2, 0.4])
 
 
+def test_influence_measured_elsewhere_fills_a_report_without_any(report):
+    report["block_influence"] = None
+    report["layers"] = [{**lay, "influence": None} for lay in report["layers"]]
+    assert "no data" in _annotations(viz.influence_figure(report))
+    fig = viz.influence_figure(report, [0.5, 0.1, 0.2, 0.3], source="dense model, computed here")
+    assert fig.layout.title.subtitle.text == "dense model, computed here"
+    assert sum(len(t.x) for t in fig.data) == 4
+    # the method's own scores win over ones measured elsewhere
+    report["block_influence"] = [0.3, 0.2, 0.01, 0.4]
+    assert list(viz.influence_figure(report, [9.0] * 4).data[1].y) == [0.01]
+
+
 def test_sizes_figure(report):
     fig = viz.sizes_figure(report)
     dense, comp = fig.data
     assert fig.layout.barmode == "group"
     assert list(dense.y) == [1000] * 4 and list(comp.y) == [600, 601, 0, 603]
     assert "mlp_dim = 20" in comp.customdata[0] and comp.customdata[2] == "removed"
+    assert fig.layout.xaxis.range == (-0.5, 3.5)
+
+
+def test_sizes_figure_overlays_a_second_run(report):
+    other = {**report, "layers": [{**lay, "params_compressed": 100} for lay in report["layers"]]}
+    dense, first, second = viz.sizes_figure(report, other, names=("r1", "r2")).data
+    assert (first.name, second.name) == ("r1", "r2") and list(second.y) == [100] * 4
 
 
 def _runs():
@@ -171,7 +236,7 @@ def test_loss_figure():
 
 
 @pytest.mark.parametrize("make", [
-    lambda r: viz.spectrum_figure(r, 0), lambda r: viz.spectra_overview_figure(r, "attn_input"),
+    lambda r: viz.spectrum_figure(r, 0), lambda r: viz.spectra_overview_figure(r, "attn_input", 0),
     lambda r: viz.leverage_figure(r, 0), viz.error_figure, viz.influence_figure, viz.sizes_figure,
     lambda r: viz.pareto_figure([]), lambda r: viz.accuracy_figure([]), lambda r: viz.loss_figure([]),
 ])

@@ -9,6 +9,7 @@ from .figures import (
     sizes_figure,
     spectra_overview_figure,
     spectrum_figure,
+    spectrum_title,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "pareto_figure",
     "loss_figure",
     "accuracy_figure",
+    "spectrum_title",
 ]

@@ -7,6 +7,7 @@ arguments (e.g. a layer index out of range) raise ``ValueError``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import plotly.graph_objects as go
@@ -83,14 +84,41 @@ def _cumulative_energy(values: list[float]) -> list[float] | None:
 
 
 # ----------------------------------------------------------------------------------------- spectra
-def spectrum_figure(report: dict, layer: int, key: str | None = None) -> go.Figure:
-    """Eigenvalue spectrum of one layer (all its spectra if ``key`` is None).
+SPECTRUM_TITLES = {"mlp_corr": "MLP activation correlation (Nyström)", "attn_input": "attention input",
+                   "mlp_input": "MLP input (PCA basis)", "block_output": "block output (PCA basis)"}
+_GROUPED = re.compile(r"vo_(group|head)(\d+)")
+X_AXES = ("index", "fraction")  # component number, or component number / spectrum length
 
-    Top row: eigenvalues (log y) against the 1-based component number, so the dotted marker at
-    x = kept rank sits on the last kept component. Bottom row: cumulative energy (cumsum / total).
+
+def spectrum_title(key: str) -> str:
+    """Plain words for a spectrum name of the report (``vo_group1`` -> "value–output, kv group 1")."""
+    grouped = _GROUPED.fullmatch(key)
+    if grouped:
+        return f"value–output, {'kv group' if grouped[1] == 'group' else 'head'} {grouped[2]}"
+    return SPECTRUM_TITLES.get(key, key.replace("_", " "))
+
+
+def _components(n: int, x_axis: str) -> list[float]:
+    """x of the sorted components 1..n: the number itself, or the fraction of the spectrum up to it."""
+    if x_axis not in X_AXES:
+        raise ValueError(f"x_axis must be one of {X_AXES}, got {x_axis!r}")
+    return [k / n for k in range(1, n + 1)] if x_axis == "fraction" else list(range(1, n + 1))
+
+
+def _x_title(x_axis: str) -> str:
+    return "fraction of components" if x_axis == "fraction" else "component (sorted, 1-based)"
+
+
+def spectrum_figure(report: dict, layer: int, key: str | None = None, x_axis: str = "index") -> go.Figure:
+    """One panel per spectrum of a layer (or only ``key``), each titled in plain words.
+
+    A panel shows the eigenvalues (log y, left) and their cumulative energy (right axis, 0–1)
+    against the component; its own dotted marker sits on the last kept component, labelled with the
+    rank kept and the energy it holds. ``x_axis="fraction"`` puts spectra of different lengths on
+    one 0–1 scale.
     """
     report = _as_dict(report)
-    title = f"Layer {layer} eigenvalue spectrum" + (f" ({key})" if key else "")
+    title = f"Layer {layer}: eigenvalue spectra and the rank kept"
     lay = _get_layer(report, layer)
     spectra = {k: v for k, v in ((lay or {}).get("spectra") or {}).items() if v}
     if key is not None:
@@ -98,64 +126,91 @@ def spectrum_figure(report: dict, layer: int, key: str | None = None) -> go.Figu
     if not spectra:
         return _no_data(title, f"layer {layer} has no spectrum" + (f" {key!r}" if key else ""))
 
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35],
-                        vertical_spacing=0.06)
-    kept = (lay.get("kept") or {})
+    cols = 1 if len(spectra) == 1 else 2
+    rows = math.ceil(len(spectra) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[spectrum_title(k) for k in spectra],
+                        specs=[[{"secondary_y": True}] * cols] * rows, vertical_spacing=0.3 / rows,
+                        horizontal_spacing=0.14)
+    kept = lay.get("kept") or {}
     for i, (name, values) in enumerate(spectra.items()):
-        color = PALETTE[i % len(PALETTE)]
-        x = list(range(1, len(values) + 1))
-        fig.add_trace(go.Scatter(x=x, y=_log_safe(values), name=name, legendgroup=name,
-                                 line_color=color, customdata=values,
-                                 hovertemplate=f"{name}<br>#%{{x}}: λ=%{{customdata:.4g}}<extra></extra>"),
-                      row=1, col=1)
+        row, col = i // cols + 1, i % cols + 1
+        x = _components(len(values), x_axis)
+        fig.add_trace(go.Scatter(x=x, y=_log_safe(values), name=name, showlegend=False, line_color=KEPT_COLOR,
+                                 customdata=values,
+                                 hovertemplate="#%{x}: λ=%{customdata:.4g}<extra>" + name + "</extra>"),
+                      row=row, col=col)
         energy = _cumulative_energy(values)
         if energy is not None:
-            fig.add_trace(go.Scatter(x=x, y=energy, name=f"{name} energy", legendgroup=name,
-                                     showlegend=False, line_color=color,
-                                     hovertemplate=f"{name}<br>first %{{x}}: %{{y:.1%}} energy<extra></extra>"),
-                          row=2, col=1)
-    for i, name in enumerate(spectra):  # after the traces so the marker spans both rows
-        if _finite(kept.get(name)):
-            fig.add_vline(x=kept[name], row="all", col=1, line_dash="dot",
-                          line_color=PALETTE[i % len(PALETTE)])
-            fig.add_annotation(x=kept[name], y=1, yref="y domain", xref="x", text=f"kept {kept[name]}",
-                               showarrow=False, xanchor="left", font_color=PALETTE[i % len(PALETTE)])
-    fig.update_layout(template=TEMPLATE, title=title, hovermode="closest")
-    fig.update_yaxes(type="log", title_text="eigenvalue", row=1, col=1)
-    fig.update_yaxes(title_text="cumulative energy", range=[0, 1.02], row=2, col=1)
-    fig.update_xaxes(title_text="component (sorted, 1-based)", row=2, col=1)
+            fig.add_trace(go.Scatter(x=x, y=energy, name=f"{name} energy", showlegend=False,
+                                     line=dict(color="#999999", dash="dash"),
+                                     hovertemplate="up to %{x}: %{y:.1%} energy<extra></extra>"),
+                          row=row, col=col, secondary_y=True)
+        rank = kept.get(name)
+        if _finite(rank) and 0 < rank <= len(values):
+            held = f" · {energy[int(rank) - 1]:.0%} energy" if energy is not None else ""
+            fig.add_vline(x=x[int(rank) - 1], row=row, col=col, line_dash="dot", line_color=DROPPED_COLOR,
+                          annotation_text=f"kept {int(rank)}/{len(values)}{held}",
+                          annotation_position="top left", annotation_font_color=DROPPED_COLOR)
+        fig.update_yaxes(type="log", exponentformat="power", row=row, col=col, secondary_y=False)
+        fig.update_yaxes(range=[0, 1.02], showgrid=False, tickformat=".0%", row=row, col=col,
+                         secondary_y=True)
+        fig.update_xaxes(title_text=_x_title(x_axis) if row == rows else None, row=row, col=col)
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, subtitle=dict(
+        text="eigenvalue (log, blue) · cumulative energy (dashed, right axis)")),
+        height=max(360, 270 * rows + 110), hovermode="closest", margin=dict(t=110))
     return fig
 
 
-def spectra_overview_figure(report: dict, key: str) -> go.Figure:
-    """All layers' spectra of one key, normalised by their largest eigenvalue, coloured by depth."""
+def spectra_overview_figure(report: dict, key: str, layer: int | None = None,
+                            x_axis: str = "index") -> go.Figure:
+    """Heat map, layers × components, of one spectrum normalised by each layer's largest eigenvalue
+    (log10), with every layer's kept rank marked and ``layer`` outlined."""
     report = _as_dict(report)
-    title = f"Normalised spectra of {key!r} across layers"
-    curves = []
+    title = f"{spectrum_title(key)}: normalised spectra by layer"
+    rows = []
     for i, lay in enumerate(_layers(report)):
         values = (lay.get("spectra") or {}).get(key) or []
         top = max((v for v in values if _finite(v)), default=0)
         if top > 0:
-            curves.append((lay.get("index", i), [v / top if _finite(v) else v for v in values]))
-    if not curves:
+            rows.append((lay.get("index", i), values, top, (lay.get("kept") or {}).get(key)))
+    if not rows:
         return _no_data(title, f"no layer has a spectrum {key!r}")
 
-    fig = _figure(title, "component (sorted, 1-based)", "λ / λ_max")
-    n_layers = max(len(_layers(report)) - 1, 1)
-    for idx, values in curves:
-        fig.add_trace(go.Scatter(x=list(range(1, len(values) + 1)), y=_log_safe(values),
-                                 name=f"layer {idx}", mode="lines",
-                                 line_color=sample_colorscale("Viridis", [idx / n_layers])[0],
-                                 hovertemplate=f"layer {idx}<br>#%{{x}}: %{{y:.3g}}<extra></extra>"))
-    fig.update_yaxes(type="log")
+    width = max(len(values) for _, values, _, _ in rows)
+    floor = -12.0  # log10 of the smallest ratio shown; smaller (and zero, negative) values sit on it
+    z = [[max(math.log10(v / top), floor) if _finite(v) and v > 0 else floor for v in values]
+         + [None] * (width - len(values)) for _, values, top, _ in rows]
+    x = _components(width, x_axis)
+    fig = _figure(title, _x_title(x_axis), "layer")
+    fig.add_trace(go.Heatmap(z=z, x=x, y=[idx for idx, *_ in rows], colorscale="Viridis", zmin=floor, zmax=0,
+                             colorbar=dict(title="log10 λ/λ_max"),
+                             hovertemplate="layer %{y}<br>#%{x}: 10^%{z:.2f}<extra></extra>"))
+    marks = [(idx, x[int(k) - 1]) for idx, values, _, k in rows if _finite(k) and 0 < k <= len(values)]
+    if marks:
+        fig.add_trace(go.Scatter(x=[m[1] for m in marks], y=[m[0] for m in marks], mode="markers",
+                                 name="kept rank", marker=dict(symbol="line-ns-open", size=10, color="white",
+                                                               line_width=2),
+                                 hovertemplate="layer %{y}: kept up to %{x}<extra></extra>"))
+    if layer is not None and any(idx == layer for idx, *_ in rows):
+        fig.add_shape(type="rect", xref="paper", x0=0, x1=1, y0=layer - 0.5, y1=layer + 0.5,
+                      line=dict(color=DROPPED_COLOR, width=2))
+    _layer_ticks(fig, len(_layers(report)), axis="y")
+    fig.update_layout(legend=dict(orientation="h", y=-0.2))
     return fig
 
 
 # ---------------------------------------------------------------------------------------- per layer
-def leverage_figure(report: dict, layer: int) -> go.Figure:
+def _layer_ticks(fig: go.Figure, n_layers: int, axis: str = "x") -> None:
+    """Integer layer ticks 0..n-1 only (no −1 or n from autorange padding), at most ~16 labels."""
+    step = max(1, math.ceil(n_layers / 16))
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    update(tickmode="linear", tick0=0, dtick=step, range=[-0.5, max(n_layers, 1) - 0.5])
+
+
+def leverage_figure(report: dict, layer: int, log_y: bool = False) -> go.Figure:
     """Ridge leverage scores of a layer's MLP channels, sorted descending, kept vs dropped."""
     report = _as_dict(report)
-    title = f"Layer {layer} MLP channel ridge leverage"
+    title = f"Layer {layer}: MLP channel ridge leverage, kept vs dropped"
     lev = (_get_layer(report, layer) or {}).get("leverage") or {}
     scores = lev.get("scores") or []
     if not scores:
@@ -170,73 +225,93 @@ def leverage_figure(report: dict, layer: int) -> go.Figure:
             x=ranks, y=[scores[order[r]] for r in ranks], customdata=[order[r] for r in ranks],
             mode="markers", marker_color=color, name=f"{label} ({len(ranks)})",
             hovertemplate="channel %{customdata}<br>rank %{x}<br>score %{y:.4g}<extra>" + label + "</extra>"))
+    if log_y:
+        fig.update_yaxes(type="log", exponentformat="power")
     return fig
 
 
-def error_figure(report: dict) -> go.Figure:
-    """Relative reconstruction error per layer, one trace per error key (removed layers skipped)."""
-    report = _as_dict(report)
+def _run_name(names, i: int) -> str:
+    return str(names[i]) if names and i < len(names) and names[i] else ("this run", "other run")[i]
+
+
+def error_figure(report: dict, other: dict | None = None, names: tuple = ()) -> go.Figure:
+    """Relative reconstruction error per layer, one trace per error key (removed layers skipped);
+    ``other`` (a second run's report) is overlaid in dashed lines, ``names`` label the two runs."""
     title = "Reconstruction error per layer"
-    live = [(lay.get("index", i), lay.get("errors") or {})
-            for i, lay in enumerate(_layers(report)) if not lay.get("removed")]
-    keys = list(dict.fromkeys(k for _, errs in live for k in errs))  # union, first-seen order
-    if not keys:
-        return _no_data(title, "no layer reports reconstruction errors")
-
+    reports = [_as_dict(report)] + ([_as_dict(other)] if other else [])
     fig = _figure(title, "layer", "relative Frobenius error")
-    for key in keys:
-        pts = [(idx, errs[key]) for idx, errs in live if _finite(errs.get(key))]
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=key,
-                                 mode="lines+markers",
-                                 hovertemplate=f"{key}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>"))
-    fig.update_xaxes(dtick=1)
+    for r, rep in enumerate(reports):
+        live = [(lay.get("index", i), lay.get("errors") or {})
+                for i, lay in enumerate(_layers(rep)) if not lay.get("removed")]
+        for j, key in enumerate(dict.fromkeys(k for _, errs in live for k in errs)):  # first-seen order
+            pts = [(idx, errs[key]) for idx, errs in live if _finite(errs.get(key))]
+            name = key if len(reports) == 1 else f"{key} · {_run_name(names, r)}"
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=name,
+                                     mode="lines+markers", line=dict(color=PALETTE[j % len(PALETTE)],
+                                                                     dash="dash" if r else "solid"),
+                                     hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>"))
+    if not fig.data:
+        return _no_data(title, "no layer reports reconstruction errors")
+    _layer_ticks(fig, max(len(_layers(rep)) for rep in reports))
     return fig
 
 
-def influence_figure(report: dict) -> go.Figure:
-    """Block Influence per layer (``block_influence`` or per-layer ``influence``), removed in red."""
+def influence_figure(report: dict, influence: list[float] | None = None, source: str = "") -> go.Figure:
+    """Block Influence per layer (``block_influence`` or per-layer ``influence``), removed in red.
+
+    ``influence``: scores measured elsewhere (the dense model's, computed on demand) for a report
+    without any; ``source`` says where they come from (shown under the title)."""
     report = _as_dict(report)
-    title = "Block Influence per layer"
+    title = "Block Influence per layer (1 − cos(block input, output))"
     layers = _layers(report)
     values = report.get("block_influence")
     if values is None:
         values = [lay.get("influence") for lay in layers]
+    if not any(_finite(v) for v in values) and influence is not None:
+        values = influence
+    else:
+        source = "measured by the method on its calibration tokens"
     removed = [bool(layers[i].get("removed")) if i < len(layers) else False for i in range(len(values))]
     pts = [(i, v, r) for i, (v, r) in enumerate(zip(values, removed)) if _finite(v)]
     if not pts:
         return _no_data(title, "the method did not compute Block Influence")
 
-    fig = _figure(title, "layer", "Block Influence (1 − cos(in, out))")
+    fig = _figure(title, "layer", "Block Influence")
+    fig.update_layout(title=dict(text=title, subtitle=dict(text=source)))
     for label, color, is_removed in (("kept", KEPT_COLOR, False), ("removed", DROPPED_COLOR, True)):
         sel = [p for p in pts if p[2] == is_removed]
         fig.add_trace(go.Bar(x=[p[0] for p in sel], y=[p[1] for p in sel], marker_color=color,
                              name=f"{label} ({len(sel)})",
                              hovertemplate="layer %{x}<br>BI %{y:.4g}<extra>" + label + "</extra>"))
-    fig.update_xaxes(dtick=1)
+    _layer_ticks(fig, len(values))
     return fig
 
 
-def sizes_figure(report: dict) -> go.Figure:
-    """Dense vs compressed parameters per layer (grouped bars); kept sizes shown on hover."""
-    report = _as_dict(report)
+def sizes_figure(report: dict, other: dict | None = None, names: tuple = ()) -> go.Figure:
+    """Dense vs compressed parameters per layer (grouped bars); kept sizes shown on hover;
+    ``other`` adds a second run's compressed bars."""
     title = "Parameters per layer"
-    layers = _layers(report)
+    reports = [_as_dict(report)] + ([_as_dict(other)] if other else [])
+    layers = _layers(reports[0])
     if not layers:
         return _no_data(title, "report has no layers")
 
-    x = [lay.get("index", i) for i, lay in enumerate(layers)]
-    hover = ["removed" if lay.get("removed") else
-             "<br>".join(f"{k} = {v}" for k, v in (lay.get("sizes") or {}).items()) or "—"
-             for lay in layers]
     fig = _figure(title, "layer", "parameters")
-    for label, field, color in (("dense", "params_dense", "#aaaaaa"),
-                                ("compressed", "params_compressed", KEPT_COLOR)):
-        fig.add_trace(go.Bar(x=x, y=[lay.get(field) or 0 for lay in layers], name=label,
-                             marker_color=color, customdata=hover,
+    fig.add_trace(go.Bar(x=[lay.get("index", i) for i, lay in enumerate(layers)],
+                         y=[lay.get("params_dense") or 0 for lay in layers], name="dense", marker_color="#aaaaaa",
+                         hovertemplate="layer %{x}<br>%{y:,} params<extra>dense</extra>"))
+    for r, rep in enumerate(reports):
+        lays = _layers(rep)
+        hover = ["removed" if lay.get("removed") else
+                 "<br>".join(f"{k} = {v}" for k, v in (lay.get("sizes") or {}).items()) or "—" for lay in lays]
+        name = "compressed" if len(reports) == 1 else _run_name(names, r)
+        fig.add_trace(go.Bar(x=[lay.get("index", i) for i, lay in enumerate(lays)],
+                             y=[lay.get("params_compressed") or 0 for lay in lays], name=name,
+                             marker_color=(KEPT_COLOR, "#ff7f0e")[r], customdata=hover,
                              hovertemplate="layer %{x}<br>%{y:,} params<br>%{customdata}<extra>"
-                                           + label + "</extra>"))
+                                           + name + "</extra>"))
     fig.update_layout(barmode="group")
-    fig.update_xaxes(dtick=1)
+    _layer_ticks(fig, max(len(_layers(rep)) for rep in reports))
     return fig
 
 
