@@ -141,7 +141,7 @@ class DenseCache:
         if key not in self.references:
             prompts = sources.chat_prompts("evaluation")[:conversations]
             replies = sources.cached_replies(model_identity(name), model, tokenizer, prompts, "evaluation",
-                                             sources.SelfChat(max_new_tokens=128), sample=False, progress=lambda f, m: progress(0.8 * f, m))
+                                             sources.CHAT_REFERENCE, sample=False, progress=lambda f, m: progress(0.8 * f, m))
             sequences, starts = [], []
             for prompt, reply in zip(prompts, replies):
                 head = sources.render(tokenizer, prompt)
@@ -196,8 +196,10 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     stages = Stages(progress, weights)
     cache = cache or DenseCache()
     step = stages.stage("calibration text")
+    t0 = time.perf_counter()
     fit, held_out, facts = calibration if calibration is not None else \
         calibration_tokens(name, dense, tokenizer, spec, progress=step)
+    facts = {**facts, "text_seconds": round(time.perf_counter() - t0, 3)}
     step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
     torch.manual_seed(int(seed))
     model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out)
@@ -247,7 +249,9 @@ def save(folder: Path, model, tokenizer, report: Report | dict, replace: bool = 
 
     The model is saved in the most portable exact format (:func:`compression.modeling.save_model`:
     the original architecture's class where the result fits it, else the compressed format with its
-    modeling code); the report records which, under ``export``."""
+    modeling code); the report records which, under ``export``. ``README.md`` is the model card
+    generated from that report (:func:`compression.card.model_card`)."""
+    from .card import model_card
     from .modeling import save_model
 
     folder = Path(folder)
@@ -260,6 +264,7 @@ def save(folder: Path, model, tokenizer, report: Report | dict, replace: bool = 
         if isinstance(report, Report):
             report.export = data["export"]
         write_json_atomic(tmp / "report.json", data)
+        (tmp / "README.md").write_text(model_card(data), encoding="utf-8")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
             folder.rename(old)
