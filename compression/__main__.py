@@ -101,6 +101,11 @@ def parse(argv):
     add_common(c)
     c.add_argument("--method", required=True, choices=list(METHODS))
     knob_flags(c)
+    c.add_argument("--calibration", default="wiki",
+                   help="calibration source: wiki, self-chat (the model's own replies under its chat "
+                        "template), code, text:FILE, hf:NAME[:CONFIG][:SPLIT], or a mixture like wiki+self-chat")
+    c.add_argument("--chat-eval", type=int, default=16,
+                   help="held-out instructions on which chat agreement with the dense model is measured (0: skip)")
     c.add_argument("--calib-samples", type=int, default=64)
     c.add_argument("--calib-len", type=int, default=512)
     c.add_argument("--no-eval", action="store_true", help="skip dense/compressed perplexity")
@@ -155,8 +160,14 @@ def cmd_compress(args) -> dict:
     config = get(args.method).make_config(method_values(args))
     for value, low, flag in ((args.calib_samples, 1, "--calib-samples"), (args.calib_len, 2, "--calib-len"),
                              (args.eval_windows, 0, "--eval-windows"), (args.eval_len, 2, "--eval-len"),
-                             (args.heal_tokens, 0, "--heal-tokens"), (args.lora_rank, 0, "--lora-rank")):
+                             (args.heal_tokens, 0, "--heal-tokens"), (args.lora_rank, 0, "--lora-rank"),
+                             (args.chat_eval, 0, "--chat-eval")):
         _at_least(value, low, flag)
+    from .sources import parse as parse_source
+
+    for part in parse_source(args.calibration):
+        if part.startswith("text:") and not Path(part[5:]).expanduser().is_file():
+            raise UsageError(f"--calibration {part}: no such file")
     heal_config = None
     if args.heal_tokens:
         from .heal import HealConfig
@@ -167,11 +178,12 @@ def cmd_compress(args) -> dict:
     pipeline.check_out_folder(args.out, args.force)
     check_model(args.model, args.trust_remote_code)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    spec = TextSpec(args.calib_samples, args.calib_len)
+    spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
     bar = tqdm_progress(args.method)
     compressed, report = pipeline.compress_and_measure(
         args.model, model, tokenizer, config, spec, eval_windows=0 if args.no_eval else args.eval_windows,
-        eval_len=args.eval_len, seed=args.seed, cache=pipeline.default_cache(), progress=bar)
+        eval_len=args.eval_len, chat_eval=0 if args.no_eval else args.chat_eval, seed=args.seed,
+        cache=pipeline.default_cache(), progress=bar)
     bar.close()
     del model
     if heal_config is not None:

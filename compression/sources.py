@@ -42,6 +42,10 @@ class SelfChat:
     batch_size: int = 16
 
 
+SELF_CHAT = SelfChat()                        # calibration replies: sampled
+CHAT_REFERENCE = SelfChat(max_new_tokens=128)  # the dense replies chat agreement is scored on: greedy
+
+
 def chat_prompts(part: str) -> list[str]:
     """The shipped instructions: ``"calibration"`` (220) or the disjoint ``"evaluation"`` set (32)."""
     data = json.loads(PROMPTS_FILE.read_text())
@@ -125,10 +129,11 @@ def cached_replies(model_id: str, model, tokenizer, prompts: list[str], kind: st
     return replies
 
 
-def self_chat_text(model_id: str, model, tokenizer, tokens_needed: int, settings: SelfChat = SelfChat(),
+def self_chat_text(model_id: str, model, tokenizer, tokens_needed: int, settings: SelfChat | None = None,
                    progress=None) -> str:
     """Conversations (instruction + the model's own sampled reply, chat template applied) until the
     text holds ``tokens_needed`` tokens; the prompt list is cycled with new seeds if it runs out."""
+    settings = settings or SELF_CHAT
     prompts, texts, used, rounds = chat_prompts("calibration"), [], 0, 0
     while used < tokens_needed:
         if rounds == 8:
