@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup setup-qwen app test test-fast bench bench-qwen clean
+.PHONY: setup setup-qwen app test test-fast space-sim bench bench-qwen clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# A Hugging Face Space simulated: fresh venv with requirements.txt only, SPACE_ID set, the app started,
+# one small compression through gradio_client (SPACE_SIM_DIR keeps the venv between runs).
+space-sim:
+	$(PY) .ci/space_sim.py
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench --out bench
