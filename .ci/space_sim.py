@@ -42,9 +42,13 @@ def make_venv(root: Path) -> Path:
     if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
         shutil.rmtree(root / "venv", ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(REPO / "requirements.txt")],
-                       check=True)
+        with open(root / "pip.log", "w") as log:  # pip's chatter goes to the log, shown on failure
+            for args in (["--upgrade", "pip"], ["-r", str(REPO / "requirements.txt")]):
+                done = subprocess.run([str(python), "-m", "pip", "install", "-q", *args], stdout=log,
+                                      stderr=subprocess.STDOUT)
+                if done.returncode:
+                    tail = (root / "pip.log").read_text().splitlines()[-20:]
+                    raise RuntimeError("pip install failed:\n" + "\n".join(tail))
         stamp.write_text(wanted)
     return python
 
@@ -97,7 +101,11 @@ def simulate() -> int:
     t0 = time.monotonic()
     root = Path(os.environ.get("SPACE_SIM_DIR") or tempfile.mkdtemp(prefix="space-sim-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    python = make_venv(root)
+    try:
+        python = make_venv(root)
+    except RuntimeError as err:
+        print(f"space-sim: {err}", flush=True)
+        return 1
     step(f"fresh environment with requirements.txt only in {root / 'venv'}", t0)
     app, port = copy_app(root / "app"), free_port()
     for stale in ("cache", "home"):  # a Space starts with neither

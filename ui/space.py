@@ -88,11 +88,12 @@ def prepare_space(run: Callable = subprocess.run) -> str | None:
 
 def gpu(job: str) -> Callable:
     """The ZeroGPU decorator for ``job`` (a key of :data:`GPU_SECONDS`); a no-op without ``spaces``."""
+    seconds = GPU_SECONDS[job]
     try:
         import spaces
     except ImportError:
         return lambda fn: fn
-    return spaces.GPU(duration=GPU_SECONDS[job])
+    return spaces.GPU(duration=seconds)
 
 
 def cpu_notice(cuda: bool) -> str | None:
