@@ -6,7 +6,8 @@ timings, calibration facts and warnings). The :class:`Report` is plain data; the
 travels beside it.
 
 Memory: the copy is made before any work, so the peak is the dense model twice plus one block's
-calibration activations; the compressed copy then shrinks as blocks are rewritten.
+calibration activations; the compressed copy then shrinks as blocks are rewritten. The report's
+``peak_memory_mb`` measures it (CUDA allocator peak, or the process's resident high-water mark on CPU).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .arch import block_params, count_params, refusal, view
+from .evaluate import PeakMemory
 from .methods import method_for
 from .report import Report
 
@@ -85,10 +87,11 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     params_dense, block_dense = count_params(model), block_params(model)
     progress(0.0, "copying the dense model")
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), PeakMemory(mv.device) as peak:
         working = copy.deepcopy(model)
         out, report = method.run(working, config, calibration, progress, held_out)
     report.compress_seconds = time.perf_counter() - t0
+    report.peak_memory_mb = peak.mb
     report.params_dense, report.block_params_dense = params_dense, block_dense
     report.params_compressed, report.block_params_compressed = count_params(out), block_params(out)
     report.calibration = {**facts, **report.calibration}

@@ -420,3 +420,48 @@ def chat_agreement(model, reference: ChatReference, progress: Progress = _noop) 
     return {"kl": sum(kl) / sum(tokens), "kl_ci": list(bootstrap_interval(kl, tokens)),
             "top1": sum(agree) / sum(tokens), "top1_ci": list(bootstrap_interval(agree, tokens)),
             "conversations": n, "tokens": int(sum(tokens))}
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+class PeakMemory:
+    """Peak memory of a block of work, in MB: the CUDA allocator's peak on ``device`` when it is a GPU,
+    else the process's resident-set high-water mark (Linux ``VmHWM``, reset on entry through
+    ``/proc/self/clear_refs``; elsewhere the lifetime peak, which can only overestimate)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.mb: float | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.mb = _high_water_bytes() / 2**20
+
+
+def _high_water_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -11,7 +11,8 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
 - ``params_dense`` / ``params_compressed``: all parameters, tied weights counted once
 - ``block_params_dense`` / ``block_params_compressed``: decoder blocks only
 - ``ppl_dense`` / ``ppl_compressed``: wiki perplexity (None when not evaluated)
-- ``calibration_seconds`` / ``compress_seconds``
+- ``calibration_seconds`` / ``compress_seconds``; ``peak_memory_mb``: peak memory while compressing
+    (CUDA allocator peak, or the process's resident high-water mark on CPU)
 - ``block_influence``: one float per original layer (None if the method did not compute it)
 - ``layers``: one :class:`LayerReport` dict per *original* layer:
     ``index``, ``removed`` (bool), ``params_dense``, ``params_compressed``,
@@ -91,6 +92,7 @@ class Report:
     export: dict[str, Any] = field(default_factory=dict)
     agreement: dict[str, Any] = field(default_factory=dict)
     agreement_chat: dict[str, Any] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
 
     @property
     def ratio_achieved(self) -> float:
@@ -174,6 +176,7 @@ TOP_LEVEL = {  # field -> (check, what it must be)
     "export": (lambda x: isinstance(x, dict), "an object"),
     "agreement": (lambda x: isinstance(x, dict), "an object"),
     "agreement_chat": (lambda x: isinstance(x, dict), "an object"),
+    "peak_memory_mb": (lambda x: x is None or _is_number(x), "a number or null"),
     "ratio_achieved": (lambda x: x is None or _is_number(x), "a number or null"),
 }
 LAYER = {

@@ -256,3 +256,17 @@ def test_rotary_tables_index_follows_rope_index_edits():
         assert torch.equal(cos_k[0, :, 0], expected_kv().float())
         assert torch.equal(cos_q[0, :, 0], expected_kv().repeat_interleave(
             base.num_attention_heads // groups, dim=0).float())
+
+
+def test_peak_memory_sees_a_large_allocation_and_reports_land_in_compress():
+    from compression.evaluate import PeakMemory, _high_water_bytes
+
+    with PeakMemory("cpu") as before:
+        pass
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB of fp32, touched
+        del block
+    assert peak.mb >= before.mb + 200
+    _, report = compress(tiny_model(), LayerDropConfig(layers=(1,)), None)
+    assert report.peak_memory_mb is not None and report.peak_memory_mb > 0
+    assert _high_water_bytes() > 0
