@@ -24,11 +24,10 @@ def offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _check(folder: Path, repo_id: str) -> None:
+def check_target(repo_id: str) -> None:
+    """HubError now if a push to ``repo_id`` cannot work (bad id, offline mode): call before long jobs."""
     if not REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a hub repo id (expected owner/name)")
-    if not (folder / "config.json").is_file():
-        raise HubError(f"{folder} is not a saved model folder (no config.json)")
     if offline():
         raise HubError("cannot push to the hub: offline mode is on (HF_HUB_OFFLINE); unset it to publish")
 
@@ -42,7 +41,9 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     """Create ``repo_id`` (a model repo; kept if it exists) and upload ``folder`` to it; returns its URL.
     ``token``: a hub token, else the one huggingface_hub finds (HF_TOKEN or a saved login)."""
     folder = Path(folder)
-    _check(folder, repo_id)
+    check_target(repo_id)
+    if not (folder / "config.json").is_file():
+        raise HubError(f"{folder} is not a saved model folder (no config.json)")
     from huggingface_hub import HfApi, get_session
 
     session = get_session()  # huggingface_hub's shared client: unbounded waits by default

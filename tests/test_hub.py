@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import constants
 
 from compression import hub
-from compression.hub import HubError, push_folder
+from compression.hub import HubError, check_target, push_folder
 
 
 @pytest.fixture
@@ -36,13 +36,20 @@ def test_offline_mode_is_refused_before_any_network_use(folder, monkeypatch, val
     assert "\n" not in str(err.value) and time.monotonic() - t0 < 1
 
 
-@pytest.mark.parametrize("repo, where", [("not a repo", "not a hub repo id"), ("a/b/c", "not a hub repo id")])
-def test_bad_repo_ids_are_refused(folder, repo, where):
-    with pytest.raises(HubError, match=where):
-        push_folder(folder, repo)
+@pytest.mark.parametrize("repo", ["not a repo", "a/b/c", "owner/name\n"])
+def test_bad_repo_ids_are_refused_before_any_work(folder, repo):
+    for call in (lambda: check_target(repo), lambda: push_folder(folder, repo)):
+        with pytest.raises(HubError, match="not a hub repo id"):
+            call()
 
 
-def test_a_folder_without_a_model_is_refused(tmp_path):
+def test_check_target_refuses_offline_mode(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="offline mode is on"):
+        check_target("someone/model")
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path, online):
     with pytest.raises(HubError, match="not a saved model folder"):
         push_folder(tmp_path, "someone/model")
 
