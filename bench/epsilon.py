@@ -6,7 +6,7 @@ benchmark); each ε then gives per-layer sparsities, applied as a manual allocat
 wiki perplexity is measured on the benchmark's 32 × 1024 evaluation windows. Results resume from and
 are written to ``bench/epsilon.json``; "uniform" is ε → ∞.
 
-    .venv/bin/python bench/epsilon.py [--ratio 0.25] [--epsilons 0.03,0.1,0.3,uniform]
+    .venv/bin/python -m bench.epsilon [--ratio 0.25] [--epsilons 0.03,0.1,0.3,uniform]
 """
 import argparse
 import json

@@ -5,7 +5,7 @@ relative error of the attention output (value/output projections left dense) on 
   pairs:    keep the top rotary pairs per kv group (CR scores, what Olica and MoDeGPT use here);
   low rank: W ≈ A B minimising ‖X(W − AB)‖ for q_proj and k_proj separately (RoPE applied after).
 
-    .venv/bin/python bench/qk_choice.py [--layers 0,7,15,22,29] [--keep 0.75] [--samples 8]
+    .venv/bin/python -m bench.qk_choice [--layers 0,7,15,22,29] [--keep 0.75] [--samples 8]
 """
 import argparse
 import copy

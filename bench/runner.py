@@ -181,9 +181,28 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
+HEADLINE = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")
+
+
+def zero_shot_interval(row: dict) -> float | None:
+    """95% half-width of a row's five-task average: 1.96 · sqrt(Σ se_i²) / 5 (independent tasks)."""
+    se = row.get("zero_shot_stderr") or {}
+    if row.get("zero_shot_avg") is None or not all(se.get(t) is not None for t in HEADLINE):
+        return None
+    return 1.96 * sum(se[t] ** 2 for t in HEADLINE) ** 0.5 / len(HEADLINE)
+
+
+def _with_interval(value, half, spec=".3f") -> str:
+    return _fmt(value, spec) + ("" if half is None or value is None else f" ±{half:{spec}}")
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
 def table(rows: list[dict]) -> str:
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
-    head = ["method", "ratio", "achieved", "params (M)", "wiki ppl", "0-shot avg", *tasks,
+    head = ["method", "ratio", "achieved", "params (M)", "wiki ppl", "0-shot avg ±95%", *tasks,
             "compress s", "prefill tok/s", "decode tok/s", "decode vs dense", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ("dense", "layerdrop", "slicegpt", "modegpt", "olica")
@@ -191,7 +210,9 @@ def table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["ratio"], rank(r["method"]), r["method"])):
         label = r["method"]
         cells = [label, _fmt(r["ratio"]), _fmt(r.get("ratio_achieved", 0.0), ".3f"),
-                 _fmt(r["params"] / 1e6, ".1f"), _fmt(r["ppl"]), _fmt(r.get("zero_shot_avg"), ".3f"),
+                 _fmt(r["params"] / 1e6, ".1f"),
+                 _fmt(r["ppl"]) + (" [{:.2f}, {:.2f}]".format(*r["ppl_ci"]) if r.get("ppl_ci") else ""),
+                 _with_interval(r.get("zero_shot_avg"), zero_shot_interval(r)),
                  *[_fmt(r.get("zero_shot", {}).get(t), ".3f") for t in tasks],
                  _fmt(r.get("compress_seconds"), ".0f"), _fmt(r["prefill_tok_s"], ".0f"),
                  _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("decode_speedup"), ".2f") + ("×" if r.get("decode_speedup") else ""),
@@ -222,8 +243,28 @@ def best_by_ratio(rows: list[dict]) -> str:
         others = sorted((r for r in rivals if r is not best), key=lambda r: r["ppl"])
         if others:
             text += "; then " + ", ".join(f"{r['method']} {r['ppl']:.2f}" for r in others)
+            text += ". " + separation(best, others[0])
         lines.append(text)
     return "\n".join(lines)
+
+
+def separation(best: dict, second: dict) -> str:
+    """Whether the top two are told apart: perplexity intervals (rows that have them) and zero-shot
+    average intervals."""
+    notes = []
+    if best.get("ppl_ci") and second.get("ppl_ci"):
+        apart = not _overlap(tuple(best["ppl_ci"]), tuple(second["ppl_ci"]))
+        notes.append(f"perplexity intervals {'do not overlap' if apart else 'overlap'}")
+    else:
+        notes.append("no perplexity interval recorded for these rows")
+    hb, hs = zero_shot_interval(best), zero_shot_interval(second)
+    if hb is not None and hs is not None:
+        a = (best["zero_shot_avg"] - hb, best["zero_shot_avg"] + hb)
+        b = (second["zero_shot_avg"] - hs, second["zero_shot_avg"] + hs)
+        notes.append(f"zero-shot averages {best['zero_shot_avg']:.3f} vs {second['zero_shot_avg']:.3f} are "
+                     + ("within each other's 95% interval: zero-shot does not separate them" if _overlap(a, b)
+                        else "separated by their 95% intervals"))
+    return f"{best['method']} vs {second['method']}: " + "; ".join(notes) + "."
 
 
 def plots(rows: list[dict], assets: Path, stem: str) -> list[Path]:
@@ -265,7 +306,7 @@ def respeed_note(rows: list[dict]) -> str:
         return ""
     others = [f"{r['method']} {r['ratio']:g}" for r in rows if r.get("speed_round") != stamps[-1]]
     text = (f" Speeds were measured again on {stamps[-1]} for every kept model at once, all alternating"
-            " with dense in one process (`bench/sweep.py --respeed`)")
+            " with dense in one process (`python -m bench.sweep --respeed`)")
     return text + (f"; these rows keep their own measurement: {', '.join(others)}." if others else ".")
 
 
@@ -278,8 +319,8 @@ def write_markdown(results: Path, markdown: Path, assets: Path, command: str) ->
     limit = settings.get("zero_shot_limit")
     text = f"""# Benchmarks: {settings['model']}
 
-Rows accumulate in `bench/results.json` from `make bench` (`python -m compression bench`: dense and
-every method at each ratio) and `python bench/sweep.py` (the same rows plus method variants); both
+Rows accumulate in `bench/results.json` from `make bench` (`python -m bench`: dense and
+every method at each ratio) and `python -m bench.sweep` (the same rows plus method variants); both
 resume, skipping rows already measured, and each row records its config. Last command: `{command}`
 
 Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads, device {m['device']}.
@@ -288,9 +329,11 @@ Perplexity: the first {settings['eval_windows']} non-overlapping 1024-token wind
 Zero-shot: lm-eval 0-shot on the offline task files, the first {limit if limit else 'all'} items of each
 validation set (lm-eval's `limit`: the same items for every row, not a random sample)
 (acc_norm for PIQA, HellaSwag, ARC; acc for WinoGrande, BoolQ); the average is over PIQA, HellaSwag,
-ARC-e, ARC-c and WinoGrande. At n = {limit} items a task accuracy has a 95% interval of about
+ARC-e, ARC-c and WinoGrande, shown with its 95% interval from lm-eval's per-task standard errors
+(1.96 · sqrt(Σ se²) / 5). At n = {limit} items a task accuracy has a 95% interval of about
 ±{_fmt(100 * 1.96 * (0.25 / limit) ** 0.5 if limit else 0, '.0f')} points, the five-task average about
-±{_fmt(100 * 1.96 * (0.25 / (5 * limit)) ** 0.5 if limit else 0, '.0f')} points.
+±{_fmt(100 * 1.96 * (0.25 / (5 * limit)) ** 0.5 if limit else 0, '.0f')} points: this table is the cheap
+overview, and zero-shot cannot separate rows whose intervals overlap.
 `ratio` is the target fraction of decoder-block parameters removed (`slicegpt-slicing`: the paper's
 slicing fraction of the hidden size); `achieved` is what the method removed, skip matrices and
 calibration branches included. Speeds: prefill of a 512-token prompt and greedy decode of 128 tokens

@@ -1,6 +1,6 @@
 """Screenshots of every tab of the app after a small compression, taken with headless Chromium.
 
-    python bench/screenshots.py [--model smollm2-135m] [--method layerdrop --ratio 0.25] [--out assets]
+    python -m bench.screenshots [--model smollm2-135m] [--method layerdrop --ratio 0.25] [--out assets]
 
 Launches the app in-process on a free local port (or uses --url), compresses, opens each tab, evaluates,
 chats, and writes assets/tab_<name>.png. Needs Debian's ``chromium`` and the ``playwright`` package

@@ -3,7 +3,7 @@
 Rounds alternate between the models (A B C ... A B C ...) so drift on a shared machine hits all of them
 alike; medians over rounds. Same thread count for all.
 
-    .venv/bin/python bench/speed.py runs/slice25/model runs/modegpt25/model ... [--rounds 5] [--json F]
+    .venv/bin/python -m bench.speed runs/slice25/model runs/modegpt25/model ... [--rounds 5] [--json F]
 """
 import argparse
 import json

@@ -4,8 +4,8 @@
 
 Resumable: rows already in results.json (with zero-shot, when it is asked for) are skipped.
 
-    .venv/bin/python bench/sweep.py [--labels modegpt,olica-nocal] [--ratios 0.25,0.1] [--limit 50]
-    .venv/bin/python bench/sweep.py --respeed   # every kept model's speed again, side by side
+    .venv/bin/python -m bench.sweep [--labels modegpt,olica-nocal] [--ratios 0.25,0.1] [--limit 50]
+    .venv/bin/python -m bench.sweep --respeed   # every kept model's speed again, side by side
 """
 import argparse
 import sys
@@ -51,7 +51,7 @@ if __name__ == "__main__":
     if args.respeed:
         bench.respeed(args.out, args.keep, log=lambda m: print(m, flush=True))
         bench.write_markdown(args.out / "results.json", Path("BENCHMARKS.md"), Path("assets"),
-                             "python bench/sweep.py --respeed")
+                             "python -m bench.sweep --respeed")
         sys.exit(0)
     labels = tuple(args.labels.split(","))
     unknown = [x for x in labels if x not in VARIANTS]
@@ -62,5 +62,5 @@ if __name__ == "__main__":
     bench.run(args.out, rows=rows(labels, ratios), tasks=tasks, limit=args.limit or None,
               log=lambda m: print(m, flush=True), keep=args.keep)
     bench.write_markdown(args.out / "results.json", Path("BENCHMARKS.md"), Path("assets"),
-                         f"python bench/sweep.py --labels {args.labels} --ratios {args.ratios} "
+                         f"python -m bench.sweep --labels {args.labels} --ratios {args.ratios} "
                          f"--limit {args.limit}")

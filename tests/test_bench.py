@@ -4,7 +4,7 @@ import json
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from compression import bench
+from bench import runner as bench
 from compression.models import resolve_source
 
 pytestmark = pytest.mark.slow  # lm-eval builds its task objects per row: minutes, not seconds
@@ -52,7 +52,7 @@ def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
     assert all(r.get("speed_round") for r in again) and len(again) == len(rows)
     assert all(r["decode_speedup"] > 0 for r in again if r["method"] != "dense")
     md = tmp_path / "BENCHMARKS.md"
-    bench.write_markdown(out / "results.json", md, tmp_path / "assets", "python -m compression bench")
+    bench.write_markdown(out / "results.json", md, tmp_path / "assets", "python -m bench")
     text = md.read_text()
     assert text.count("\n| ") >= 1 + len(rows) and "olica" in text
     assert len(list((tmp_path / "assets").glob("*.png"))) == 2

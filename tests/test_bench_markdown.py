@@ -1,5 +1,7 @@
 """The benchmark's table and summary lines from constructed rows (no model, no lm-eval)."""
-from compression import bench
+import pytest
+
+from bench import runner as bench
 
 
 def row(method, ratio, ppl, params, zs=None):
@@ -18,7 +20,24 @@ def test_best_by_ratio_picks_lowest_ppl_and_ignores_slicing_rows():
     assert lines[0].startswith("- 0.10: **modegpt**, ppl 15.00 (dense 10.00, 1.50×)")
     assert lines[1].startswith("- 0.25: **modegpt**, ppl 30.00")  # not slicegpt-slicing's 20.00
     assert "zero-shot 0.450 (dense 0.500)" in lines[1] and "0.760× the dense parameters" in lines[1]
-    assert lines[1].endswith("then olica 35.00, layerdrop 90.00")
+    assert "then olica 35.00, layerdrop 90.00." in lines[1]
+    assert "modegpt vs olica: no perplexity interval recorded" in lines[1]
+
+
+def _se(value):
+    return {t: value for t in bench.HEADLINE}
+
+
+def test_separation_of_the_top_two_uses_their_intervals():
+    a = dict(row("modegpt", 0.25, 30.0, 76, 0.45), zero_shot_stderr=_se(0.07), ppl_ci=[29.0, 31.0])
+    b = dict(row("olica", 0.25, 35.0, 76, 0.42), zero_shot_stderr=_se(0.07), ppl_ci=[33.5, 36.5])
+    text = bench.separation(a, b)
+    assert "perplexity intervals do not overlap" in text and "does not separate them" in text
+    near = dict(b, ppl_ci=[30.5, 36.0], zero_shot_avg=0.20, zero_shot_stderr=_se(0.01))
+    text = bench.separation(dict(a, zero_shot_stderr=_se(0.01)), near)
+    assert "perplexity intervals overlap" in text and "separated by their 95% intervals" in text
+    assert bench.zero_shot_interval(a) == pytest.approx(1.96 * (5 * 0.07 ** 2) ** 0.5 / 5)
+    assert "0.450 ±0.061" in bench.table([a])
 
 
 def test_table_has_a_line_per_row_sorted_by_ratio():
