@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from compression.arch import count_params
 
 pytestmark = pytest.mark.slow
-SMALL = ["--calib-samples", "8", "--calib-len", "256", "--eval-windows", "4"]
+SMALL = ["--calib-samples", "8", "--calib-len", "256", "--eval-windows", "4", "--chat-eval", "4"]
 
 
 def cli(*args, check=True):
@@ -82,3 +82,12 @@ def test_cli_rejects_bad_input_before_work():
         assert proc.returncode == 2
         lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and message in lines[0]
+
+
+def test_self_chat_calibration_keeps_source_and_chat_agreement(tmp_path):
+    report, model = compress_and_reload(tmp_path, "--method", "modegpt", "--ratio", "0.25",
+                                        "--calibration", "self-chat")
+    assert report["calibration"]["source"] == "self-chat"
+    chat = report["agreement_chat"]
+    assert chat["conversations"] == 4 and chat["kl"] > 0 and 0 < chat["top1"] < 1
+    assert report["agreement"]["kl"] > 0 and report["peak_memory_mb"] > 0
