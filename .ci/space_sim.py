@@ -101,9 +101,18 @@ def drive(url: str) -> int:
 
 
 def simulate() -> int:
-    t0 = time.monotonic()
-    root = Path(os.environ.get("SPACE_SIM_DIR") or tempfile.mkdtemp(prefix="space-sim-")).resolve()
+    """The whole simulation; a temporary folder (no SPACE_SIM_DIR) is removed when it passes."""
+    kept = os.environ.get("SPACE_SIM_DIR")
+    root = Path(kept or tempfile.mkdtemp(prefix="space-sim-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    code = run_in(root)
+    if code == 0 and not kept:
+        shutil.rmtree(root, ignore_errors=True)
+    return code
+
+
+def run_in(root: Path) -> int:
+    t0 = time.monotonic()
     try:
         python = make_venv(root)
     except RuntimeError as err:
