@@ -69,6 +69,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
     hover = ["hover-info"]
     models = list(dict.fromkeys([default_model, *PACKAGED_MODELS]))
     root = runs_root()
+    hidden = dict(api_visibility="private")
+    last = dict(trigger_mode="always_last")  # a change while the previous update runs is not lost
     with gr.Blocks(title="Training-free LM compression") as demo:
         state = gr.State(Session, delete_callback=Session.close)
         gr.Markdown(f"# Training-free compression of causal LMs\nMoDeGPT, Olica, SliceGPT and layer dropping "
@@ -104,33 +106,43 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                                     "dropping) or one value per layer, comma-separated; "
                                                     "press Enter to update the sliders")
 
+                        with gr.Row(visible=False, equal_height=True) as preset_row:
+                            preset = gr.Dropdown(list(forms.PRESETS), value=forms.PRESETS[1], label="Preset",
+                                                 elem_classes=hover,
+                                                 info="Block Influence: the dense model's, computed once")
+                            preset_k = gr.Number(2, precision=0, minimum=0, maximum=64, label="k",
+                                                 info="layers spared at each end", elem_classes=hover)
+                            preset_mean = gr.Slider(0.0, 0.9, value=0.25, step=0.01, label="Mean ratio")
+                            preset_btn = gr.Button("Apply preset", scale=0, min_width=120)
+                        preset_md = gr.Markdown("")
+                        # the editor follows this copy of the text: a listener on the text itself from
+                        # inside gr.render would replace the forecast's and the target's listeners
+                        per_layer_seen = gr.Textbox("", visible="hidden")
+
                         @gr.render(inputs=[n_layers, method, allocation, per_layer, ratio],
-                                   triggers=[n_layers.change, method.change, allocation.change,
-                                             per_layer.submit, demo.load])
+                                   triggers=[n_layers.change, method.change, allocation.change, demo.load])
                         def per_layer_editor(num, meth, alloc, text, target):
+                            """Sliders (checkboxes for layer dropping) kept in step with the text field:
+                            a release writes the text; a valid text (typed, or from a preset) moves them."""
                             num = int(num or 0)
                             if forms.allocation_value(alloc) != "manual" or not num:
                                 return
                             if meth == "layerdrop":
-                                try:
-                                    chosen = [v for v in forms.parse_list(text or "", int) if 0 <= v < num]
-                                except ValueError:
-                                    chosen = []
-                                box = gr.CheckboxGroup(list(range(num)), value=chosen, label="Blocks to drop",
-                                                       interactive=True)
-                                box.input(lambda v: ",".join(map(str, sorted(v))), box, per_layer)
+                                box = gr.CheckboxGroup(list(range(num)), value=forms.drop_indices(text, num),
+                                                       label="Blocks to drop", interactive=True)
+                                box.input(forms.indices_text, box, per_layer, **hidden)
+                                per_layer_seen.change(lambda t: forms.drop_indices(t, num), per_layer_seen, box,
+                                                      **hidden)
                                 return
-                            try:
-                                values = list(forms.parse_list(text or "", float))
-                            except ValueError:
-                                values = []
-                            values = values if len(values) == num else [target] * num
+                            values = forms.slider_values(text, num) or [target] * num
                             with gr.Row(equal_height=True):
-                                sliders = [gr.Slider(0.0, 0.95, value=v, step=0.01, label=f"layer {i}",
-                                                     min_width=110, interactive=True)
+                                sliders = [gr.Slider(0.0, forms.MAX_LAYER_VALUE, value=v, step=0.01,
+                                                     label=f"layer {i}", min_width=110, interactive=True)
                                            for i, v in enumerate(values)]
-                            gr.on([s.release for s in sliders], lambda *v: ",".join(f"{x:.2f}" for x in v),
-                                  sliders, per_layer)
+                            gr.on([s.release for s in sliders], lambda *v: forms.values_text(v), sliders, per_layer,
+                                  **hidden)
+                            per_layer_seen.change(lambda t: forms.slider_values(t, num) or [gr.update()] * num,
+                                                  per_layer_seen, sliders, **hidden, **last)
 
                     with gr.Column(scale=2):
                         forecast_md = gr.Markdown("### Forecast")
@@ -266,14 +278,15 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         inspect_out = [layer, key, inspect_md, fig_spectrum, fig_overview, fig_leverage, fig_errors,
                        fig_influence, fig_sizes]
         runs_out = [runs_df, fig_pareto, fig_acc]
-        hidden = dict(api_visibility="private")
-        last = dict(trigger_mode="always_last")  # a change while the previous update runs is not lost
         job = dict(concurrency_id=ACCEL, concurrency_limit=1)
         model.change(t.compress.model_info, model, [model_md, n_layers], **hidden)
         gr.on([demo.load, method.change, allocation.change], t.compress.layout, [method, allocation],
-              [allocation, method_md, slicing, per_layer, epsilon, *groups.values()], **hidden, **last)
+              [allocation, method_md, slicing, per_layer, preset_row, epsilon, *groups.values()], **hidden, **last)
+        preset_btn.click(t.compress.preset, [model, method, preset, preset_k, preset_mean, epsilon],
+                         [per_layer, preset_md], **hidden, **job)
         gr.on([allocation.change, method.change, n_layers.change], t.compress.default_per_layer,
               [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last)
+        per_layer.change(lambda text: text, per_layer, per_layer_seen, **hidden, queue=False)
         gr.on([allocation.change, method.change, per_layer.change], t.compress.achieved_target,
               [method, allocation, per_layer, ratio], ratio, **hidden, **last)
         gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.change,

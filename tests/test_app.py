@@ -195,16 +195,54 @@ def test_default_per_layer_and_method_switch(tabs):
     assert c.default_per_layer("modegpt", "manual", 0.25, 3, "1,2") == "0.25,0.25,0.25"
     assert c.default_per_layer("layerdrop", "manual", 0.25, 3, "2") == unchanged
     assert c.default_per_layer("layerdrop", "auto", 0.25, 3, "x") == unchanged
-    update, note, slicing, per_layer, epsilon, *groups = c.layout("layerdrop", "uniform")
+    update, note, slicing, per_layer, presets, epsilon, *groups = c.layout("layerdrop", "uniform")
     assert update["value"] == "auto"
     assert "Block Influence" in note and not slicing["visible"] and not per_layer["visible"]
+    assert not presets["visible"]
     from compression.methods import METHODS
 
     assert [g["visible"] for g in groups] == [name == "layerdrop" for name in METHODS]
-    _, _, slicing, per_layer, epsilon, *groups = c.layout("modegpt", "auto")
+    _, _, slicing, per_layer, presets, epsilon, *groups = c.layout("modegpt", "auto")
     assert epsilon["visible"] and not slicing["visible"]
-    assert c.layout("slicegpt", "manual")[3]["visible"]
+    assert c.layout("slicegpt", "manual")[3]["visible"] and c.layout("slicegpt", "manual")[4]["visible"]
     assert c.achieved_target("modegpt", "manual", "0.1,0.3", 0.25)["value"] == 0.2
+
+
+def test_slider_values_and_drop_indices_follow_the_text():
+    from ui import forms
+
+    assert forms.slider_values("0.1, 0.2", 2) == [0.1, 0.2]
+    assert forms.slider_values("0.1", 2) is None and forms.slider_values("0.1,0.99", 2) is None
+    assert forms.slider_values("a,b", 2) is None
+    assert forms.drop_indices("3, 0, 9", 4) == [0, 3] and forms.drop_indices("0.5", 4) == []
+    assert forms.values_text([0.1, 0.25]) == "0.10,0.25" and forms.indices_text([3, 1]) == "1,3"
+
+
+def test_presets_fill_the_per_layer_values(tabs, tiny_folder):
+    c = tabs.compress
+    text, note = c.preset(tiny_folder, "modegpt", "uniform", 0, 0.3)
+    assert text == "0.30,0.30" and note.startswith("✔")
+    text, _ = c.preset(tiny_folder, "modegpt", "automatic (Block Influence)", 0, 0.3)
+    values = [float(v) for v in text.split(",")]
+    assert sum(values) / 2 == pytest.approx(0.3, abs=0.01) and values[0] != values[1]
+    influence = tabs.ctx.store.block_influence(tiny_folder)  # cached: same numbers, no recompute
+    assert influence == tabs.ctx.store.block_influence(tiny_folder) and len(influence) == 2
+    update, note = c.preset(tiny_folder, "modegpt", "spare first/last k", 1, 0.3)  # 2 layers, k=1: none left
+    assert update == {"__type__": "update"} and note.startswith("⚠") and "k <" in note
+    text, note = c.preset(tiny_folder, "layerdrop", "automatic (Block Influence)", 0, 0.4)
+    assert text == str(min(range(2), key=influence.__getitem__))
+    assert c.preset(tiny_folder, "layerdrop", "uniform", 0, 0.4)[1].startswith("⚠")
+    assert "mean" in c.preset(tiny_folder, "modegpt", "uniform", 0, 5.0)[1]
+
+
+def test_spare_first_and_last_k_keeps_the_mean():
+    from ui import forms
+
+    values = forms.preset_values("spare first/last k", 10, 0.2, 2)
+    assert values[:2] == [0, 0] and values[-2:] == [0, 0] and sum(values) / 10 == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="lower the mean"):
+        forms.preset_values("spare first/last k", 10, 0.6, 2)
+    assert forms.preset_drops("spare first/last k", 0.2, 1, [0.0, 5, 5, 0.1, 0.0], [1] * 5) == [3]
 
 
 # ------------------------------------------------------------------------------------ other tabs

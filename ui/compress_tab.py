@@ -63,12 +63,13 @@ class CompressTab:
                 f"{info.params / 1e6:,.1f}M parameters"), info.num_layers
 
     def layout(self, method: str, allocation: str):
-        """(allocation, note, slicing checkbox, per-layer text, ε, one group per method)."""
+        """(allocation, note, slicing checkbox, per-layer text, presets, ε, one group per method)."""
         m = METHODS.get(method) or METHODS[DEFAULT_METHOD]
         allocation = forms.allocation_value(allocation)
         value = allocation if allocation in m.allocations else m.allocations[0]
         return (gr.update(value=value) if value != allocation else gr.update(), m.summary,
                 gr.update(visible=method == "slicegpt"), gr.update(visible=value == "manual"),
+                gr.update(visible=value == "manual"),
                 gr.update(visible=value == "auto" and "auto" in m.allocations and method != "layerdrop"),
                 *(gr.update(visible=method == name) for name in METHODS))
 
@@ -87,6 +88,27 @@ class CompressTab:
             return gr.update() if ok and "." not in (per_layer or "") else ""
         ok = len(values) == num_layers and all(0 <= v <= 0.95 for v in values)
         return gr.update() if ok else ",".join([f"{float(ratio):.2f}"] * num_layers)
+
+    def preset(self, name, method, preset, k=2, mean=0.25, epsilon=0.1):
+        """(per-layer text, note) for a preset of the manual editor; Block Influence is the dense
+        model's, computed once per model (it holds the model slot while it runs)."""
+        try:
+            with user_errors():
+                info = self.ctx.store.info((name or "").strip())
+                k, mean, epsilon = int(k or 0), float(mean), float(epsilon or 0.1)
+                if not 0.0 <= mean <= 0.9 or not 0 < epsilon <= 10:
+                    raise ValueError("the preset's mean must be in [0, 0.9] and ε in (0, 10]")
+                influence = None
+                if preset != "uniform" and (method == "layerdrop" or preset.startswith("automatic")):
+                    with self.ctx.slot:
+                        influence = self.ctx.store.block_influence(info.name)
+                if method == "layerdrop":
+                    drops = forms.preset_drops(preset, mean, k, influence, self.ctx.store.block_sizes(info.name))
+                    return forms.indices_text(drops), f"{OK} {preset}: dropping blocks {forms.indices_text(drops)}"
+                values = forms.preset_values(preset, info.num_layers, mean, k, influence, epsilon)
+        except gr.Error as err:
+            return gr.update(), f"{WARN} {err.message}"
+        return forms.values_text(values), f"{OK} {preset}: mean {sum(values) / len(values):.2f}"
 
     def _config(self, name, method, ratio, allocation, per_layer, slicing, batch_size=8, epsilon=0.1,
                 options=None):

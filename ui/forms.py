@@ -107,3 +107,79 @@ def get_label(config) -> str:
     from compression.methods import method_for
 
     return method_for(config).label
+
+
+# --- the per-layer editor: sliders (or checkboxes) <-> the text field, and presets ---------------
+MAX_LAYER_VALUE = 0.95  # the library's ceiling for one layer's sparsity (and slicing fraction)
+PRESETS = ("uniform", "automatic (Block Influence)", "spare first/last k")
+
+
+def slider_values(text: str, num_layers: int) -> list[float] | None:
+    """The per-layer values in ``text`` when they fit ``num_layers`` sliders, else None."""
+    try:
+        values = [float(v) for v in parse_list(text or "", float, "values")]
+    except ValueError:
+        return None
+    ok = len(values) == num_layers and all(0.0 <= v <= MAX_LAYER_VALUE for v in values)
+    return values if ok else None
+
+
+def drop_indices(text: str, num_layers: int) -> list[int]:
+    """The block indices in ``text`` that exist (an unreadable text picks none)."""
+    try:
+        return sorted({v for v in parse_list(text or "", int, "blocks") if 0 <= v < num_layers})
+    except ValueError:
+        return []
+
+
+def values_text(values) -> str:
+    return ",".join(f"{float(v):.2f}" for v in values)
+
+
+def indices_text(indices) -> str:
+    return ",".join(str(int(i)) for i in sorted(indices or ()))
+
+
+def spared(num_layers: int, k: int) -> set[int]:
+    """The first and last ``k`` layers; ValueError when that leaves none to compress."""
+    if not 0 <= k or 2 * k >= num_layers:
+        raise ValueError(f"spare first/last k needs 0 ≤ k < {num_layers / 2:g} for {num_layers} layers")
+    return set(range(k)) | set(range(num_layers - k, num_layers))
+
+
+def preset_values(preset: str, num_layers: int, mean: float, k: int = 2, influence=None,
+                  epsilon: float = 0.1) -> list[float]:
+    """Per-layer sparsities averaging ``mean``: the same everywhere, by Block Influence (the
+    library's entropic allocation, as automatic allocation does), or 0 on the first and last ``k``
+    layers and the rest spread evenly over the others."""
+    from compression.plan import entropic_allocation
+
+    if preset == "uniform":
+        return [mean] * num_layers
+    if preset == "automatic (Block Influence)":
+        return entropic_allocation(list(influence), mean, epsilon)
+    if preset == "spare first/last k":
+        keep = spared(num_layers, k)
+        each = mean * num_layers / (num_layers - len(keep))
+        if each > MAX_LAYER_VALUE:
+            raise ValueError(f"sparing {len(keep)} layers leaves {each:.0%} for each other layer "
+                             f"(at most {MAX_LAYER_VALUE:.0%}): lower the mean or k")
+        return [0.0 if i in keep else each for i in range(num_layers)]
+    raise ValueError(f"preset must be one of: {', '.join(PRESETS)}")
+
+
+def preset_drops(preset: str, ratio: float, k: int, influence, block_sizes: list[int]) -> list[int]:
+    """Blocks to drop for layer dropping: the lowest-influence ones reaching ``ratio`` (the library's
+    choice), optionally never the first and last ``k``."""
+    from compression.layerdrop import layers_to_drop
+
+    if preset == "uniform":
+        raise ValueError("layer dropping removes whole blocks: pick automatic or spare first/last k")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of: {', '.join(PRESETS)}")
+    keep = spared(len(block_sizes), k) if preset == "spare first/last k" else set()
+    top = max(influence) + 1.0
+    chosen = layers_to_drop([top if i in keep else s for i, s in enumerate(influence)], block_sizes, ratio)
+    if keep & set(chosen):
+        raise ValueError(f"a ratio of {ratio:.0%} needs blocks among the first/last {k}: lower the ratio or k")
+    return sorted(chosen)

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from compression.arch import arch_for, count_params
+from compression.arch import arch_for, count_params, view
+from compression.calibration import block_influence, capture_block_inputs
 from compression.data import TextSpec, chunk, tokenize, wiki_split
 from compression.models import (PACKAGED_MODELS, ModelError, default_device, load_config, load_model,
                                 resolve_dtype)
@@ -17,6 +18,7 @@ from compression.pipeline import DenseCache, calibration_tokens
 
 from .runs import on_space
 
+INFLUENCE_SPEC = TextSpec(16, 256)  # the CPU default calibration: Block Influence in ~10 s on 2 cores
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
@@ -55,6 +57,7 @@ class ModelStore:
         self._models: OrderedDict[str, tuple] = OrderedDict()
         self._infos: dict[str, ModelInfo] = {}
         self._tokens: dict[tuple, torch.Tensor] = {}  # (name, split) -> the wiki split tokenized once
+        self._influence: dict[str, list[float]] = {}  # name -> the dense model's Block Influence
         self._lock = threading.RLock()
 
     def info(self, name: str) -> ModelInfo:
@@ -102,6 +105,20 @@ class ModelStore:
     def eval_windows(self, name: str, num_windows: int, seq_len: int = 1024) -> torch.Tensor:
         """``num_windows`` held-out wiki windows, from the cached tokens."""
         return chunk(self.wiki_tokens(name, "evaluation"), num_windows, seq_len, "evaluation")
+
+    def block_influence(self, name: str) -> list[float]:
+        """The dense model's Block Influence on :data:`INFLUENCE_SPEC` wiki tokens, computed once per
+        model. It swaps the model's block list while it runs: call it holding the model slot."""
+        name = check_model_name(name)
+        if name not in self._influence:
+            mv = view(self.get(name)[0])
+            fit = self.calibration(name, INFLUENCE_SPEC)[0]
+            self._influence[name] = block_influence(mv, capture_block_inputs(mv, fit))
+        return list(self._influence[name])
+
+    def block_sizes(self, name: str) -> list[int]:
+        """Parameters of every decoder block, from the weightless skeleton."""
+        return [count_params(block) for block in view(self.info(name).skeleton).layers]
 
     def bytes_per_param(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
