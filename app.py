@@ -20,7 +20,7 @@ from ui.chat_tab import ChatTab
 from ui.common import ACCEL, Context
 from ui.compress_tab import DEFAULT_ALLOCATION, DEFAULT_METHOD, CompressTab, with_option_params
 from ui.evaluate_tab import EvaluateTab
-from ui.inspect_tab import InspectTab
+from ui.inspect_tab import NO_OVERLAY, X_AXIS_CHOICES, InspectTab
 from ui.runs import Session, max_upload_bytes, runs_root
 from ui.runs_tab import RUN_COLUMNS, RunsTab
 from ui.store import ModelStore
@@ -205,15 +205,22 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
             # ---------------------------------------------------------------- Inspect
             with gr.Tab("Inspect", id="inspect"):
                 inspect_md = gr.Markdown("No run yet: compress a model first.")
+                with gr.Row(equal_height=True):
+                    layer = gr.Slider(0, max(n0 - 1, 1), value=0, step=1, label="Layer", scale=2)
+                    x_axis = gr.Radio(X_AXIS_CHOICES, value="index", label="Spectra x-axis")
+                    other_run = gr.Dropdown([NO_OVERLAY], value=NO_OVERLAY, label="Overlay a second run",
+                                            info="on the error and size plots")
+                fig_spectrum = gr.Plot(label="spectra of the layer")
                 with gr.Row():
-                    layer = gr.Slider(0, max(n0 - 1, 1), value=0, step=1, label="Layer")
-                    key = gr.Dropdown(["all"], value="all", label="Spectrum", allow_custom_value=True)
+                    with gr.Column():
+                        key = gr.Dropdown([], value="", allow_custom_value=True, label="Spectrum for the heat map")
+                        fig_overview = gr.Plot(label="spectra by layer")
+                    with gr.Column():
+                        log_leverage = gr.Checkbox(False, label="Log scale for leverage")
+                        fig_leverage = gr.Plot(label="leverage")
                 with gr.Row():
-                    fig_spectrum, fig_overview = gr.Plot(label="spectrum"), gr.Plot(label="spectra by depth")
-                with gr.Row():
-                    fig_leverage, fig_errors = gr.Plot(label="leverage"), gr.Plot(label="errors")
-                with gr.Row():
-                    fig_influence, fig_sizes = gr.Plot(label="influence"), gr.Plot(label="sizes")
+                    fig_errors, fig_sizes = gr.Plot(label="errors"), gr.Plot(label="sizes")
+                fig_influence = gr.Plot(label="influence")
             # ---------------------------------------------------------------- Evaluate
             with gr.Tab("Evaluate", id="evaluate"):
                 try:
@@ -275,8 +282,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
 
         # ------------------------------------------------------------------------ wiring
         t = tabs
-        inspect_out = [layer, key, inspect_md, fig_spectrum, fig_overview, fig_leverage, fig_errors,
-                       fig_influence, fig_sizes]
+        inspect_out = [layer, key, other_run, inspect_md, fig_spectrum, fig_overview, fig_leverage, fig_errors,
+                       fig_sizes]
         runs_out = [runs_df, fig_pareto, fig_acc]
         job = dict(concurrency_id=ACCEL, concurrency_limit=1)
         model.change(t.compress.model_info, model, [model_md, n_layers], **hidden)
@@ -299,8 +306,10 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                     trigger_mode="once", show_progress="hidden", **job)
         compress_evt.then(t.runs.view, state, runs_out, **hidden)
         stop_btn.click(t.compress.stop, state, status, cancels=[compress_evt], queue=False, **hidden)
-        gr.on([run_dd.change, layer.input, key.input], t.inspect.inspect,
-              [state, run_dd, layer, key], inspect_out, api_name="inspect", **last)
+        gr.on([run_dd.change, layer.change, key.input, x_axis.input, log_leverage.input, other_run.input],
+              t.inspect.inspect, [state, run_dd, layer, key, x_axis, log_leverage, other_run], inspect_out,
+              api_name="inspect", **last)
+        run_dd.change(t.inspect.influence, [state, run_dd], fig_influence, **hidden, **job)
         run_dd.change(t.chat.pane_label, [state, run_dd], chat_comp, **hidden)
         ev_evt = ev_btn.click(t.evaluate.evaluate, [state, run_dd, ev_windows, ev_tasks, ev_limit, ev_speed],
                               [ev_progress, ev_table], api_name="evaluate", show_progress="hidden", **job)

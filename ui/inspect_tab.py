@@ -1,44 +1,79 @@
 """The Inspect tab: per-layer spectra, leverage scores, reconstruction errors, Block Influence and
-kept sizes of one run, drawn from its report alone (so a loaded report.json is enough)."""
+kept sizes of one run, drawn from its report alone (so a loaded report.json is enough), with a
+second run overlaid on the errors and sizes."""
 from __future__ import annotations
 
 import gradio as gr
 
 import viz
 
-from .common import Context, user_errors
+from .common import WARN, Context, user_errors
+from .store import INFLUENCE_SPEC
+
+X_AXIS_CHOICES = [("component index", "index"), ("fraction of components", "fraction")]
+NO_OVERLAY = "none"
+
+
+def _layer_number(value, num_layers: int) -> int:
+    """The layer asked for, clamped to the report's layers (anything unreadable is layer 0)."""
+    try:
+        asked = int(float(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        asked = 0
+    return min(max(asked, 0), max(num_layers - 1, 0))
 
 
 class InspectTab:
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
-    def inspect(self, session, run_id, layer=0, key="all"):
-        """(layer slider, spectrum picker, summary, spectrum, overview, leverage, errors, influence, sizes)."""
+    def inspect(self, session, run_id, layer=0, key="", x_axis="index", log_leverage=False, other_id=NO_OVERLAY):
+        """(layer slider, heat-map spectrum picker, second-run picker, summary, spectra, heat map,
+        leverage, errors, sizes)."""
         if not session.runs:
-            empty = [viz.spectrum_figure({}, 0)] + [viz.error_figure({})] * 5
-            return gr.update(), gr.update(), "No run yet: compress a model first.", *empty
+            empty = [viz.spectrum_figure({}, 0)] + [viz.error_figure({})] * 4
+            return gr.update(), gr.update(), gr.update(), "No run yet: compress a model first.", *empty
         with user_errors():
             run = session.get(run_id)
+            other = session.get(other_id) if other_id not in (None, "", NO_OVERLAY) else None
+            x_axis = x_axis if x_axis in viz.X_AXES else "index"
         rep = run.report
         layers = rep.get("layers") or []
-        try:
-            asked = int(float(layer or 0))
-        except (TypeError, ValueError):
-            asked = 0
-        layer = min(max(asked, 0), max(len(layers) - 1, 0))
-        keys = list((layers[layer].get("spectra") or {}) if layers else {})
-        all_keys = list(dict.fromkeys(k for lay in layers for k in (lay.get("spectra") or {})))
-        asked_key, key = key, key if key in keys else "all"
-        overview_key = key if key != "all" else (keys or all_keys or ["attn_input"])[0]
+        index = _layer_number(layer, len(layers))
+        keys = list(dict.fromkeys(k for lay in layers for k in (lay.get("spectra") or {})))
+        heat_key = key if key in keys else (keys[0] if keys else "")
+        others = [(NO_OVERLAY, NO_OVERLAY)] + [(r.label, r.id) for r in session.runs.values() if r.id != run.id]
         measured_on = (rep.get("extra") or {}).get("errors_measured_on", "calibration (in-sample)")
         summary = (f"**{run.id}** · {rep.get('method')} on `{run.model_name}` · "
                    f"{rep.get('params_dense', 0) / 1e6:,.1f}M → {rep.get('params_compressed', 0) / 1e6:,.1f}M "
                    f"parameters · target {rep.get('ratio_target') or 0:.0%}, achieved "
                    f"{rep.get('ratio_achieved') or 0:.1%} · errors measured on {measured_on} tokens")
+        names = (run.id, other.id if other else "")
+        other_report = other.report if other else None
         # values are sent back only when they change, so a late reply never undoes the user's pick
-        return (gr.update(maximum=max(len(layers) - 1, 1), **({"value": layer} if layer != asked else {})),
-                gr.update(choices=["all", *keys], **({"value": key} if key != asked_key else {})), summary,
-                viz.spectrum_figure(rep, layer, None if key == "all" else key),
-                viz.spectra_overview_figure(rep, overview_key), viz.leverage_figure(rep, layer),
-                viz.error_figure(rep), viz.influence_figure(rep), viz.sizes_figure(rep))
+        return (gr.update(maximum=max(len(layers) - 1, 1), **({"value": index} if index != layer else {})),
+                gr.update(choices=[(viz.spectrum_title(k), k) for k in keys],
+                          **({"value": heat_key} if heat_key != key else {})),
+                gr.update(choices=others, **({} if other or other_id == NO_OVERLAY else {"value": NO_OVERLAY})),
+                summary, viz.spectrum_figure(rep, index, x_axis=x_axis),
+                viz.spectra_overview_figure(rep, heat_key, index, x_axis),
+                viz.leverage_figure(rep, index, bool(log_leverage)),
+                viz.error_figure(rep, other_report, names), viz.sizes_figure(rep, other_report, names))
+
+    def influence(self, session, run_id):
+        """Block Influence of the run; when its method did not measure it, the dense model's,
+        computed once per model (it holds the model slot while it runs)."""
+        if not session.runs:
+            return viz.influence_figure({})
+        with user_errors():
+            run = session.get(run_id)
+        if viz.has_influence(run.report):
+            return viz.influence_figure(run.report)
+        try:
+            with user_errors(), self.ctx.slot:
+                scores = self.ctx.store.block_influence(run.model_name)
+        except gr.Error as err:
+            return viz.influence_figure(run.report, source=f"{WARN} cannot measure it here: {err.message}")
+        return viz.influence_figure(run.report, scores, source=(
+            f"the method did not use it: the dense model's, on {INFLUENCE_SPEC.num_samples} × "
+            f"{INFLUENCE_SPEC.seq_len} wiki calibration tokens"))

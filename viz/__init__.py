@@ -1,7 +1,9 @@
 """Plotly figures for compression Reports (plain dicts; no torch, no ``compression`` import)."""
 from .figures import (
+    X_AXES,
     accuracy_figure,
     error_figure,
+    has_influence,
     influence_figure,
     leverage_figure,
     loss_figure,
@@ -13,6 +15,7 @@ from .figures import (
 )
 
 __all__ = [
+    "X_AXES",
     "spectrum_figure",
     "spectra_overview_figure",
     "leverage_figure",
@@ -23,4 +26,5 @@ __all__ = [
     "loss_figure",
     "accuracy_figure",
     "spectrum_title",
+    "has_influence",
 ]

@@ -166,6 +166,8 @@ def spectra_overview_figure(report: dict, key: str, layer: int | None = None,
     """Heat map, layers × components, of one spectrum normalised by each layer's largest eigenvalue
     (log10), with every layer's kept rank marked and ``layer`` outlined."""
     report = _as_dict(report)
+    if not key:
+        return _no_data("Normalised spectra by layer", "the report has no spectra")
     title = f"{spectrum_title(key)}: normalised spectra by layer"
     rows = []
     for i, lay in enumerate(_layers(report)):
@@ -256,6 +258,13 @@ def error_figure(report: dict, other: dict | None = None, names: tuple = ()) -> 
     return fig
 
 
+def has_influence(report: dict) -> bool:
+    """Whether the report holds Block Influence scores of its own."""
+    report = _as_dict(report)
+    values = report.get("block_influence") or [lay.get("influence") for lay in _layers(report)]
+    return any(_finite(v) for v in values)
+
+
 def influence_figure(report: dict, influence: list[float] | None = None, source: str = "") -> go.Figure:
     """Block Influence per layer (``block_influence`` or per-layer ``influence``), removed in red.
 
@@ -267,14 +276,14 @@ def influence_figure(report: dict, influence: list[float] | None = None, source:
     values = report.get("block_influence")
     if values is None:
         values = [lay.get("influence") for lay in layers]
-    if not any(_finite(v) for v in values) and influence is not None:
-        values = influence
-    else:
+    if has_influence(report):
         source = "measured by the method on its calibration tokens"
+    elif influence is not None:
+        values = influence
     removed = [bool(layers[i].get("removed")) if i < len(layers) else False for i in range(len(values))]
     pts = [(i, v, r) for i, (v, r) in enumerate(zip(values, removed)) if _finite(v)]
     if not pts:
-        return _no_data(title, "the method did not compute Block Influence")
+        return _no_data(title, source or "the method did not compute Block Influence")
 
     fig = _figure(title, "layer", "Block Influence")
     fig.update_layout(title=dict(text=title, subtitle=dict(text=source)))
