@@ -142,6 +142,7 @@ def run_in(root: Path) -> int:
     if code:
         print("space-sim: FAILED; app log tail:\n" + "".join((root / "app.log").read_text().splitlines(True)[-40:]))
     step("passed" if code == 0 else "failed", t0)
+    print(f"space-sim: {int(code == 0)} passed, {int(code != 0)} failed", flush=True)  # CI's closing line
     return code
 
 
