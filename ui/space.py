@@ -101,7 +101,7 @@ def cpu_notice(cuda: bool) -> str | None:
     if cuda or not on_space():
         return None
     cores = os.cpu_count() or 1
-    return (f"**Running on CPU ({cores} cores).** Measured on 2 cores: MoDeGPT at 25% on the default model "
-            "with 16 × 256 calibration tokens takes about 4 minutes; perplexity and zero-shot evaluation "
-            "add minutes more. Each job shows its progress and time left, and Stop frees the slot. "
-            "Duplicate this Space onto GPU hardware for larger models.")
+    return (f"**Running on CPU ({cores} cores).** Measured on 2 shared cores with the default model: layer "
+            "dropping with 4 × 64 calibration tokens takes 7–13 s, MoDeGPT at 25% with 16 × 256 about 4 "
+            "minutes; perplexity and zero-shot evaluation add minutes more. Each job shows its progress and "
+            "time left, and Stop frees the slot. Duplicate this Space onto GPU hardware for larger models.")
