@@ -1,6 +1,7 @@
 """The Gradio app on a tiny random Llama (real SmolLM2 tokenizer): tab handlers called directly, then
 the launched app driven through gradio_client (compress -> inspect -> evaluate -> chat)."""
 import json
+import re
 import os
 import socket
 
@@ -286,8 +287,9 @@ def test_evaluate_table_states_its_sample(tabs, compressed):
     table = {r[0]: r for r in rows}
     assert "perplexity (wiki, 1 × 1024-token windows; 95% interval)" in table
     assert any(name.startswith("top-1 next-token agreement") for name in table)
-    for metric in ("parameters", "block parameters", "weights (MB)", "prefill tokens/s", "decode tokens/s",
-                   "peak memory (MB)"):
+    for metric in ("parameters", "block parameters", "weights (MB)", "peak memory (MB)",
+                   "prefill tokens/s (median of 5 alternating rounds)",
+                   "decode tokens/s (median of 5 alternating rounds)"):
         assert metric in table, metric
     assert table["block parameters"][3].startswith("-") and table["weights (MB)"][1].endswith("MB")
     assert compressed.get("r1").report["evaluation"]["ppl"]["windows"] == 1
@@ -301,6 +303,7 @@ def test_chat_streams_both_models_with_same_seed(tabs, compressed):
     assert cleared == "" and dense[0] == {"role": "user", "content": "Hello!"}
     for history in (dense, comp):
         assert history[-1]["role"] == "assistant" and "tok/s" in history[-1]["content"]
+        assert re.search(r"first token \d+\.\d\d s · \d+\.\d tok/s</sub>$", history[-1]["content"])
     again = list(chat(compressed, "Hello!", [], [], "r1", "", temperature=0.8, max_new_tokens=6, seed=3))[-1]
     assert STATS.sub("", again[0][-1]["content"]) == STATS.sub("", dense[-1]["content"])
     turn2 = list(chat(compressed, "More", dense, comp, "r1", "", max_new_tokens=3))[-1]

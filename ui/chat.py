@@ -131,7 +131,7 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
     """Answer ``message`` with every (model, tokenizer) in ``pairs`` in lockstep, same settings and seed.
 
     Yields the updated histories (gradio "messages" format) after each step; a ``<sub>... tok/s</sub>``
-    line with tokens and tokens/s closes every reply. A pair may be None (that side is left alone).
+    line closes every reply: tokens, time to the first token, and decode tokens/s after it. A pair may be None (that side is left alone).
     """
     histories = [list(h or []) for h in histories]
     streams = []
@@ -143,6 +143,7 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
         streams.append(generate(model, tok, build_prompt(tok, hist, message, s.chat_template), s))
         hist += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
     alive = [st is not None for st in streams]
+    first = [None] * len(streams)  # seconds to the first token: the prompt's prefill and one sample
     while any(alive):
         for i, st in enumerate(streams):
             if not alive[i]:
@@ -155,8 +156,11 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
             except StopIteration:
                 alive[i] = False
                 continue
-            rate = n / seconds if seconds else 0.0
-            text = text or NO_REPLY
+            if first[i] is None and n:
+                first[i] = seconds
+            decode = seconds - (first[i] or 0.0)
+            rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
+            ttft = f"first token {first[i]:.2f} s · " if first[i] is not None else ""
             histories[i][-1] = {"role": "assistant",
-                                "content": f"{text}\n\n<sub>{n} tokens · {rate:.1f} tok/s</sub>"}
+                                "content": f"{text or NO_REPLY}\n\n<sub>{n} tokens · {ttft}{rate:.1f} tok/s</sub>"}
         yield histories

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from compression.evaluate import sizes, speed
+from compression.evaluate import sizes, speed_side_by_side
 from compression.pipeline import Stages, measure_against
 
 from .common import Context, megabytes, user_errors
@@ -16,12 +16,13 @@ METRIC_NAMES = {"params": "parameters", "block_params": "block parameters", "byt
                 "prefill_tok_s": "prefill tokens/s", "decode_tok_s": "decode tokens/s",
                 "peak_mem_mb": "peak memory (MB)"}
 MAX_LIMIT = 10_000
+SPEED_ROUNDS = 5  # dense and compressed timed in turn, medians over rounds: drift hits both alike
 
 
-def evaluate_model(model, tokenizer, tasks=(), limit=None, measure_speed=False,
-                   progress=lambda f, m: None, speed_args=None) -> dict:
-    """Sizes, zero-shot and speed of one model, as one flat dict (perplexity and agreement are
-    measured for both models at once, see :func:`compression.pipeline.measure_against`)."""
+def evaluate_model(model, tokenizer, tasks=(), limit=None, progress=lambda f, m: None) -> dict:
+    """Sizes and zero-shot of one model, as one flat dict (perplexity, agreement and speed are
+    measured for both models at once: :func:`compression.pipeline.measure_against`,
+    :func:`compression.evaluate.speed_side_by_side`)."""
     out: dict[str, Any] = dict(sizes(model))
     if tasks:
         from compression.zeroshot import zero_shot
@@ -36,9 +37,6 @@ def evaluate_model(model, tokenizer, tasks=(), limit=None, measure_speed=False,
         if mean.get("acc") is not None:
             out["zero_shot_avg"] = {"acc": mean["acc"], "stderr": mean.get("stderr"), "n": mean.get("n"),
                                     "metric": f"mean of {len(tasks)} tasks"}
-    if measure_speed:
-        progress(0.95, "speed: prefill and decode")
-        out.update(speed(model, **(speed_args or {})))
     return out
 
 
@@ -61,7 +59,7 @@ def compare_rows(dense: dict, comp: dict) -> list[list]:
     windows = comp.get("ppl_windows")
     for key in dict.fromkeys([*comp, *dense]):
         a, b = dense.get(key), comp.get(key)
-        if key in ("threads", "ppl_windows", "ppl_ci", "agreement") or a is None or b is None:
+        if key in ("threads", "ppl_windows", "ppl_ci", "agreement", "speed_rounds") or a is None or b is None:
             continue
         name = METRIC_NAMES.get(key, key)
         if key == "ppl":
@@ -79,7 +77,7 @@ def compare_rows(dense: dict, comp: dict) -> list[list]:
         b_val = b["acc"] if isinstance(b, dict) else b
         delta = f"{100 * (b_val - a_val) / a_val:+.1f}%" if a_val else ""
         if key in ("prefill_tok_s", "decode_tok_s"):
-            delta += " (CPU timings drift: compare side by side, see bench/speed.py)"
+            name += f" (median of {comp.get('speed_rounds')} alternating rounds)"
         shown = _fmt(key, b)
         if key == "ppl" and comp.get("ppl_ci"):
             shown += " [{:.2f}, {:.2f}]".format(*comp["ppl_ci"])
@@ -107,15 +105,18 @@ class EvaluateTab:
             tasks = tuple(tasks or ())
             if any(t not in TASKS for t in tasks):
                 raise ValueError(f"zero-shot tasks must be among {', '.join(TASKS)}")
-        speed_args = {} if self.ctx.on_gpu else {"prompt_len": 128, "new_tokens": 32, "repeats": 3}
-        args = dict(tasks=tasks, limit=limit, measure_speed=bool(measure_speed), speed_args=speed_args)
+        speed_args = {"rounds": SPEED_ROUNDS} if self.ctx.on_gpu else \
+            {"prompt_len": 128, "new_tokens": 32, "rounds": SPEED_ROUNDS}
+        args = dict(tasks=tasks, limit=limit)
 
         def job(progress):
             weights = {"dense model": 1.0, "compressed model": 1.0}
             if windows:
                 weights.update({"dense reference": 0.5, "compressed perplexity and agreement": 0.5})
+            if measure_speed:
+                weights["speed, dense and compressed in alternating rounds"] = 0.3
             stages = Stages(progress, weights)
-            key = json.dumps([run.model_name, "eval", list(tasks), limit, bool(measure_speed)])
+            key = json.dumps([run.model_name, "eval", list(tasks), limit])
             dense = store.dense.get(key)
             step = stages.stage("dense model")
             dense_model, tok = store.get(run.model_name)
@@ -134,6 +135,11 @@ class EvaluateTab:
                 comp["kl"], comp["top1"] = agreement["kl"], agreement["top1"]
                 dense["kl"], dense["top1"] = 0.0, 1.0
                 comp["agreement"] = agreement
+            if measure_speed:
+                stages.stage("speed, dense and compressed in alternating rounds")(0.0, "timing")
+                timed = speed_side_by_side({"dense": dense_model, "compressed": run.model}, **speed_args)
+                dense.update(timed["dense"])
+                comp.update(timed["compressed"], speed_rounds=SPEED_ROUNDS)
             return dense, comp
 
         try:
