@@ -16,6 +16,7 @@ from pathlib import Path
 from . import knobs as K
 from .data import CalibrationError, TextSpec, evaluation_windows
 from .files import FileError, write_json_atomic
+from .hub import HubError, check_target, push_folder
 from .methods import METHODS, UnknownMethod, get
 from .models import DEFAULT_MODEL, ModelError
 from .report import ReportError
@@ -115,6 +116,9 @@ def parse(argv):
     c.add_argument("--heal-seq-len", type=int, default=256)
     c.add_argument("--out", required=True, type=Path, help="a new or empty folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    c.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="after saving, upload the folder to this hub model repo (owner/name, created if "
+                        "missing); needs the network and a token (HF_TOKEN or a saved login)")
     e = sub.add_parser("eval", help="perplexity, size, speed and zero-shot of a model; JSON out")
     add_common(e)
     e.add_argument("--json", type=Path, default=None, help="also write the results to this file")
@@ -176,6 +180,8 @@ def cmd_compress(args) -> dict:
                                  seq_len=args.heal_seq_len, seed=args.seed,
                                  offset=args.calib_samples * args.calib_len)
     pipeline.check_out_folder(args.out, args.force)
+    if args.push_to_hub:
+        check_target(args.push_to_hub)
     check_model(args.model, args.trust_remote_code)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
@@ -199,6 +205,8 @@ def cmd_compress(args) -> dict:
                        ppl_healed=report.heal.get("ppl_after"))
     summary["warnings"] = report.warnings
     summary["out"] = str(args.out)
+    if args.push_to_hub:
+        summary["hub_url"] = push_folder(args.out, args.push_to_hub)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return summary
@@ -285,7 +293,7 @@ def main(argv=None) -> int:
     commands = {"compress": cmd_compress, "eval": cmd_eval, "methods": cmd_methods}
     try:
         result = commands[args.command](args)
-    except (UsageError, ModelError, CalibrationError, FileError, ReportError, UnknownMethod,
+    except (UsageError, ModelError, CalibrationError, FileError, ReportError, UnknownMethod, HubError,
             ValueError, OSError) as err:
         if os.environ.get("COMPRESSION_DEBUG"):
             raise

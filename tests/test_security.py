@@ -271,6 +271,8 @@ def cli(*args):
     (["--method", "modegpt", "--ridge", "0"], "ridge must be in"),
     (["--method", "slicegpt", "--ridge", "1"], "--ridge does not apply to slicegpt"),
     (["--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--calibration", "web"], "unknown calibration source"),
+    (["--push-to-hub", "me/x"], "offline mode is on"),
 ])
 def test_cli_rejects_bad_numbers_before_loading(extra, message, capsys, tmp_path, monkeypatch):
     import compression.models as M
