@@ -87,7 +87,7 @@ def _flow(page, url, out, method, ratio, prompt, timeout_s, saved=None, saved_la
         layer_box = page.get_by_label("number input for Layer")
         layer_box.fill(str(saved_layer))
         layer_box.press("Tab")  # the slider's box reports on blur
-        page.get_by_text(f"Layer {saved_layer} eigenvalue spectrum").first.wait_for(timeout=ms)
+        page.get_by_text(f"Layer {saved_layer}: eigenvalue spectra").first.wait_for(timeout=ms)
         page.wait_for_timeout(2000)
         page.screenshot(path=str(out / "tab_inspect_saved.png"), full_page=True)
         chat(page, out / "tab_chat_saved.png", prompt, ms, timeout_s)
@@ -132,6 +132,7 @@ def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
 
     page.get_by_role("tab", name="Inspect").click()
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=ms)
+    page.get_by_text("Block Influence per layer").first.wait_for(timeout=ms)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(out / "tab_inspect.png"), full_page=True)
 

@@ -33,56 +33,150 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def url(tiny_folder):  # noqa: F811
+def _serve(model):
     import app
 
-    demo = app.build_app(tiny_folder, device="cpu")
+    demo = app.build_app(model, device="cpu")
     demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
                         quiet=True, css=app.CSS)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        try:
+            chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        except Exception as err:  # noqa: BLE001  e.g. a chromium that cannot start in this sandbox
+            pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(err).splitlines()[0]}")
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def url(tiny_folder):  # noqa: F811
+    demo = _serve(tiny_folder)
     yield demo.local_url
     demo.close()
 
 
 @pytest.fixture(scope="module")
-def page(url):
-    with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        except Exception as err:  # noqa: BLE001  e.g. a chromium that cannot start in this sandbox
-            pytest.skip(f"Chromium at {CHROMIUM} does not start: {str(err).splitlines()[0]}")
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+def page(url, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    yield page
+    page.close()
+
+
+SLIDERS = "input[aria-label^='range slider for layer']"
+PAINTED = """sel => { const e = document.querySelector(sel); if (!e) return false;
+  for (let n = e; n && n !== document.body; n = n.parentElement) {  // no 0-height or hidden ancestor
+    const r = n.getBoundingClientRect(), st = getComputedStyle(n);
+    if (r.height <= 0 || st.display === 'none' || st.visibility === 'hidden') return false; }
+  return true; }"""
+
+
+def _values(page, n):
+    return [page.get_by_label(f"number input for layer {i}").input_value() for i in range(n)]
+
+
+def _forecast(page, mean: str) -> str:
+    """The forecast line once the target ratio shows ``mean`` (manual: the mean of the values)."""
+    page.wait_for_function("m => document.querySelector('[aria-label^=\"number input for Target ratio\"]')"
+                           ".value === m", arg=mean)
+    page.wait_for_timeout(1000)  # the forecast is sent in the same round of updates
+    return page.get_by_text("Blocks lose").first.inner_text()
+
+
+def test_the_default_model_gets_one_interactive_slider_per_layer(browser):
+    from compression.models import DEFAULT_MODEL
+    from ui.store import ModelStore
+
+    layers = ModelStore("cpu").info(DEFAULT_MODEL).num_layers  # the config only: no weights
+    demo = _serve(DEFAULT_MODEL)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        yield page
-        browser.close()
+        page.goto(demo.local_url)
+        page.get_by_label("manual").check()
+        page.get_by_label(f"range slider for layer {layers - 1}").wait_for()
+        assert page.locator(SLIDERS).count() == layers == 30
+        assert page.locator(SLIDERS + ":disabled").count() == 0
+    finally:
+        page.close()
+        demo.close()
 
 
-def test_compress_inspect_and_chat_in_the_browser(page, tmp_path):
+def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
     try:
         page.get_by_text("Training-free compression").first.wait_for()
-        # manual allocation: one slider per layer of the chosen model
+        # manual allocation: one interactive slider per layer of the chosen model, in step with the text
         page.get_by_label("MoDeGPT").check()
         page.get_by_text("Rebuilds each block").first.wait_for()  # the form follows the method
         page.get_by_label("manual").check()
         page.get_by_label("range slider for layer 1").wait_for()
-        assert page.get_by_label("range slider for layer 2").count() == 0
-        # layer dropping, manual: a checkbox per block; then automatic (Block Influence) for the run
+        assert page.locator(SLIDERS).count() == 2 and page.locator(SLIDERS + ":disabled").count() == 0
+        text = page.get_by_role("textbox", name="Per-layer values")
+        text.fill("0.10,0.40")
+        text.press("Enter")
+        page.wait_for_function("() => document.querySelector('[aria-label=\"number input for layer 1\"]')"
+                               ".value === '0.4'")
+        assert _values(page, 2) == ["0.1", "0.4"]
+        forecast = _forecast(page, "0.25")  # the forecast and the read-only mean follow the text
+        box = page.get_by_label("number input for layer 0")
+        box.fill("0.3")
+        box.press("Enter")
+        box.blur()  # a slider's release (on blur) writes the text, and the forecast and the mean follow
+        page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value === '0.30,0.40')")
+        assert _forecast(page, "0.35") != forecast
+        # method switched under manual: no parse error, the checkboxes of layer dropping, then back
         page.get_by_label("Layer dropping (ShortGPT / LayerChop)").check()
-        page.get_by_text("Deletes whole decoder blocks").first.wait_for()
         page.get_by_text("Blocks to drop").first.wait_for()
-        page.get_by_label("automatic").check()
-        page.get_by_text("Blocks lose 50.0%").first.wait_for()  # live forecast: 1 of 2 blocks goes
+        page.get_by_text("Deletes whole decoder blocks").first.wait_for()
+        assert page.get_by_text("invalid literal").count() == 0 and page.get_by_text("cannot read").count() == 0
+        page.get_by_label("MoDeGPT").check()
+        page.get_by_label("range slider for layer 1").wait_for()
+        page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => /^0\\.\\d\\d,0\\.\\d\\d$/"
+                               ".test(t.value))")
+        assert page.get_by_text("⚠").count() == 0
+
+        # the first Compress of the session paints its progress within seconds; Stop stops it
+        page.get_by_role("button", name="Compress", exact=True).click()
+        page.wait_for_function(PAINTED, arg=".job-progress", timeout=20_000)
+        assert page.locator(".job-progress").bounding_box()["height"] > 0
+        page.get_by_role("button", name="Stop", exact=True).first.click()
+        page.get_by_text("Stopped. The dense model is untouched.").wait_for()
+
         page.get_by_label("Samples").fill("4")
         page.get_by_label("Tokens each").fill("64")
         page.get_by_role("button", name="Compress", exact=True).click()
-        status = page.get_by_text("✔").first
+        status = page.get_by_text("✔ r1").first
         status.wait_for()
-        assert "r1" in status.inner_text()
 
+        # Inspect: a titled panel per kind of spectrum, and Block Influence the method did not measure
         page.get_by_role("tab", name="Inspect").click()
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=TIMEOUT_MS)
-        assert page.get_by_text("Block Influence per layer").count() >= 1
+        for title in ("MLP activation correlation (Nyström)", "attention input", "value–output, kv group 0",
+                      "normalised spectra by layer", "MLP channel ridge leverage", "Reconstruction error per layer",
+                      "Parameters per layer"):
+            assert page.get_by_text(title).count() >= 1, title
+        page.get_by_text("the dense model's, on").first.wait_for()  # computed on demand, not "no data"
+        layer_box = page.get_by_label("number input for Layer")
+        layer_box.fill("1")
+        layer_box.press("Enter")
+        page.get_by_text("Layer 1: eigenvalue spectra").first.wait_for()
+
+        # Evaluate: every number states its sample
+        page.get_by_role("tab", name="Evaluate").click()
+        page.get_by_label("number input for Perplexity windows", exact=True).fill("1")
+        page.get_by_label("Zero-shot items per task").fill("5")
+        page.get_by_label("piqa").check()
+        page.get_by_role("button", name="Evaluate dense vs compressed").click()
+        table = page.locator("table").filter(has_text="perplexity (wiki")
+        table.wait_for()
+        for sample in ("1 × 1024-token windows", "(n=5)", "median of 5 alternating rounds", "(1 windows)"):
+            assert table.get_by_text(sample).count() >= 1, sample
 
         page.get_by_role("tab", name="Chat").click()
         box = page.get_by_placeholder("Message both models…")
@@ -91,7 +185,7 @@ def test_compress_inspect_and_chat_in_the_browser(page, tmp_path):
         page.wait_for_function(
             "[...document.querySelectorAll('[data-testid=\"bot\"]')]"
             ".filter(e => e.innerText.includes('tok/s')).length >= 2", timeout=TIMEOUT_MS)
-        replies = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
+        replies = page.locator('[data-testid="bot"]').filter(has_text="first token")
         assert replies.count() == 2
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
