@@ -115,15 +115,18 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                             preset_mean = gr.Slider(0.0, 0.9, value=0.25, step=0.01, label="Mean ratio")
                             preset_btn = gr.Button("Apply preset", scale=0, min_width=120)
                         preset_md = gr.Markdown("")
-                        # the editor follows this copy of the text: a listener on the text itself from
-                        # inside gr.render would replace the forecast's and the target's listeners
+                        # the editor follows this copy of the text, updated only when the text is usable
+                        # (no redraw per keystroke); gr.render triggered by the text itself would replace
+                        # the forecast's and the target's listeners
                         per_layer_seen = gr.Textbox("", visible="hidden")
 
-                        @gr.render(inputs=[n_layers, method, allocation, per_layer, ratio],
-                                   triggers=[n_layers.change, method.change, allocation.change, demo.load])
+                        @gr.render(inputs=[n_layers, method, allocation, per_layer_seen, ratio],
+                                   triggers=[n_layers.change, method.change, allocation.change, demo.load,
+                                             per_layer_seen.change])
                         def per_layer_editor(num, meth, alloc, text, target):
-                            """Sliders (checkboxes for layer dropping) kept in step with the text field:
-                            a release writes the text; a valid text (typed, or from a preset) moves them."""
+                            """Sliders (checkboxes for layer dropping) drawn from the last usable text;
+                            a release writes the text. No listener here watches an outer component:
+                            a re-render would orphan it while an update is on its way."""
                             num = int(num or 0)
                             if forms.allocation_value(alloc) != "manual" or not num:
                                 return
@@ -131,8 +134,6 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                 box = gr.CheckboxGroup(list(range(num)), value=forms.drop_indices(text, num),
                                                        label="Blocks to drop", interactive=True)
                                 box.input(forms.indices_text, box, per_layer, **hidden)
-                                per_layer_seen.change(lambda t: forms.drop_indices(t, num), per_layer_seen, box,
-                                                      **hidden)
                                 return
                             values = forms.slider_values(text, num) or [target] * num
                             with gr.Row(equal_height=True):
@@ -141,8 +142,6 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                            for i, v in enumerate(values)]
                             gr.on([s.release for s in sliders], lambda *v: forms.values_text(v), sliders, per_layer,
                                   **hidden)
-                            per_layer_seen.change(lambda t: forms.slider_values(t, num) or [gr.update()] * num,
-                                                  per_layer_seen, sliders, **hidden, **last)
 
                     with gr.Column(scale=2):
                         forecast_md = gr.Markdown("### Forecast")
@@ -293,7 +292,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                          [per_layer, preset_md], **hidden, **job)
         gr.on([allocation.change, method.change, n_layers.change], t.compress.default_per_layer,
               [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last)
-        per_layer.change(lambda text: text, per_layer, per_layer_seen, **hidden, queue=False)
+        per_layer.change(forms.usable_text, [per_layer, method, n_layers], per_layer_seen, **hidden, queue=False)
         gr.on([allocation.change, method.change, per_layer.change], t.compress.achieved_target,
               [method, allocation, per_layer, ratio], ratio, **hidden, **last)
         gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.change,

@@ -124,6 +124,14 @@ def slider_values(text: str, num_layers: int) -> list[float] | None:
     return values if ok else None
 
 
+def usable_text(text: str, method: str, num_layers) -> str | dict:
+    """``text`` when the editor can show it (any text for layer dropping's checkboxes, a full set of
+    values for the sliders); otherwise no update, so half-typed values do not redraw the sliders."""
+    if method == "layerdrop" or slider_values(text, int(num_layers or 0)) is not None:
+        return text
+    return {"__type__": "update"}
+
+
 def drop_indices(text: str, num_layers: int) -> list[int]:
     """The block indices in ``text`` that exist (an unreadable text picks none)."""
     try:
