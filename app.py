@@ -23,15 +23,8 @@ from ui.evaluate_tab import EvaluateTab
 from ui.inspect_tab import NO_OVERLAY, X_AXIS_CHOICES, InspectTab
 from ui.runs import Session, max_upload_bytes, runs_root
 from ui.runs_tab import RUN_COLUMNS, RunsTab
+from ui.space import cpu_notice, prepare_space
 from ui.store import ModelStore
-
-try:  # Hugging Face ZeroGPU: borrow a GPU per call; a no-op decorator elsewhere
-    import spaces
-
-    GPU = spaces.GPU
-except ImportError:
-    def GPU(fn=None, **_):
-        return fn if fn is not None else (lambda f: f)
 
 CHAT_EXAMPLES = ["Explain photosynthesis to a ten-year-old.", "Write a haiku about autumn.",
                  "What is the capital of France, and why is it famous?",
@@ -81,6 +74,9 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         with gr.Tabs():
             # ---------------------------------------------------------------- Compress
             with gr.Tab("Compress", id="compress"):
+                notice = cpu_notice(gpu)
+                if notice:
+                    gr.Markdown(notice)
                 with gr.Row():
                     with gr.Column(scale=3):
                         model = gr.Dropdown(models, value=default_model, allow_custom_value=True, label="Model",
@@ -343,6 +339,7 @@ def unload(ctx: Context, request: gr.Request = None):
 
 def main(**launch_kwargs):
     """Serve the app (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by gradio's launch)."""
+    prepare_space()  # on a Space: the --no-deps offline assets, before the default model is needed
     model = os.environ.get("COMPRESSION_APP_MODEL", DEFAULT_MODEL)
     launch_kwargs.setdefault("max_file_size", max_upload_bytes())
     return build_app(model).queue(default_concurrency_limit=4).launch(css=CSS, **launch_kwargs)

