@@ -111,33 +111,13 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                             preset_mean = gr.Slider(0.0, 0.9, value=0.25, step=0.01, label="Mean ratio")
                             preset_btn = gr.Button("Apply preset", scale=0, min_width=120)
                         preset_md = gr.Markdown("")
-                        # the editor follows this copy of the text, updated only when the text is usable
-                        # (no redraw per keystroke); gr.render triggered by the text itself would replace
-                        # the forecast's and the target's listeners
-                        per_layer_seen = gr.Textbox("", visible="hidden")
-
-                        @gr.render(inputs=[n_layers, method, allocation, per_layer_seen, ratio],
-                                   triggers=[n_layers.change, method.change, allocation.change, demo.load,
-                                             per_layer_seen.change])
-                        def per_layer_editor(num, meth, alloc, text, target):
-                            """Sliders (checkboxes for layer dropping) drawn from the last usable text;
-                            a release writes the text. No listener here watches an outer component:
-                            a re-render would orphan it while an update is on its way."""
-                            num = int(num or 0)
-                            if forms.allocation_value(alloc) != "manual" or not num:
-                                return
-                            if meth == "layerdrop":
-                                box = gr.CheckboxGroup(list(range(num)), value=forms.drop_indices(text, num),
-                                                       label="Blocks to drop", interactive=True)
-                                box.input(forms.indices_text, box, per_layer, **hidden)
-                                return
-                            values = forms.slider_values(text, num) or [target] * num
-                            with gr.Row(equal_height=True):
-                                sliders = [gr.Slider(0.0, forms.MAX_LAYER_VALUE, value=v, step=0.01,
-                                                     label=f"layer {i}", min_width=110, interactive=True)
-                                           for i, v in enumerate(values)]
-                            gr.on([s.release for s in sliders], lambda *v: forms.values_text(v), sliders, per_layer,
-                                  **hidden)
+                        # the per-layer editor: fixed components shown as needed (components made by
+                        # gr.render orphan their listeners when it redraws while an update is on its way)
+                        with gr.Row(equal_height=True, visible=False) as slider_row:
+                            sliders = [gr.Slider(0.0, forms.MAX_LAYER_VALUE, value=0.25, step=0.01,
+                                                 label=f"layer {i}", min_width=110, interactive=True, visible=False)
+                                       for i in range(forms.MAX_SLIDERS)]
+                        drop_box = gr.CheckboxGroup([], label="Blocks to drop", interactive=True, visible=False)
 
                     with gr.Column(scale=2):
                         forecast_md = gr.Markdown("### Forecast")
@@ -238,7 +218,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                 ev_btn = gr.Button("Evaluate dense vs compressed", variant="primary")
                 ev_progress = gr.HTML("")
                 ev_table = gr.Dataframe(headers=["metric", "dense", "compressed", "Δ %"],
-                                        label="dense vs compressed", interactive=False)
+                                        label="dense vs compressed", interactive=False, max_height=1000)
             # ---------------------------------------------------------------- Chat
             with gr.Tab("Chat", id="chat"):
                 with gr.Row():
@@ -288,7 +268,12 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                          [per_layer, preset_md], **hidden, **job)
         gr.on([allocation.change, method.change, n_layers.change], t.compress.default_per_layer,
               [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last)
-        per_layer.change(forms.usable_text, [per_layer, method, n_layers], per_layer_seen, **hidden, queue=False)
+        gr.on([demo.load, n_layers.change, method.change, allocation.change], t.compress.editor_layout,
+              [n_layers, method, allocation], [slider_row, drop_box, *sliders], **hidden, **last)
+        per_layer.change(t.compress.editor_values, [per_layer, method, n_layers], [drop_box, *sliders], **hidden,
+                         **last)
+        gr.on([s.release for s in sliders], t.compress.slider_text, [n_layers, *sliders], per_layer, **hidden)
+        drop_box.input(forms.indices_text, drop_box, per_layer, **hidden)
         gr.on([allocation.change, method.change, per_layer.change], t.compress.achieved_target,
               [method, allocation, per_layer, ratio], ratio, **hidden, **last)
         gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.change,

@@ -84,7 +84,7 @@ def _flow(page, url, out, method, ratio, prompt, timeout_s, saved=None, saved_la
         page.get_by_role("tab", name="Inspect").click()
         page.get_by_text("r2 · ").first.wait_for(timeout=ms) if method != "none" else \
             page.get_by_text("r1 · ").first.wait_for(timeout=ms)
-        layer_box = page.get_by_label("number input for Layer")
+        layer_box = page.get_by_label("number input for Layer", exact=True)
         layer_box.fill(str(saved_layer))
         layer_box.press("Tab")  # the slider's box reports on blur
         page.get_by_text(f"Layer {saved_layer}: eigenvalue spectra").first.wait_for(timeout=ms)

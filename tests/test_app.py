@@ -219,6 +219,24 @@ def test_slider_values_and_drop_indices_follow_the_text():
     assert forms.values_text([0.1, 0.25]) == "0.10,0.25" and forms.indices_text([3, 1]) == "1,3"
 
 
+def test_per_layer_editor_shows_one_slider_per_layer_and_follows_usable_text(tabs):
+    from ui import forms
+
+    c = tabs.compress
+    row, box, *sliders = c.editor_layout(30, "modegpt", "manual")
+    assert row["visible"] and not box["visible"] and len(sliders) == forms.MAX_SLIDERS
+    assert [s["visible"] for s in sliders] == [i < 30 for i in range(forms.MAX_SLIDERS)]
+    row, box, *sliders = c.editor_layout(3, "layerdrop", "manual")
+    assert not row["visible"] and box["visible"] and box["choices"] == [0, 1, 2]
+    assert not c.editor_layout(3, "modegpt", "auto")[0]["visible"]
+    assert not c.editor_layout(forms.MAX_SLIDERS + 1, "modegpt", "manual")[0]["visible"]  # text field alone
+    box, *values = c.editor_values("0.1,0.2", "modegpt", 2)
+    assert values[:2] == [0.1, 0.2] and values[2] == {"__type__": "update"}
+    assert c.editor_values("0.1,", "modegpt", 2)[1] == {"__type__": "update"}  # half-typed: nothing moves
+    assert c.editor_values("2, 0", "layerdrop", 3)[0] == [0, 2]
+    assert c.slider_text(2, 0.1, 0.25, 0.5) == "0.10,0.25"
+
+
 def test_presets_fill_the_per_layer_values(tabs, tiny_folder):
     c = tabs.compress
     text, note = c.preset(tiny_folder, "modegpt", "uniform", 0, 0.3)

@@ -118,6 +118,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("range slider for layer 1").wait_for()
         assert page.locator(SLIDERS).count() == 2 and page.locator(SLIDERS + ":disabled").count() == 0
         text = page.get_by_role("textbox", name="Per-layer values")
+        page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value === '0.25,0.25')")
         text.fill("0.10,0.40")
         text.press("Enter")
         page.wait_for_function("() => document.querySelector('[aria-label=\"number input for layer 1\"]')"
@@ -134,19 +135,19 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("Layer dropping (ShortGPT / LayerChop)").check()
         page.get_by_text("Blocks to drop").first.wait_for()
         page.get_by_text("Deletes whole decoder blocks").first.wait_for()
-        assert page.get_by_text("invalid literal").count() == 0 and page.get_by_text("cannot read").count() == 0
+        page.wait_for_function("() => !/invalid literal|cannot read/.test(document.body.innerText)", timeout=30_000)
         page.get_by_label("MoDeGPT").check()
         page.get_by_label("range slider for layer 1").wait_for()
         page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => /^0\\.\\d\\d,0\\.\\d\\d$/"
                                ".test(t.value))")
-        assert page.get_by_text("⚠").count() == 0
+        page.wait_for_function("() => !document.body.innerText.includes('⚠')", timeout=30_000)
 
         # the first Compress of the session paints its progress within seconds; Stop stops it
         page.get_by_role("button", name="Compress", exact=True).click()
         page.wait_for_function(PAINTED, arg=".job-progress", timeout=20_000)
         assert page.locator(".job-progress").bounding_box()["height"] > 0
         page.get_by_role("button", name="Stop", exact=True).first.click()
-        page.get_by_text("Stopped. The dense model is untouched.").wait_for()
+        page.get_by_text("the dense model is untouched").first.wait_for()  # "Stopping…", then "Stopped."
 
         page.get_by_label("Samples").fill("4")
         page.get_by_label("Tokens each").fill("64")
@@ -162,7 +163,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
                       "Parameters per layer"):
             assert page.get_by_text(title).count() >= 1, title
         page.get_by_text("the dense model's, on").first.wait_for()  # computed on demand, not "no data"
-        layer_box = page.get_by_label("number input for Layer")
+        layer_box = page.get_by_label("number input for Layer", exact=True)
         layer_box.fill("1")
         layer_box.press("Enter")
         page.get_by_text("Layer 1: eigenvalue spectra").first.wait_for()
@@ -176,7 +177,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         table = page.locator("table").filter(has_text="perplexity (wiki")
         table.wait_for()
         for sample in ("1 × 1024-token windows", "(n=5)", "median of 5 alternating rounds", "(1 windows)"):
-            assert table.get_by_text(sample).count() >= 1, sample
+            page.wait_for_function("s => document.body.innerText.includes(s)", arg=sample, timeout=30_000)
 
         page.get_by_role("tab", name="Chat").click()
         box = page.get_by_placeholder("Message both models…")

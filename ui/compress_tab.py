@@ -89,6 +89,34 @@ class CompressTab:
         ok = len(values) == num_layers and all(0 <= v <= 0.95 for v in values)
         return gr.update() if ok else ",".join([f"{float(ratio):.2f}"] * num_layers)
 
+    @staticmethod
+    def editor_layout(num_layers, method, allocation):
+        """(slider row, checkboxes, one update per slider): what manual allocation shows for the
+        model's layers (checkboxes for layer dropping; no sliders past forms.MAX_SLIDERS layers)."""
+        num = int(num_layers or 0)
+        manual = forms.allocation_value(allocation) == "manual" and num > 0
+        drops = manual and method == "layerdrop"
+        show = manual and not drops and num <= forms.MAX_SLIDERS
+        return (gr.update(visible=show), gr.update(visible=drops, choices=list(range(num))),
+                *(gr.update(visible=show and i < num) for i in range(forms.MAX_SLIDERS)))
+
+    @staticmethod
+    def editor_values(text, method, num_layers):
+        """(checkboxes, sliders) following the text when it is usable; half-typed text moves nothing."""
+        num = int(num_layers or 0)
+        keep = [gr.update()] * forms.MAX_SLIDERS
+        if method == "layerdrop":
+            return forms.drop_indices(text, num), *keep
+        values = forms.slider_values(text, num)
+        if values is None or num > forms.MAX_SLIDERS:
+            return gr.update(), *keep
+        return gr.update(), *values, *keep[num:]
+
+    @staticmethod
+    def slider_text(num_layers, *values):
+        """The text field's value for the first ``num_layers`` sliders."""
+        return forms.values_text(values[:int(num_layers or 0)])
+
     def preset(self, name, method, preset, k=2, mean=0.25, epsilon=0.1):
         """(per-layer text, note) for a preset of the manual editor; Block Influence is the dense
         model's, computed once per model (it holds the model slot while it runs)."""

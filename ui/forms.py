@@ -111,6 +111,7 @@ def get_label(config) -> str:
 
 # --- the per-layer editor: sliders (or checkboxes) <-> the text field, and presets ---------------
 MAX_LAYER_VALUE = 0.95  # the library's ceiling for one layer's sparsity (and slicing fraction)
+MAX_SLIDERS = 64  # deeper models are edited in the text field alone
 PRESETS = ("uniform", "automatic (Block Influence)", "spare first/last k")
 
 
@@ -122,14 +123,6 @@ def slider_values(text: str, num_layers: int) -> list[float] | None:
         return None
     ok = len(values) == num_layers and all(0.0 <= v <= MAX_LAYER_VALUE for v in values)
     return values if ok else None
-
-
-def usable_text(text: str, method: str, num_layers) -> str | dict:
-    """``text`` when the editor can show it (any text for layer dropping's checkboxes, a full set of
-    values for the sliders); otherwise no update, so half-typed values do not redraw the sliders."""
-    if method == "layerdrop" or slider_values(text, int(num_layers or 0)) is not None:
-        return text
-    return {"__type__": "update"}
 
 
 def drop_indices(text: str, num_layers: int) -> list[int]:
