@@ -257,8 +257,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
 
         # ------------------------------------------------------------------------ wiring
         t = tabs
-        inspect_out = [layer, key, other_run, inspect_md, fig_spectrum, fig_overview, fig_leverage, fig_errors,
-                       fig_sizes]
+        inspect_out = [layer, key, inspect_md, fig_spectrum, fig_overview, fig_leverage, fig_errors, fig_sizes,
+                       other_run]
         runs_out = [runs_df, fig_pareto, fig_acc]
         job = dict(concurrency_id=ACCEL, concurrency_limit=1)
         model.change(t.compress.model_info, model, [model_md, n_layers], **hidden)

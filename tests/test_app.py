@@ -118,7 +118,7 @@ def test_compress_matches_forecast_and_leaves_dense_untouched(tabs, tiny_folder,
     run = session.get("r1")
     assert run.model is not dense
     out = tabs.inspect.inspect(session, "r1", 1)
-    figures = [*out[4:], tabs.inspect.influence(session, "r1")]
+    figures = [*out[3:8], tabs.inspect.influence(session, "r1")]
     assert len(figures) == 6 and all(hasattr(f, "to_plotly_json") for f in figures)
 
 
@@ -273,25 +273,25 @@ def compressed(tabs, tiny_folder):
 
 
 def test_inspect_without_runs_and_with_bad_run(tabs, compressed):
-    assert "No run yet" in tabs.inspect.inspect(R.Session(), None)[3]
+    assert "No run yet" in tabs.inspect.inspect(R.Session(), None)[2]
     with pytest.raises(gr.Error, match="unknown run"):
         tabs.inspect.inspect(compressed, "r99")
     out = tabs.inspect.inspect(compressed, "r1", 7, "mlp_input")  # layer clamped to the last one
     assert out[0]["value"] == 1 and "value" not in out[1]  # only changed values are sent back
-    assert "held-out" in out[3]  # the per-layer errors were measured on tokens the fit never saw
-    assert "MLP input (PCA basis)" in [a.text for a in out[4].layout.annotations]  # a panel per spectrum
-    assert out[5].data[0].type == "heatmap"
+    assert "held-out" in out[2]  # the per-layer errors were measured on tokens the fit never saw
+    assert "MLP input (PCA basis)" in [a.text for a in out[3].layout.annotations]  # a panel per spectrum
+    assert out[4].data[0].type == "heatmap"
 
 
 def test_inspect_overlays_a_second_run_and_switches_axes(tabs, compressed, tiny_folder):
     if "r2" not in compressed.runs:
         _compress(tabs, compressed, tiny_folder, "modegpt", 0.3, "uniform")
     out = tabs.inspect.inspect(compressed, "r2", "1", "", "fraction", True, "r1")
-    assert [c[1] for c in out[2]["choices"]] == ["none", "r1"]
-    assert any("r1" in t.name for t in out[7].data) and any(t.name == "r1" for t in out[8].data)
-    assert max(out[4].data[0].x) == pytest.approx(1.0)  # fraction of components
-    assert out[6].layout.yaxis.type == "log"
-    assert tabs.inspect.inspect(compressed, "r1", 0, "", "bogus", False, "none")[4].data  # bad axis: index
+    assert [c[1] for c in out[8]["choices"]] == ["none", "r1"]
+    assert any("r1" in t.name for t in out[6].data) and any(t.name == "r1" for t in out[7].data)
+    assert max(out[3].data[0].x) == pytest.approx(1.0)  # fraction of components
+    assert out[5].layout.yaxis.type == "log"
+    assert tabs.inspect.inspect(compressed, "r1", 0, "", "bogus", False, "none")[3].data  # bad axis: index
 
 
 def test_inspect_measures_block_influence_the_method_did_not(tabs, compressed):
@@ -434,7 +434,7 @@ def test_gradio_client_compress_inspect_evaluate_chat(served, tiny_folder):
         calib_len=64, ppl_windows=1, api_name="/compress")
     assert status.startswith("✔") and summary["run"] == "r1" and run_dd["value"] == "r1"
     inspected = client.predict(run_id="r1", layer=1, api_name="/inspect")
-    assert "modegpt" in inspected[3] and all(p is not None for p in inspected[4:])
+    assert "modegpt" in inspected[2] and all(p is not None for p in inspected[3:8])
     tasks = _one_task()
     _, table = client.predict(run_id="r1", ppl_windows=1, tasks=tasks, limit=2, measure_speed=False,
                               api_name="/evaluate")

@@ -28,11 +28,11 @@ class InspectTab:
         self.ctx = ctx
 
     def inspect(self, session, run_id, layer=0, key="", x_axis="index", log_leverage=False, other_id=NO_OVERLAY):
-        """(layer slider, heat-map spectrum picker, second-run picker, summary, spectra, heat map,
-        leverage, errors, sizes)."""
+        """(layer slider, heat-map spectrum picker, summary, spectra, heat map, leverage, errors, sizes,
+        second-run picker)."""
         if not session.runs:
             empty = [viz.spectrum_figure({}, 0)] + [viz.error_figure({})] * 4
-            return gr.update(), gr.update(), gr.update(), "No run yet: compress a model first.", *empty
+            return gr.update(), gr.update(), "No run yet: compress a model first.", *empty, gr.update()
         with user_errors():
             run = session.get(run_id)
             other = session.get(other_id) if other_id not in (None, "", NO_OVERLAY) else None
@@ -54,11 +54,11 @@ class InspectTab:
         return (gr.update(maximum=max(len(layers) - 1, 1), **({"value": index} if index != layer else {})),
                 gr.update(choices=[(viz.spectrum_title(k), k) for k in keys],
                           **({"value": heat_key} if heat_key != key else {})),
-                gr.update(choices=others, **({} if other or other_id == NO_OVERLAY else {"value": NO_OVERLAY})),
                 summary, viz.spectrum_figure(rep, index, x_axis=x_axis),
                 viz.spectra_overview_figure(rep, heat_key, index, x_axis),
                 viz.leverage_figure(rep, index, bool(log_leverage)),
-                viz.error_figure(rep, other_report, names), viz.sizes_figure(rep, other_report, names))
+                viz.error_figure(rep, other_report, names), viz.sizes_figure(rep, other_report, names),
+                gr.update(choices=others, **({} if other or other_id == NO_OVERLAY else {"value": NO_OVERLAY})))
 
     def influence(self, session, run_id):
         """Block Influence of the run; when its method did not measure it, the dense model's,
