@@ -10,7 +10,6 @@ relative error of the attention output (value/output projections left dense) on 
 import argparse
 import copy
 import json
-from pathlib import Path
 
 import torch
 

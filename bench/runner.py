@@ -7,7 +7,6 @@ rerun skips rows already there, so a long benchmark survives interruptions.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path

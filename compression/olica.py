@@ -47,7 +47,7 @@ class OlicaConfig(LayerwiseConfig):
 
 def branch_cost(config: OlicaConfig, base) -> tuple[int, int, int]:
     """(calibrated layers, parameters of their branches, MLP channels every layer gives up for them)."""
-    L, D, m = base.num_hidden_layers, base.hidden_size, base.intermediate_size
+    L, D = base.num_hidden_layers, base.hidden_size
     n_cal = min(config.calibrate_layers, L) if config.ratio > 0 else 0
     params = n_cal * config.calibrate_rank * 2 * D
     per_channel = 3 * D

@@ -20,7 +20,7 @@ import torch
 
 from .api import compress
 from .data import TextSpec, chunk, tokenize
-from .evaluate import ChatReference, DenseReference, chat_agreement, evaluate_against
+from .evaluate import ChatReference, DenseReference, chat_agreement, evaluate_against, perplexity
 from .files import FileError, read_json, write_json_atomic
 from .report import Report
 

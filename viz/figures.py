@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable
 
 import plotly.graph_objects as go
-from plotly.colors import qualitative, sample_colorscale
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 TEMPLATE = "plotly_white"
