@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 import os
 import sys
 from pathlib import Path
@@ -26,8 +27,10 @@ class UsageError(ValueError):
     pass
 
 
+@contextmanager
 def tqdm_progress(desc: str):
-    """A progress(fraction, message) callback drawing one tqdm bar on stderr."""
+    """A progress(fraction, message) callback drawing one tqdm bar on stderr, closed (and its line
+    cleared) however the block ends, so an error message starts on a line of its own."""
     from tqdm import tqdm
 
     bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False,
@@ -36,8 +39,13 @@ def tqdm_progress(desc: str):
     def progress(fraction: float, message: str) -> None:
         bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
         bar.set_postfix_str(message, refresh=True)
-    progress.close = bar.close
-    return progress
+    try:
+        yield progress
+    except BaseException:
+        bar.close()
+        print(file=sys.stderr)  # a captured (non-terminal) stderr keeps the bar's text on its line
+        raise
+    bar.close()
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -185,18 +193,16 @@ def cmd_compress(args) -> dict:
     check_model(args.model, args.trust_remote_code)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
-    bar = tqdm_progress(args.method)
-    compressed, report = pipeline.compress_and_measure(
-        args.model, model, tokenizer, config, spec, eval_windows=0 if args.no_eval else args.eval_windows,
-        eval_len=args.eval_len, chat_eval=0 if args.no_eval else args.chat_eval, seed=args.seed,
-        cache=pipeline.default_cache(), progress=bar)
-    bar.close()
+    with tqdm_progress(args.method) as bar:
+        compressed, report = pipeline.compress_and_measure(
+            args.model, model, tokenizer, config, spec, eval_windows=0 if args.no_eval else args.eval_windows,
+            eval_len=args.eval_len, chat_eval=0 if args.no_eval else args.chat_eval, seed=args.seed,
+            cache=pipeline.default_cache(), progress=bar)
     del model
     if heal_config is not None:
         windows = None if args.no_eval else evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
-        bar = tqdm_progress("heal")
-        record = pipeline.heal_and_measure(compressed, tokenizer, heal_config, windows, bar)
-        bar.close()
+        with tqdm_progress("heal") as bar:
+            record = pipeline.heal_and_measure(compressed, tokenizer, heal_config, windows, bar)
         report.heal = record
     pipeline.save(args.out, compressed, tokenizer, report, replace=args.force)
     summary = {k: v for k, v in report.to_dict().items() if not isinstance(v, (list, dict))}
@@ -244,25 +250,24 @@ def cmd_eval(args) -> dict:
     result = {"model": args.model, **sizes(model)}
     if args.reference:
         dense, _ = load_model(args.reference, args.device, args.dtype, args.trust_remote_code)
-        cache, bar = pipeline.DenseCache(), tqdm_progress("perplexity and agreement")
-        stages = pipeline.Stages(bar, {f"{d} {s}": 1.0 for d in domains
-                                       for s in ("dense reference", "compressed perplexity and agreement")})
-        for domain, windows in domains.items():
-            measured = pipeline.measure_against(args.reference, dense, model, windows, cache,
-                                                _DomainStages(stages, domain), what=f"{domain} evaluation split")
-            suffix = "" if domain == "wiki" else f"_{domain}"
-            result[f"ppl{suffix}"] = measured["ppl"]["compressed"]
-            result[f"ppl{suffix}_ci"] = measured["ppl"]["compressed_ci"]
-            result[f"ppl{suffix}_dense"] = measured["ppl"]["dense"]
-            result[f"ppl{suffix}_windows"] = measured["ppl"]["windows"]
-            result[f"agreement{suffix}"] = measured["agreement"]
-        bar.close()
+        cache = pipeline.DenseCache()
+        with tqdm_progress("perplexity and agreement") as bar:
+            stages = pipeline.Stages(bar, {f"{d} {s}": 1.0 for d in domains
+                                           for s in ("dense reference", "compressed perplexity and agreement")})
+            for domain, windows in domains.items():
+                measured = pipeline.measure_against(args.reference, dense, model, windows, cache,
+                                                    _DomainStages(stages, domain), what=f"{domain} evaluation split")
+                suffix = "" if domain == "wiki" else f"_{domain}"
+                result[f"ppl{suffix}"] = measured["ppl"]["compressed"]
+                result[f"ppl{suffix}_ci"] = measured["ppl"]["compressed_ci"]
+                result[f"ppl{suffix}_dense"] = measured["ppl"]["dense"]
+                result[f"ppl{suffix}_windows"] = measured["ppl"]["windows"]
+                result[f"agreement{suffix}"] = measured["agreement"]
         del dense, cache
     else:
         for domain, windows in domains.items():
-            bar = tqdm_progress(f"{domain} perplexity")
-            stats = perplexity_stats(model, windows, progress=bar)
-            bar.close()
+            with tqdm_progress(f"{domain} perplexity") as bar:
+                stats = perplexity_stats(model, windows, progress=bar)
             suffix = "" if domain == "wiki" else f"_{domain}"
             result[f"ppl{suffix}"], result[f"ppl{suffix}_ci"] = stats["ppl"], stats["ppl_ci"]
             result[f"ppl{suffix}_windows"] = stats["windows"]
