@@ -183,6 +183,7 @@ class Probe:
         self.inputs = held_out
         self.hidden = None if held_out is None else held_out.hidden
         self.mid: list[torch.Tensor] | None = None
+        self.mlp_new: list[torch.Tensor] | None = None
         self.where = "calibration (in-sample)" if held_out is None else "held-out"
 
     def attention(self, layer) -> list[torch.Tensor] | None:
@@ -204,9 +205,9 @@ class Probe:
     def mlp_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
         if dense_probe is None:
             return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
-        new = self.mlp(layer)
-        self.hidden = [x + m for x, m in zip(self.mid, new)]
-        return _error(new, dense_probe)
+        self.mlp_new = self.mlp(layer)  # kept: Olica's residual moments reuse these outputs
+        self.hidden = [x + m for x, m in zip(self.mid, self.mlp_new)]
+        return _error(self.mlp_new, dense_probe)
 
 
 def _error(new: list[torch.Tensor], dense: list[torch.Tensor]) -> float:

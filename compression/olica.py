@@ -156,7 +156,7 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
         else:
             p_in = [norm(x) for x in probe.mid]
             errors["mlp"] = probe.mlp_error(layer, p_mlp, None, None)
-            probe_fits.append(residual_moments(p_in, p_mlp, [layer.mlp_out(x) for x in probe.mid]))
+            probe_fits.append(residual_moments(p_in, p_mlp, probe.mlp_new))
         hidden = [x + m for x, m in zip(mid, m_new)]
         spectra = {"attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
