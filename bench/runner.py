@@ -348,4 +348,8 @@ Lowest perplexity at each target ratio (computed from the rows above):
 ![perplexity vs parameters]({rel[0]})
 ![zero-shot vs parameters]({rel[1]})
 """
+    from .sections import calibration_section, headline_section
+
+    text += headline_section(sorted(results.parent.glob("headline*.json")))
+    text += calibration_section(results.parent / "calibration_sources.json")
     markdown.write_text(text)
