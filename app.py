@@ -18,7 +18,8 @@ from compression.models import DEFAULT_MODEL, PACKAGED_MODELS
 from ui import forms, jobs
 from ui.chat_tab import ChatTab
 from ui.common import ACCEL, Context
-from ui.compress_tab import DEFAULT_ALLOCATION, DEFAULT_METHOD, CompressTab, with_option_params
+from ui.compress_tab import (CALIBRATION_SOURCES, DEFAULT_ALLOCATION, DEFAULT_METHOD, MAX_CALIB_CHARS,
+                             MAX_CHAT_EVAL, SOURCE_NOTES, CompressTab, with_option_params)
 from ui.evaluate_tab import EvaluateTab
 from ui.inspect_tab import NO_OVERLAY, X_AXIS_CHOICES, InspectTab
 from ui.runs import Session, max_upload_bytes, runs_root
@@ -132,13 +133,22 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                 seed = gr.Number(0, precision=0, label="Seed")
                                 batch_size = gr.Number(8, precision=0, label="Batch", elem_classes=hover,
                                                        info="calibration sequences per forward pass")
-                            calib_text = gr.Textbox("", lines=2, label="Custom calibration text (optional)",
-                                                    info="default: the offline Wikipedia calibration split",
-                                                    elem_classes=hover)
+                            calib_source = gr.Dropdown(CALIBRATION_SOURCES, value="wiki", label="Calibration text",
+                                                       info="what the statistics are estimated on",
+                                                       elem_classes=hover)
+                            calib_note = gr.Markdown(SOURCE_NOTES["wiki"])
+                            calib_text = gr.Textbox("", lines=2, label="Custom calibration text", visible=False,
+                                                    max_length=MAX_CALIB_CHARS)
+                            calib_file = gr.File(label="…or upload a .txt file (UTF-8)", file_types=[".txt"],
+                                                 type="filepath", visible=False)
                             ppl_windows = gr.Slider(0, 32, value=32 if gpu else 4, step=1,
                                                     label="Perplexity windows after compressing",
                                                     info="1024-token held-out wiki windows (paper: 32; 0 = skip)",
                                                     elem_classes=hover)
+                            chat_eval = gr.Slider(0, MAX_CHAT_EVAL, value=16 if gpu else 8, step=1,
+                                                  label="Chat agreement conversations",
+                                                  info="held-out instructions: KL and top-1 against the dense "
+                                                       "model's greedy replies (0 = skip)", elem_classes=hover)
                         with gr.Accordion("Method options", open=False):
                             epsilon = gr.Number(0.1, label="Allocation temperature ε", elem_classes=hover,
                                                 info="automatic allocation: φ_i ∝ softmax(−BI_i/ε); "
@@ -280,7 +290,10 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                slicing.change, n_layers.change], t.compress.forecast,
               [model, method, ratio, allocation, per_layer, slicing], forecast_md, **hidden, **last)
         compress_inputs = [state, model, method, ratio, allocation, per_layer, slicing, calib_samples, calib_len,
-                           seed, batch_size, epsilon, calib_text, ppl_windows, *options.values()]
+                           seed, batch_size, epsilon, calib_text, ppl_windows, *options.values(), calib_source,
+                           calib_file, chat_eval]
+        calib_source.change(t.compress.calibration_layout, calib_source, [calib_note, calib_text, calib_file],
+                            **hidden)
         compress_evt = go_btn.click(with_option_params(t.compress.compress), compress_inputs,
                                     [compress_progress, status, summary, run_dd, state], api_name="compress",
                                     trigger_mode="once", show_progress="hidden", **job)

@@ -1,9 +1,10 @@
 """The Gradio app on a tiny random Llama (real SmolLM2 tokenizer): tab handlers called directly, then
 the launched app driven through gradio_client (compress -> inspect -> evaluate -> chat)."""
 import json
-import re
 import os
+import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +149,61 @@ def test_bad_input_is_a_clear_gr_error(tabs, tiny_folder, kwargs, message):
     with pytest.raises(gr.Error, match=message):
         _compress(tabs, session, tiny_folder, **kwargs)
     assert not session.runs
+
+
+def test_calibration_sources_are_the_offered_ones_only(tabs, tiny_folder):
+    from ui.compress_tab import CUSTOM, calibration_spec
+
+    assert calibration_spec(4, 64, "code", "", None).source == "code"
+    assert calibration_spec(4, 64, "", "", None).source == "wiki"  # API callers from before the picker
+    assert calibration_spec(4, 64, "", "some text", None).text == "some text"
+    assert calibration_spec(4, 64, "wiki", "ignored unless custom", None).text is None
+    assert calibration_spec(4, 64, CUSTOM, " mine ", None).text == "mine"
+    for bad, message in (("text:/etc/passwd", "must be one of"), ("hf:wikitext", "must be one of"),
+                         (CUSTOM, "type the text or upload")):
+        with pytest.raises(ValueError, match=message):
+            calibration_spec(4, 64, bad, "", None)
+
+
+def test_calibration_source_is_used_and_reported(tabs, tiny_folder):
+    session = R.Session()
+    _, status, summary, _, _ = _compress(tabs, session, tiny_folder, "modegpt", allocation="uniform",
+                                         calib_source="code", ppl_windows=0)
+    cal = session.get("r1").report["calibration"]
+    assert cal["source"] == "code" and cal["tokens"] == 4 * 64 and cal["fingerprint"]
+    assert "calibration: code · 4 × 64 = 256 tokens" in status and summary["calibration"].startswith("code")
+
+
+def test_uploaded_calibration_text_is_read_in_memory(tabs, tiny_folder, tmp_path):
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / f"test-calib-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "A plain sentence about rivers, hills and the weather in spring. " * 200
+    good, latin1, binary, other = (folder / "mine.txt", folder / "latin.txt", folder / "bin.txt", folder / "x.csv")
+    good.write_text(text, encoding="utf-8")
+    latin1.write_bytes("café ".encode("latin-1") * 500)
+    binary.write_bytes(b"abc\x00def" * 100)
+    other.write_text(text)
+    session = R.Session()
+    _, status, _, _, _ = _compress(tabs, session, tiny_folder, "modegpt", allocation="uniform",
+                                   calib_source="custom", calib_file=str(good), ppl_windows=0)
+    assert "calibration: custom text" in status and session.get("r1").report["calibration"]["source"] == "text"
+    for path, message in ((latin1, "not UTF-8 text"), (binary, "binary data"), (other, "as a .txt file"),
+                          (tmp_path / "elsewhere.txt", "not uploaded through this app")):
+        with pytest.raises(gr.Error, match=message):
+            _compress(tabs, R.Session(), tiny_folder, calib_source="custom", calib_file=str(path))
+
+
+def test_self_chat_calibration_and_chat_agreement(tabs, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSION_CACHE", str(tmp_path / "cache"))
+    session = R.Session()
+    _, status, _, _, _ = _compress(tabs, session, tiny_folder, "modegpt", allocation="uniform",
+                                   calib_source="wiki+self-chat", ppl_windows=0, chat_eval=2)
+    report = session.get("r1").report
+    assert report["calibration"]["source"] == "wiki+self-chat" and "calibration: wiki+self-chat" in status
+    assert list((tmp_path / "cache" / "self_chat").glob("*.json"))  # generated once, then cached
+    assert report["agreement_chat"]["conversations"] == 2 and "on chat replies (2 conversations)" in status
 
 
 def test_degenerate_calibration_warns_in_report_and_status(tabs, tiny_folder):
@@ -427,12 +483,14 @@ def test_gradio_client_compress_inspect_evaluate_chat(served, tiny_folder):
     demo, client = served
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert {"/compress", "/inspect", "/evaluate", "/chat", "/load_run", "/download"} <= set(api)
-    params = {p["parameter_name"] for p in api["/compress"]["parameters"]}
-    assert {"model_name", "method", "ratio", "modegpt_ridge", "olica_calibrate_rank"} <= params
+    params = [p["parameter_name"] for p in api["/compress"]["parameters"]]
+    assert {"model_name", "method", "ratio", "modegpt_ridge", "olica_calibrate_rank"} <= set(params)
+    assert params[-3:] == ["calib_source", "calib_file", "chat_eval"]  # added last: positional calls still work
     _, status, summary, run_dd = client.predict(
         model_name=tiny_folder, method="modegpt", ratio=0.3, allocation="uniform", calib_samples=4,
-        calib_len=64, ppl_windows=1, api_name="/compress")
+        calib_len=64, ppl_windows=1, calib_source="code", api_name="/compress")
     assert status.startswith("✔") and summary["run"] == "r1" and run_dd["value"] == "r1"
+    assert summary["calibration"].startswith("code")
     inspected = client.predict(run_id="r1", layer=1, api_name="/inspect")
     assert "modegpt" in inspected[2] and all(p is not None for p in inspected[3:8])
     tasks = _one_task()

@@ -229,6 +229,30 @@ def test_upload_size_is_capped(tabs, monkeypatch):
         tabs.runs.load_saved(R.Session(), big, "")
 
 
+# --- calibration text: only the offered sources, uploads read in memory ----------------------------
+@pytest.mark.parametrize("source,path,message", [
+    ("text:/etc/passwd", None, "must be one of"),          # the library's file source is not offered
+    ("hf:some/dataset", None, "must be one of"),           # nor the network
+    ("wiki+text:/etc/hosts", None, "must be one of"),
+    ("custom", "/etc/passwd", "not uploaded through this app"),
+    ("custom", "../../../etc/passwd", "not uploaded through this app"),
+])
+def test_calibration_never_reads_server_files(tabs, tiny_folder, source, path, message):  # noqa: F811
+    session = R.Session()
+    with pytest.raises(gr.Error, match=message) as err:
+        _compress(tabs, session, tiny_folder, calib_source=source, calib_file=path)
+    assert "root:" not in str(err.value) and not session.runs
+
+
+def test_calibration_upload_is_capped(tabs, tiny_folder, monkeypatch):  # noqa: F811
+    from ui import compress_tab
+
+    monkeypatch.setattr(compress_tab, "MAX_CALIB_FILE_BYTES", 1024)
+    big = upload("big.txt", b"word " * 1000)
+    with pytest.raises(gr.Error, match="over the limit"):
+        _compress(tabs, R.Session(), tiny_folder, calib_source="custom", calib_file=big)
+
+
 # --- the named endpoints keep their parameter names, and refuse through gradio_client too -----------
 def test_load_run_and_download_endpoints_through_gradio_client(tiny_folder, tmp_path):  # noqa: F811
     from gradio_client import Client, handle_file

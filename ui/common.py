@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ class Context:
 
 @contextlib.contextmanager
 def user_errors():
-    """Errors about the user's input become a readable gr.Error; the app stays up."""
+    """Errors about the user's input become a gr.Error with a readable message (shown as status
+    text on the page by :func:`on_page`); the app stays up."""
     try:
         yield
     except (gr.Error, Stopped):
@@ -46,6 +49,44 @@ def user_errors():
         raise gr.Error(str(err), print_exception=False) from err
     except (TypeError, KeyError, OSError, RuntimeError, ArithmeticError) as err:
         raise gr.Error(f"{type(err).__name__}: {err}", print_exception=False) from err
+
+
+def on_page(fn, outputs: int, status: int, clear: tuple[int, ...] = ()):
+    """``fn`` as the page calls it: a user error (gr.Error) becomes ``⚠ message`` in output
+    ``status`` instead of a toast, which cuts long messages off; the ``clear`` outputs (progress
+    panels) are blanked and the others left as they are, so the tab stays usable. ``status ==
+    outputs`` adds a status output after ``fn``'s own (blank unless there is an error). The named API
+    endpoints call ``fn`` itself, so scripts still get a failure they can detect."""
+    extra = status == outputs
+
+    def shown(err: gr.Error):
+        out = [gr.update()] * (outputs + extra)
+        for i in clear:
+            out[i] = ""
+        out[status] = f"{WARN} {err.message}"
+        return tuple(out)
+
+    def ok(result):
+        if not extra:
+            return result
+        return (*(result if outputs > 1 else (result,)), "")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def page(*args, **kwargs):
+            try:
+                for result in fn(*args, **kwargs):
+                    yield ok(result)
+            except gr.Error as err:
+                yield shown(err)
+    else:
+        @functools.wraps(fn)
+        def page(*args, **kwargs):
+            try:
+                return ok(fn(*args, **kwargs))
+            except gr.Error as err:
+                return shown(err)
+    return page
 
 
 def millions(n) -> str:

@@ -15,11 +15,31 @@ from compression.pipeline import Stages, compress_and_measure, heal_and_measure
 from . import forms
 from .common import OK, STOP, WARN, Context, millions, user_errors
 from .jobs import progress_html, watch
-from .runs import Run, Stopped
+from .runs import Run, Stopped, read_text_upload
 
 DEFAULT_METHOD = "modegpt"  # leads BENCHMARKS.md at ratio 0.25 (with automatic allocation)
 DEFAULT_ALLOCATION = "auto"
 MAX_CALIB_TOKENS = 1 << 20  # samples × length cap, so one request cannot hold the slot for hours
+MAX_CALIB_CHARS = 2_000_000  # custom text kept (a million tokens is about 4 MB of prose)
+MAX_CALIB_FILE_BYTES = 8 << 20
+MAX_CHAT_EVAL = 32  # the shipped held-out instructions
+CUSTOM = "custom"
+# only these: the library's text:FILE and hf:NAME sources would read server files or the network
+CALIBRATION_SOURCES = [("Wikipedia (offline split)", "wiki"),
+                       ("self-chat: the model's own replies, chat template applied", "self-chat"),
+                       ("source code (pinned package)", "code"),
+                       ("wiki + self-chat, half each", "wiki+self-chat"),
+                       ("custom text (typed or a .txt upload)", CUSTOM)]
+SOURCE_NOTES = {
+    "wiki": "Offline Wikipedia summaries (the calibration split; evaluation never reads it).",
+    "self-chat": "The model's own sampled replies to 220 shipped instructions under its chat template. "
+                 "**The first use on a model generates them (minutes on CPU)**; they are cached after.",
+    "code": "Source files of a pinned package: for code models.",
+    "wiki+self-chat": "Half the sequences from each. **The first use on a model generates its self-chat "
+                      "replies (minutes on CPU)**; they are cached after.",
+    CUSTOM: "Your text: type it below or upload a UTF-8 .txt file "
+            f"(up to {MAX_CALIB_FILE_BYTES >> 20} MB; an upload takes precedence).",
+}
 
 
 def with_option_params(fn):
@@ -28,9 +48,13 @@ def with_option_params(fn):
     API's parameter names, so a new knob needs no change here or in app.py."""
     names = [forms.option_param(m, k) for m, k in forms.option_knobs()]
     defaults = {forms.option_param(m, k): k.default for m, k in forms.option_knobs()}
-    base = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("options", "request")]
     P = inspect.Parameter
-    params = base + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names] + \
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("options", "request")]
+    base = [p for p in own if p.kind != P.KEYWORD_ONLY]
+    # fn's keyword-only parameters were added later: they follow the options, so positional API
+    # calls written before them keep working
+    later = [p.replace(kind=P.POSITIONAL_OR_KEYWORD) for p in own if p.kind == P.KEYWORD_ONLY]
+    params = base + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names] + later + \
         [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]
     signature = inspect.Signature(params)
 
@@ -173,11 +197,21 @@ class CompressTab:
                          label="Target ratio (manual: mean of the per-layer values)")
 
     # --- the job -------------------------------------------------------------------------------
+    @staticmethod
+    def calibration_layout(source):
+        """(note on the source, custom-text box, upload): the box and upload only for custom text."""
+        custom = source == CUSTOM
+        return SOURCE_NOTES.get(source, ""), gr.update(visible=custom), gr.update(visible=custom)
+
     def compress(self, session, model_name, method, ratio, allocation="auto", per_layer="", slicing=False,
                  calib_samples=16, calib_len=256, seed=0, batch_size=8, epsilon=0.1, calib_text="",
-                 ppl_windows=4, options: dict | None = None, request: gr.Request = None):
+                 ppl_windows=4, options: dict | None = None, *, calib_source="", calib_file=None,
+                 chat_eval=0, request: gr.Request = None):
         """Compress a copy of the dense model, streaming progress.
 
+        calib_source: one of :data:`CALIBRATION_SOURCES`; empty (API callers from before the picker):
+        ``calib_text`` when given, else wiki. calib_file: an uploaded .txt (custom text). chat_eval:
+        held-out instructions scored for chat agreement with the dense model (0 skips it).
         Yields (progress panel, status, summary, run dropdown, session)."""
         self.ctx.register(request, session)
         with user_errors():
@@ -185,24 +219,27 @@ class CompressTab:
             config = self._config(model_name, method, ratio, allocation, per_layer, slicing, batch_size,
                                   epsilon, options)
             forms.forecast_numbers(self.ctx.store, model_name, config)  # unreachable targets fail now
-            samples, length, windows = int(calib_samples), int(calib_len), int(ppl_windows)
-            if samples < 1 or length < 2 or samples * length > MAX_CALIB_TOKENS:
-                raise ValueError(f"calibration must be 1 to {MAX_CALIB_TOKENS:,} tokens "
-                                 f"(samples ≥ 1, length ≥ 2)")
+            windows, chat_eval = int(ppl_windows), int(chat_eval or 0)
             if not 0 <= windows <= 64:
                 raise ValueError("perplexity windows must be in [0, 64]")
-            spec = TextSpec(samples, length, (calib_text or "").strip()[:2_000_000] or None)
+            if not 0 <= chat_eval <= MAX_CHAT_EVAL:
+                raise ValueError(f"chat agreement conversations must be in [0, {MAX_CHAT_EVAL}]")
+            spec = calibration_spec(calib_samples, calib_len, calib_source, calib_text, calib_file)
         store = self.ctx.store
 
         def job(progress):
-            stages = Stages(progress, {"loading the model": 0.05, "compressing": 1.0})
+            text_weight = 0.4 if "self-chat" in spec.label else 0.02  # generating replies takes minutes
+            stages = Stages(progress, {"loading the model": 0.05, "calibration text": text_weight,
+                                       "compressing": 1.0})
             step = stages.stage("loading the model")
             dense, tokenizer = store.get(model_name)
-            calibration = store.calibration(model_name, spec)  # CalibrationError on too little text
             step(1.0, "ready")
+            step = stages.stage("calibration text")
+            calibration = store.calibration(model_name, spec, step)  # CalibrationError on too little text
+            step(1.0, f"{spec.num_samples} × {spec.seq_len} tokens")
             model, report = compress_and_measure(
-                model_name, dense, tokenizer, config, spec, eval_windows=windows, seed=int(seed),
-                cache=store.dense, progress=stages.stage("compressing"),
+                model_name, dense, tokenizer, config, spec, eval_windows=windows, chat_eval=chat_eval,
+                seed=int(seed), cache=store.dense, progress=stages.stage("compressing"),
                 calibration=calibration,
                 windows=store.eval_windows(model_name, windows) if windows else None)
             return Run(session.new_id(), model_name, report.to_dict(), model, tokenizer)
@@ -229,15 +266,20 @@ class CompressTab:
         agree = r.get("agreement") or {}
         if agree:
             ppl_text += f" · agreement with dense: top-1 {agree['top1']:.1%}, KL {agree['kl']:.3f}"
+        chat = r.get("agreement_chat") or {}
+        if chat.get("kl") is not None:
+            ppl_text += (f" · on chat replies ({chat.get('conversations')} conversations): "
+                         f"top-1 {chat['top1']:.1%}, KL {chat['kl']:.3f}")
         warn = "".join(f"\n\n{WARN} **{w}**" for w in r.get("warnings") or [])
         return (f"{OK} **{run.id}**: {millions(r['params_dense'])} → **{millions(r['params_compressed'])}** "
                 f"parameters (blocks −{r['ratio_achieved']:.1%}){ppl_text} in "
-                f"{r['compress_seconds']:.1f} s{warn}")
+                f"{r['compress_seconds']:.1f} s · calibration: {calibration_line(r)}{warn}")
 
     @staticmethod
     def summary(run: Run) -> dict:
         summary = {k: v for k, v in run.report.items() if not isinstance(v, (list, dict))}
         summary["run"] = run.id
+        summary["calibration"] = calibration_line(run.report)
         return summary
 
     def stop(self, session):
@@ -287,3 +329,37 @@ class CompressTab:
         status = (f"{OK} healed **{run.id}** on {rec['tokens']:,} tokens in {rec['seconds']:.0f} s · loss "
                   f"{rec['loss'][0]:.3f} → {rec['loss'][-1]:.3f}{ppl}")
         yield progress_html(state, "Heal"), status, viz.loss_figure(rec["loss"], rec.get("tokens_seen"))
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+def calibration_spec(samples, length, source, text, upload) -> TextSpec:
+    """The TextSpec of the form's calibration fields (ValueError / RunError on bad input). Custom text
+    stays in memory: an upload is read from gradio's upload folder and never written anywhere."""
+    samples, length = int(samples), int(length)
+    if samples < 1 or length < 2 or samples * length > MAX_CALIB_TOKENS:
+        raise ValueError(f"calibration must be 1 to {MAX_CALIB_TOKENS:,} tokens (samples ≥ 1, length ≥ 2)")
+    source, text = (source or "").strip(), (text or "").strip()
+    if not source:  # API callers from before the source picker
+        source = CUSTOM if text or upload else "wiki"
+    if source not in {v for _, v in CALIBRATION_SOURCES}:
+        raise ValueError(f"calibration source must be one of {', '.join(v for _, v in CALIBRATION_SOURCES)}")
+    if source != CUSTOM:
+        return TextSpec(samples, length, source=source)
+    if isinstance(upload, dict):  # the API may send gradio's FileData dict
+        upload = upload.get("path")
+    if upload:
+        text = read_text_upload(upload, MAX_CALIB_FILE_BYTES).strip()
+    if not text:
+        raise ValueError("custom calibration: type the text or upload a .txt file")
+    return TextSpec(samples, length, text[:MAX_CALIB_CHARS])
+
+
+def calibration_line(report: dict) -> str:
+    """The report's calibration record in one line: ``wiki · 16 × 256 = 4,096 tokens · fingerprint …``."""
+    cal = report.get("calibration") or {}
+    source = {"text": "custom text"}.get(cal.get("source"), cal.get("source") or "?")
+    shape = (f" · {cal['samples']} × {cal['seq_len']}" if cal.get("samples") and cal.get("seq_len") else "")
+    tokens = f" = {cal['tokens']:,} tokens" if isinstance(cal.get("tokens"), int) else ""
+    digest = f" · fingerprint {str(cal['fingerprint'])[:8]}" if cal.get("fingerprint") else ""
+    return f"{source}{shape}{tokens}{digest}"

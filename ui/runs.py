@@ -201,6 +201,25 @@ def _checked_upload(path: str | Path) -> Path:
     return file
 
 
+def read_text_upload(path: str | Path, max_bytes: int) -> str:
+    """The text of an uploaded ``.txt`` file: read from gradio's upload folder only, at most
+    ``max_bytes``, strict UTF-8 (a byte-order mark is dropped); RunError otherwise. Nothing is
+    written: the caller keeps the text in memory."""
+    file = _checked_upload(path)
+    if file.suffix.lower() != ".txt":
+        raise RunError("upload the calibration text as a .txt file")
+    if file.stat().st_size > max_bytes:
+        raise RunError(f"the calibration text file is over the limit of {max_bytes >> 20} MB")
+    data = file.read_bytes()[:max_bytes + 1]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise RunError("the calibration file is not UTF-8 text; save it as UTF-8 plain text") from None
+    if "\x00" in text:
+        raise RunError("the calibration file holds binary data, not plain text")
+    return text
+
+
 def _extract(archive: Path, target: Path) -> None:
     """Extract a run zip: plain top-level members of allowed kinds only, sizes capped."""
     try:
