@@ -13,6 +13,7 @@ has a ±6-point interval and cannot separate compressed rows. Here every row get
 Rows go to ``--out`` (resumable by method); BENCHMARKS.md shows them (``bench.sections``).
 
     python -m bench.headline --methods dense,modegpt,olica --out bench/headline.json --threads 1
+    python -m bench.headline --model qwen2.5-coder-0.5b --ratios 0.1,0.2,0.25,0.3 --out bench/qwen/headline.json
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--methods", default="dense," + ",".join(VARIANTS))
-    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--ratios", default="0.25", help="comma-separated target ratios")
     ap.add_argument("--limit", type=int, default=300, help="zero-shot items per task")
     ap.add_argument("--windows", type=int, default=16, help="1024-token wiki windows")
     ap.add_argument("--code-windows", type=int, default=16, help="1024-token code windows")
@@ -100,29 +101,32 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     calib = tuple(int(x) for x in args.calib.split("x"))
     data = read_json(args.out) if args.out.exists() else {"rows": []}
-    data["settings"] = {"model": args.model, "ratio": args.ratio, "limit": args.limit, "tasks": list(HEADLINE_TASKS),
+    ratios = [float(r) for r in args.ratios.split(",")]
+    data["settings"] = {"model": args.model, "ratios": ratios, "limit": args.limit, "tasks": list(HEADLINE_TASKS),
                         "wiki_windows": args.windows, "code_windows": args.code_windows,
                         "chat_conversations": args.chat, "calibration": list(calib),
                         "threads": torch.get_num_threads()}
-    done = {r["method"] for r in data["rows"]}
+    done = {(r["method"], r["ratio"]) for r in data["rows"]}
     dense, tokenizer = load_model(args.model)
     cache = pipeline.DenseCache()
     wiki = evaluation_windows(tokenizer, args.windows)
     code = evaluation_windows(tokenizer, args.code_windows, text=code_split("evaluation"))
     common = (dense, tokenizer, cache, wiki, code, args.chat)
-    for method in args.methods.split(","):
-        if method in done:
+    jobs = [("dense", 0.0)] if "dense" in args.methods.split(",") else []
+    jobs += [(m, r) for r in ratios for m in args.methods.split(",") if m != "dense"]
+    for method, ratio in jobs:
+        if (method, ratio) in done:
             continue
         t0 = time.perf_counter()
         if method == "dense":
             row = dense_row(args.model, *common, HEADLINE_TASKS, args.limit, args.threads)
         else:
-            row = method_row(args.model, method, args.ratio, *common, calib, HEADLINE_TASKS, args.limit,
+            row = method_row(args.model, method, ratio, *common, calib, HEADLINE_TASKS, args.limit,
                              args.threads)
         row["seconds"] = time.perf_counter() - t0
         data["rows"].append(row)
         write_json_atomic(args.out, data)
-        print(json.dumps({"method": method, "wiki": round(row["ppl_wiki"].get("compressed", row["ppl_wiki"]["dense"]), 2),
+        print(json.dumps({"method": method, "ratio": ratio, "wiki": round(row["ppl_wiki"].get("compressed", row["ppl_wiki"]["dense"]), 2),
                           "zero_shot_avg": row["zero_shot_avg"], "items_per_s": round(row["zero_shot_items_per_s"], 2),
                           "seconds": round(row["seconds"])}), flush=True)
 

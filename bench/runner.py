@@ -352,4 +352,6 @@ Lowest perplexity at each target ratio (computed from the rows above):
 
     text += headline_section(sorted(results.parent.glob("headline*.json")))
     text += calibration_section(results.parent / "calibration_sources.json")
+    text += headline_section(sorted((results.parent / "qwen").glob("headline*.json")),
+                             title="Qwen2.5-Coder-0.5B (630M): does the ranking hold at 0.5B?")
     markdown.write_text(text)

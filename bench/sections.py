@@ -48,21 +48,24 @@ def headline_rows(paths: list[Path]) -> tuple[list[dict], dict]:
         rows += data["rows"]
         settings = settings or data["settings"]
     order = ("dense", "modegpt", "olica", "slicegpt", "layerdrop")
-    rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else 9)
+    rows.sort(key=lambda r: (r["ratio"], order.index(r["method"]) if r["method"] in order else 9))
     return rows, settings
 
 
-def headline_section(paths: list[Path]) -> str:
+def headline_section(paths: list[Path], title: str = "") -> str:
+    """The headline table (every row of ``paths``), its settings and the per-ratio ranking lines."""
     if not paths:
         return ""
     rows, s = headline_rows(paths)
-    head = ["method", "params (M)", "wiki ppl [95%]", "code ppl [95%]", "wiki KL / top-1", "code KL / top-1",
+    ratios = s.get("ratios") or [s["ratio"]]
+    title = title or f"Headline rows at ratio {', '.join(f'{r:g}' for r in ratios)}: enough items to rank"
+    head = ["method", "ratio", "params (M)", "wiki ppl [95%]", "code ppl [95%]", "wiki KL / top-1", "code KL / top-1",
             "chat KL [95%]", "chat top-1", *HEADLINE, "0-shot avg [95%]", "compress s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         chat = r.get("agreement_chat") or {}
         lines.append("| " + " | ".join([
-            r["method"], f"{r['params'] / 1e6:.1f}", _ci(*_ppl(r, "ppl_wiki")), _ci(*_ppl(r, "ppl_code")),
+            r["method"], f"{r['ratio']:g}", f"{r['params'] / 1e6:.1f}", _ci(*_ppl(r, "ppl_wiki")), _ci(*_ppl(r, "ppl_code")),
             _agreement(r, "agreement_wiki"), _agreement(r, "agreement_code"),
             _ci(chat.get("kl"), chat.get("kl_ci"), ".3f"), _ci(chat.get("top1"), None, ".3f"),
             *[_acc(r, t) for t in HEADLINE], _ci(r.get("zero_shot_avg"), r.get("zero_shot_avg_ci"), ".3f"),
@@ -70,10 +73,10 @@ def headline_section(paths: list[Path]) -> str:
             "—" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"]) + " |")
     n = s["limit"]
     return f"""
-## Headline rows at ratio {s['ratio']:g}: enough items to rank
+## {title}
 
-`python -m bench.headline` (rows in `bench/headline*.json`): dense and each method's best variant at
-{s['ratio']:g} (MoDeGPT with automatic allocation; Olica with its linear calibration; SliceGPT and layer
+`python -m bench.headline --model {s['model']}` ({', '.join(f'`{p}`' for p in paths)}): dense and each method's
+best variant (MoDeGPT with automatic allocation; Olica with its linear calibration; SliceGPT and layer
 dropping at the same parameter target), calibrated on {s['calibration'][0]} × {s['calibration'][1]} wiki
 tokens. Perplexity on {s['wiki_windows']} wiki and {s['code_windows']} code windows of 1024 tokens, with 95%
 bootstrap intervals over windows; KL(dense ‖ compressed) and top-1 agreement on the same windows; chat
@@ -84,11 +87,11 @@ points at this n).
 
 {chr(10).join(lines)}
 
-{ranking(rows)}
+{chr(10).join(ranking([r for r in rows if r["ratio"] in (0.0, ratio)], ratio) for ratio in ratios)}
 """
 
 
-def ranking(rows: list[dict]) -> str:
+def ranking(rows: list[dict], ratio: float) -> str:
     """Which compressed rows the intervals separate, for wiki ppl, chat KL and the zero-shot average."""
     comp = [r for r in rows if r["method"] != "dense"]
     if len(comp) < 2:
@@ -109,7 +112,8 @@ def ranking(rows: list[dict]) -> str:
         out.append(f"- {label}: " + " > ".join(r["method"] for r in ranked) + f" (best first); "
                    f"{first['method']} vs {second['method']}: intervals "
                    + ("do not overlap" if apart else "overlap — not separated at this sample size"))
-    return "Ranking by each measure, and whether the top two are told apart:\n\n" + "\n".join(out)
+    return (f"Ranking at {ratio:g} by each measure, and whether the top two are told apart:\n\n"
+            + "\n".join(out) + "\n")
 
 
 def calibration_section(path: Path) -> str:

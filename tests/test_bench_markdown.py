@@ -57,7 +57,7 @@ def test_respeed_note_names_the_rows_left_out_of_the_last_round():
 
 def _headline(method, wiki, wiki_ci, avg, avg_ci):
     ppl = {"compressed": wiki, "compressed_ci": wiki_ci} if method != "dense" else {"dense": wiki, "dense_ci": wiki_ci}
-    return {"method": method, "params": 1e8, "ppl_wiki": ppl, "ppl_code": ppl, "zero_shot_avg": avg,
+    return {"method": method, "ratio": 0.0 if method == "dense" else 0.25, "params": 1e8, "ppl_wiki": ppl, "ppl_code": ppl, "zero_shot_avg": avg,
             "zero_shot_avg_ci": avg_ci, "zero_shot": {"piqa": avg}, "zero_shot_stderr": {"piqa": 0.02},
             "agreement_wiki": {"kl": 0.5, "top1": 0.6}}
 
@@ -69,7 +69,7 @@ def test_headline_section_ranks_and_says_which_intervals_separate(tmp_path):
     rows = [_headline("dense", 13.0, [12.0, 14.0], 0.50, [0.48, 0.52]),
             _headline("olica", 35.0, [33.0, 37.0], 0.44, [0.42, 0.46]),
             _headline("modegpt", 28.0, [26.0, 30.0], 0.45, [0.43, 0.47])]
-    settings = {"ratio": 0.25, "limit": 300, "calibration": [64, 512], "wiki_windows": 16, "code_windows": 16,
+    settings = {"model": "m", "ratio": 0.25, "limit": 300, "calibration": [64, 512], "wiki_windows": 16, "code_windows": 16,
                 "chat_conversations": 32}
     path = tmp_path / "headline.json"
     path.write_text(json.dumps({"settings": settings, "rows": rows}))
