@@ -16,8 +16,8 @@ import torch
 from compression.methods import METHODS
 from compression.models import DEFAULT_MODEL, PACKAGED_MODELS
 from ui import forms, jobs
-from ui.chat_tab import ChatTab
-from ui.common import ACCEL, Context
+from ui.chat_tab import CHAT_EXAMPLES, MAX_RUNS, ChatTab
+from ui.common import ACCEL, Context, on_page
 from ui.compress_tab import (CALIBRATION_SOURCES, DEFAULT_ALLOCATION, DEFAULT_METHOD, MAX_CALIB_CHARS,
                              MAX_CHAT_EVAL, SOURCE_NOTES, CompressTab, with_option_params)
 from ui.evaluate_tab import EvaluateTab
@@ -27,9 +27,6 @@ from ui.runs_tab import RUN_COLUMNS, RunsTab
 from ui.space import cpu_notice, prepare_space
 from ui.store import ModelStore
 
-CHAT_EXAMPLES = ["Explain photosynthesis to a ten-year-old.", "Write a haiku about autumn.",
-                 "What is the capital of France, and why is it famous?",
-                 "Give me three tips for writing clean Python code."]
 CSS = jobs.CSS + """
 .hover-info {overflow: visible !important;}
 .hover-info label {position: relative;}
@@ -227,19 +224,31 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                 gr.Markdown(zs_note or "Peak memory on CPU is the process's peak resident size.")
                 ev_btn = gr.Button("Evaluate dense vs compressed", variant="primary")
                 ev_progress = gr.HTML("")
+                ev_status = gr.Markdown("")
                 ev_table = gr.Dataframe(headers=["metric", "dense", "compressed", "Δ %"],
                                         label="dense vs compressed", interactive=False, max_height=1000)
             # ---------------------------------------------------------------- Chat
             with gr.Tab("Chat", id="chat"):
-                with gr.Row():
-                    chat_dense = gr.Chatbot(label="Dense", height=420, buttons=["copy"])
-                    chat_comp = gr.Chatbot(label="Compressed", height=420, buttons=["copy"])
-                msg = gr.Textbox(placeholder="Message both models…", show_label=False, submit_btn=True)
+                chat_runs = gr.Dropdown([], value=None, multiselect=True, max_choices=MAX_RUNS,
+                                        allow_custom_value=True, label=f"Runs to chat with (up to {MAX_RUNS})",
+                                        info="each answers next to the dense model; follows the run picked "
+                                             "above; a new selection starts a new conversation")
+                with gr.Row(elem_classes=["chat-panes"]):
+                    panes = [gr.Chatbot(label="Dense", height=420, buttons=["copy"])] + \
+                            [gr.Chatbot(label=f"Run {i + 1}", height=420, buttons=["copy"], visible=False)
+                             for i in range(MAX_RUNS)]
+                msg = gr.Textbox(placeholder="Message every model…", show_label=False, submit_btn=True)
+                chat_status = gr.Markdown("")
                 with gr.Row():
                     chat_stop = gr.Button("Stop", variant="stop")
                     chat_clear = gr.Button("Clear")
                 gr.Examples(CHAT_EXAMPLES, inputs=[msg])
-                with gr.Accordion("Sampling (same settings and seed for both)", open=False):
+                compare_btn = gr.Button("Compare on these prompts")
+                compare_progress = gr.HTML("")
+                compare_table = gr.Dataframe(headers=["prompt", "dense"], label="The example prompts, every model "
+                                             "(fresh conversations, replies capped at 96 tokens)",
+                                             interactive=False, wrap=True, max_height=800)
+                with gr.Accordion("Sampling (same settings and seed for every model)", open=False):
                     with gr.Row():
                         temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",
                                                 info="0 = greedy", elem_classes=hover)
@@ -264,9 +273,22 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                     with gr.Column():
                         dl_btn = gr.Button("Zip the selected run (safetensors + config + report)")
                         dl_file = gr.File(label="download", interactive=False)
+                        dl_status = gr.Markdown("")
 
         # ------------------------------------------------------------------------ wiring
         t = tabs
+        api_only = gr.Button(visible=False)  # never clicked: it carries the named endpoints for scripts
+
+        def endpoint(triggers, fn, inputs, outputs, status, clear=(), api_name=None, **kwargs):
+            """The page's event, where user errors show as text in ``status`` (added to the outputs when
+            it is not one of them), and with ``api_name`` the named endpoint for scripts, where they
+            still raise (gradio_client gets an exception)."""
+            if api_name:  # registered first, so it gets the name itself
+                api_only.click(fn, inputs, outputs, api_name=api_name, **kwargs)
+            shown = outputs if status in outputs else [*outputs, status]
+            page = on_page(fn, len(outputs), shown.index(status), tuple(outputs.index(c) for c in clear))
+            return gr.on(triggers, page, inputs, shown, **hidden, **kwargs)
+
         inspect_out = [layer, key, inspect_md, fig_spectrum, fig_overview, fig_leverage, fig_errors, fig_sizes,
                        other_run]
         runs_out = [runs_df, fig_pareto, fig_acc]
@@ -294,30 +316,40 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                            calib_file, chat_eval]
         calib_source.change(t.compress.calibration_layout, calib_source, [calib_note, calib_text, calib_file],
                             **hidden)
-        compress_evt = go_btn.click(with_option_params(t.compress.compress), compress_inputs,
-                                    [compress_progress, status, summary, run_dd, state], api_name="compress",
-                                    trigger_mode="once", show_progress="hidden", **job)
+        compress_evt = endpoint([go_btn.click], with_option_params(t.compress.compress), compress_inputs,
+                                [compress_progress, status, summary, run_dd, state], status, clear=[compress_progress],
+                                api_name="compress", trigger_mode="once", show_progress="hidden", **job)
         compress_evt.then(t.runs.view, state, runs_out, **hidden)
         stop_btn.click(t.compress.stop, state, status, cancels=[compress_evt], queue=False, **hidden)
-        gr.on([run_dd.change, layer.change, key.input, x_axis.input, log_leverage.input, other_run.input],
-              t.inspect.inspect, [state, run_dd, layer, key, x_axis, log_leverage, other_run], inspect_out,
-              api_name="inspect", **last)
+        endpoint([run_dd.change, layer.change, key.input, x_axis.input, log_leverage.input, other_run.input],
+                 t.inspect.inspect, [state, run_dd, layer, key, x_axis, log_leverage, other_run], inspect_out,
+                 inspect_md, api_name="inspect", **last)
         run_dd.change(t.inspect.influence, [state, run_dd], fig_influence, **hidden, **job)
-        run_dd.change(t.chat.pane_label, [state, run_dd], chat_comp, **hidden)
-        ev_evt = ev_btn.click(t.evaluate.evaluate, [state, run_dd, ev_windows, ev_tasks, ev_limit, ev_speed],
-                              [ev_progress, ev_table], api_name="evaluate", show_progress="hidden", **job)
+        ev_evt = endpoint([ev_btn.click], t.evaluate.evaluate, [state, run_dd, ev_windows, ev_tasks, ev_limit, ev_speed],
+                          [ev_progress, ev_table], ev_status, clear=[ev_progress], api_name="evaluate",
+                          show_progress="hidden", **job)
         ev_evt.then(t.runs.view, state, runs_out, **hidden)
-        chat_inputs = [state, msg, chat_dense, chat_comp, run_dd, model, temperature, top_p, max_new,
-                       rep_penalty, chat_seed, template]
-        chat_evt = msg.submit(t.chat.chat, chat_inputs, [chat_dense, chat_comp, msg], api_name="chat", **job)
-        chat_stop.click(None, cancels=[chat_evt], **hidden)
-        chat_clear.click(lambda: ([], [], ""), None, [chat_dense, chat_comp, msg], queue=False, **hidden)
-        load_btn.click(t.runs.load_saved, [state, upload, folder], [load_md, run_dd, state], api_name="load_run",
-                       **job).then(t.runs.view, state, runs_out, **hidden)
-        dl_btn.click(t.runs.download, [state, run_dd], dl_file, api_name="download", **job)
-        heal_evt = heal_btn.click(t.compress.heal, [state, run_dd, heal_tokens, heal_rank, heal_len, heal_windows],
-                                  [heal_progress, heal_md, heal_plot], api_name="heal", show_progress="hidden",
-                                  **job)
+        # Chat: the run picker follows the global run; a new selection relabels and empties the panes
+        run_dd.change(t.chat.choices, [state, run_dd, chat_runs], chat_runs, **hidden)
+        chat_runs.change(t.chat.panes, [state, chat_runs], panes, **hidden, **last)
+        sampling = [temperature, top_p, max_new, rep_penalty, chat_seed, template]
+        chat_inputs = [state, msg, panes[0], panes[1], run_dd, model, *sampling, chat_runs, *panes[2:]]
+        chat_evt = endpoint([msg.submit], t.chat.chat, chat_inputs, [*panes, msg], chat_status, api_name="chat",
+                            **job)
+        compare_evt = endpoint([compare_btn.click], t.chat.compare, [state, chat_runs, model, *sampling],
+                               [compare_progress, compare_table], chat_status, clear=[compare_progress],
+                               show_progress="hidden", **job)
+        chat_stop.click(t.chat.stopped, None, [chat_status, compare_progress], cancels=[chat_evt, compare_evt],
+                        queue=False, **hidden)
+        chat_clear.click(t.chat.clear, None, [*panes, msg], queue=False, **hidden)
+        load_evt = endpoint([load_btn.click], t.runs.load_saved, [state, upload, folder], [load_md, run_dd, state],
+                            load_md, api_name="load_run", **job)
+        load_evt.then(t.runs.view, state, runs_out, **hidden)
+        endpoint([dl_btn.click], t.runs.download, [state, run_dd], [dl_file], dl_status, api_name="download", **job)
+        heal_evt = endpoint([heal_btn.click], t.compress.heal, [state, run_dd, heal_tokens, heal_rank, heal_len,
+                                                                 heal_windows],
+                            [heal_progress, heal_md, heal_plot], heal_md, clear=[heal_progress], api_name="heal",
+                            show_progress="hidden", **job)
         heal_evt.then(t.runs.view, state, runs_out, **hidden)
         heal_stop.click(t.compress.stop, state, heal_md, cancels=[heal_evt], queue=False, **hidden)
 

@@ -1,5 +1,6 @@
 """The Gradio app on a tiny random Llama (real SmolLM2 tokenizer): tab handlers called directly, then
 the launched app driven through gradio_client (compress -> inspect -> evaluate -> chat)."""
+import inspect
 import json
 import os
 import re
@@ -62,6 +63,21 @@ def last(generator):
     for out in generator:
         pass
     return out
+
+
+def refusal(fn, *args, outputs: int, status: int, **kwargs) -> str:
+    """Bad input, both ways: the handler itself raises gr.Error (what the named endpoints give
+    scripts), and the page's version of it shows the same message as ⚠ status text; returns it."""
+    from ui.common import WARN, on_page
+
+    def call(f):
+        return last(f(*args, **kwargs)) if inspect.isgeneratorfunction(f) else f(*args, **kwargs)
+
+    with pytest.raises(gr.Error) as err:
+        call(fn)
+    shown = call(on_page(fn, outputs, status))
+    assert shown[status] == f"{WARN} {err.value.message}"
+    return shown[status]
 
 
 def _checksum(model):
@@ -144,11 +160,14 @@ def test_forecast_shows_problems_without_raising(tabs, tiny_folder):
     (dict(calib_text="Far too little text."), "calibration"),
     (dict(calib_samples=100000, calib_len=2048), "calibration"),
 ])
-def test_bad_input_is_a_clear_gr_error(tabs, tiny_folder, kwargs, message):
+def test_bad_input_is_readable_status_text(tabs, tiny_folder, kwargs, message):
     session = R.Session()
-    with pytest.raises(gr.Error, match=message):
-        _compress(tabs, session, tiny_folder, **kwargs)
-    assert not session.runs
+    shown = refusal(_compress, tabs, session, tiny_folder, outputs=5, status=1, **kwargs)
+    assert re.search(message, shown) and not session.runs
+    from ui.common import on_page
+
+    panel, status, summary, runs, state = on_page(_compress, 5, 1, (0,))(tabs, session, tiny_folder, **kwargs)
+    assert panel == "" and status == shown and summary == runs == state == {"__type__": "update"}
 
 
 def test_calibration_sources_are_the_offered_ones_only(tabs, tiny_folder):
@@ -191,8 +210,8 @@ def test_uploaded_calibration_text_is_read_in_memory(tabs, tiny_folder, tmp_path
     assert "calibration: custom text" in status and session.get("r1").report["calibration"]["source"] == "text"
     for path, message in ((latin1, "not UTF-8 text"), (binary, "binary data"), (other, "as a .txt file"),
                           (tmp_path / "elsewhere.txt", "not uploaded through this app")):
-        with pytest.raises(gr.Error, match=message):
-            _compress(tabs, R.Session(), tiny_folder, calib_source="custom", calib_file=str(path))
+        assert message in refusal(_compress, tabs, R.Session(), tiny_folder, outputs=5, status=1,
+                                  calib_source="custom", calib_file=str(path))
 
 
 def test_self_chat_calibration_and_chat_agreement(tabs, tiny_folder, tmp_path, monkeypatch):
@@ -330,8 +349,7 @@ def compressed(tabs, tiny_folder):
 
 def test_inspect_without_runs_and_with_bad_run(tabs, compressed):
     assert "No run yet" in tabs.inspect.inspect(R.Session(), None)[2]
-    with pytest.raises(gr.Error, match="unknown run"):
-        tabs.inspect.inspect(compressed, "r99")
+    assert "unknown run" in refusal(tabs.inspect.inspect, compressed, "r99", outputs=9, status=2)
     out = tabs.inspect.inspect(compressed, "r1", 7, "mlp_input")  # layer clamped to the last one
     assert out[0]["value"] == 1 and "value" not in out[1]  # only changed values are sent back
     assert "held-out" in out[2]  # the per-layer errors were measured on tokens the fit never saw
@@ -373,8 +391,8 @@ def test_chat_streams_both_models_with_same_seed(tabs, compressed):
     chat = tabs.chat.chat
     steps = list(chat(compressed, "Hello!", [], [], "r1", "", temperature=0.8, max_new_tokens=6, seed=3))
     assert len(steps) >= 2
-    dense, comp, cleared = steps[-1]
-    assert cleared == "" and dense[0] == {"role": "user", "content": "Hello!"}
+    dense, comp, unused2, unused3, cleared = steps[-1]
+    assert cleared == "" and dense[0] == {"role": "user", "content": "Hello!"} and unused2 == unused3 == []
     for history in (dense, comp):
         assert history[-1]["role"] == "assistant" and "tok/s" in history[-1]["content"]
         assert re.search(r"first token \d+\.\d\d s · \d+\.\d tok/s</sub>$", history[-1]["content"])
@@ -382,7 +400,59 @@ def test_chat_streams_both_models_with_same_seed(tabs, compressed):
     assert STATS.sub("", again[0][-1]["content"]) == STATS.sub("", dense[-1]["content"])
     turn2 = list(chat(compressed, "More", dense, comp, "r1", "", max_new_tokens=3))[-1]
     assert len(turn2[0]) == 4 and len(turn2[1]) == 4
-    assert "slicegpt" in tabs.chat.pane_label(compressed, "r1")["label"]
+
+
+def test_chat_with_several_runs_in_lockstep(tabs, compressed, tiny_folder):
+    if "r2" not in compressed.runs:
+        _compress(tabs, compressed, tiny_folder, "modegpt", 0.3, "uniform")
+    chat = tabs.chat.chat
+    steps = list(chat(compressed, "Hello!", [], [], "r1", "", temperature=0, max_new_tokens=5, seed=1,
+                      run_ids=["r2", "r1"]))
+    dense, first, second, unused, _ = steps[-1]
+    assert len(dense) == len(first) == len(second) == 2 and unused == []
+    lengths = [[len(h[-1]["content"]) if h else 0 for h in step[:3]] for step in steps]
+    assert all(max(l) > 0 for l in lengths[1:])  # every pane grows from the first steps on: lockstep
+    alone = list(chat(compressed, "Hello!", [], [], None, "", temperature=0, max_new_tokens=5, seed=1,
+                      run_ids=["r2"]))[-1]
+    assert STATS.sub("", alone[1][-1]["content"]) == STATS.sub("", first[-1]["content"])  # same seed, same reply
+    dense_only = list(chat(compressed, "Hi", [], [], "r1", tiny_folder, max_new_tokens=3, run_ids=[]))[-1]
+    assert len(dense_only[0]) == 2 and dense_only[1] == []
+    assert "at most 3 runs" in refusal(chat, compressed, "Hi", [], [], None, "", run_ids=["r1", "r2", "r3", "r4"],
+                                       outputs=5, status=5)
+
+
+def test_chat_panes_name_their_runs_and_chat_agreement(tabs, compressed):
+    from ui.chat_tab import pane_label
+
+    dense, first, second, third = tabs.chat.panes(compressed, ["r1"])
+    assert dense["label"].startswith("Dense · ") and first["visible"] and not second["visible"] and not third["visible"]
+    assert first["label"].startswith("r1 · slicegpt −") and first["value"] == []
+    run = compressed.get("r1")
+    run.report["agreement_chat"] = {"kl": 0.8712, "top1": 0.6104, "conversations": 16, "tokens": 900}
+    try:
+        assert pane_label(run).endswith(" · chat KL 0.87, top-1 61%")
+    finally:
+        run.report["agreement_chat"] = {}
+    assert "chat KL" not in pane_label(run)
+    picker = tabs.chat.choices(compressed, "r1", ["r2"])
+    assert picker["value"] == ["r1"] and ("r1" in [c[1] for c in picker["choices"]])
+    assert tabs.chat.choices(compressed, "r1", ["r1", "r2"])["value"] == ["r1", "r2"]  # the selection is kept
+
+
+def test_compare_on_prompts_fills_a_table(tabs, compressed):
+    panel, table = last(tabs.chat.compare(compressed, ["r1"], "", 0.0, 0.9, 500, 1.1, 0, True,
+                                          prompts=["Hi", "Bye"]))
+    assert 'aria-valuenow="100"' in panel and table["headers"][:2] == ["prompt", "dense"]
+    assert table["headers"][2].startswith("r1 · slicegpt")
+    assert [row[0] for row in table["data"]] == ["Hi", "Bye"] and all(all(row[1:]) for row in table["data"])
+    many = [f"Prompt {i}" for i in range(12)]
+    steps = tabs.chat.compare(compressed, ["r1"], "", 0.0, 0.9, 96, 1.1, 0, True, prompts=many)
+    next(steps)
+    compressed.request_stop()
+    panel, table = last(steps)
+    assert panel.startswith("■") and len(table["data"]) == 12  # Stop keeps the rows so far
+    assert tabs.ctx.slot.acquire(timeout=30)
+    tabs.ctx.slot.release()
 
 
 @pytest.mark.parametrize("message,kwargs,error", [
@@ -393,12 +463,12 @@ def test_chat_streams_both_models_with_same_seed(tabs, compressed):
     ("Hi", {"temperature": float("nan")}, "temperature must be in"),
 ])
 def test_chat_input_is_capped(tabs, compressed, message, kwargs, error):
-    with pytest.raises(gr.Error, match=error):
-        list(tabs.chat.chat(compressed, message, [], [], "r1", "", **kwargs))
+    shown = refusal(tabs.chat.chat, compressed, message, [], [], "r1", "", outputs=5, status=5, **kwargs)
+    assert error in shown
 
 
 def test_chat_without_a_run_answers_with_the_dense_model(tabs, tiny_folder):
-    dense, comp, _ = list(tabs.chat.chat(R.Session(), "Hi", [], [], None, tiny_folder, max_new_tokens=3))[-1]
+    dense, comp, *_ = list(tabs.chat.chat(R.Session(), "Hi", [], [], None, tiny_folder, max_new_tokens=3))[-1]
     assert len(dense) == 2 and comp == []
 
 
@@ -421,8 +491,8 @@ def test_heal_changes_only_the_runs_model(tabs, tiny_folder):
     record = session.get("r1").report["heal"]
     assert record["steps"] == 2 and record["ppl_after"] == session.get("r1").report["ppl_compressed"]
     assert _checksum(dense) == before and _checksum(session.get("r1").model) != run_before
-    with pytest.raises(gr.Error, match="below one optimizer step"):
-        last(tabs.compress.heal(session, "r1", tokens=10, lora_rank=2, seq_len=64, ppl_windows=0))
+    assert "below one optimizer step" in refusal(tabs.compress.heal, session, "r1", tokens=10, lora_rank=2,
+                                                 seq_len=64, ppl_windows=0, outputs=3, status=1)
 
 
 def test_runs_table_and_pareto(tabs, compressed):
@@ -500,9 +570,11 @@ def test_gradio_client_compress_inspect_evaluate_chat(served, tiny_folder):
     assert any(m.startswith("perplexity (wiki, 1 ×") for m in metrics) and "parameters" in metrics
     if tasks:
         assert any(m.startswith(f"zero-shot {tasks[0]}") for m in metrics)
-    dense, comp, cleared = client.predict(message="Hi", dense_history=[], compressed_history=[],
-                                          run_id="r1", max_new_tokens=8, api_name="/chat")
+    dense, comp, _, _, cleared = client.predict(message="Hi", dense_history=[], compressed_history=[],
+                                                run_id="r1", max_new_tokens=8, api_name="/chat")
     assert cleared == "" and "tok/s" in str(dense[-1]["content"]) and "tok/s" in str(comp[-1]["content"])
+    with pytest.raises(Exception, match="type a message"):  # scripts still get a failure
+        client.predict(message=" ", run_id="r1", api_name="/chat")
     with pytest.raises(Exception, match="cannot reach"):
         client.predict(model_name=tiny_folder, method="layerdrop", ratio=0.9, allocation="auto",
                        api_name="/compress")
@@ -510,6 +582,9 @@ def test_gradio_client_compress_inspect_evaluate_chat(served, tiny_folder):
                                      per_layer="0", calib_samples=4, calib_len=64, ppl_windows=0,
                                      api_name="/compress")  # still usable after an error
     assert status.startswith("✔ **r2**")
+    dense, first, second, third, _ = client.predict(message="Hi", run_ids=["r1", "r2"], max_new_tokens=8,
+                                                    api_name="/chat")
+    assert len(dense) == len(first) == len(second) == 2 and third == []
 
 
 def test_cancelled_client_job_frees_the_slot_within_seconds(served, tiny_folder):

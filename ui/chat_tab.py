@@ -1,46 +1,159 @@
-"""The Chat tab: the dense model and the selected run answer the same message side by side."""
+"""The Chat tab: the dense model and up to three runs answer the same message side by side, and the
+example prompts go through all of them at once into one table."""
 from __future__ import annotations
 
 import gradio as gr
 
-from .chat import ChatError, Sampling, chat_stream, check_message
-from .common import Context, user_errors
+from .chat import ChatError, Sampling, build_prompt, chat_stream, check_message, generate
+from .common import STOP, Context, user_errors
+from .jobs import progress_html, watch
+from .runs import Stopped
+
+MAX_RUNS = 3  # compressed panes next to the dense one
+CHAT_EXAMPLES = ["Write a haiku about autumn.", "Explain photosynthesis to a ten-year-old.",
+                 "What is the capital of France, and why is it famous?",
+                 "Give me three tips for writing clean Python code."]
+COMPARE_MAX_TOKENS = 96  # per reply in the comparison table: prompts x models replies on one slot
+NOT_IN_MEMORY = "_(run {id}'s model is no longer in memory, only its report: compress or load it again)_"
 
 
 class ChatTab:
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
-    def chat(self, session, message, dense_history, compressed_history, run_id=None, model_name="",
+    def chat(self, session, message, dense_history=None, compressed_history=None, run_id=None, model_name="",
              temperature=0.7, top_p=0.9, max_new_tokens=128, repetition_penalty=1.1, seed=0,
-             chat_template=True):
-        """Stream both replies in lockstep; yields (dense history, compressed history, cleared input)."""
+             chat_template=True, run_ids=None, history_2=None, history_3=None):
+        """Stream every reply in lockstep, same settings and seed.
+
+        run_ids: up to three runs, one pane each after the dense one (None: ``run_id`` alone, the
+        session's latest run when that is empty too; []: the dense model alone). ``compressed_history``,
+        ``history_2`` and ``history_3`` are those panes' conversations. Yields (dense history, one
+        history per run pane (empty for a pane not used), cleared input)."""
         with user_errors():
-            run = session.get(run_id) if session.runs else None
-            dense = self.ctx.store.get(run.model_name if run else model_name)
+            runs = self.runs(session, run_ids, run_id)
+            dense = self.ctx.store.get(runs[0].model_name if runs else model_name)
             try:
                 message = check_message(dense[1], message)
                 s = Sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, bool(chat_template))
             except ChatError as err:
                 raise gr.Error(str(err), print_exception=False) from None
-        if run is None or run.model is None:
-            gr.Warning("No compressed model in memory: only the dense model answers.")
-        pairs = [dense, (run.model, run.tokenizer) if run and run.model is not None else None]
-        histories = [dense_history or [], compressed_history or []]
+        histories = [dense_history, compressed_history, history_2, history_3][:1 + len(runs)]
+        histories = [list(h or []) for h in histories]
+        pairs = [dense] + [(r.model, r.tokenizer) if r.model is not None else None for r in runs]
+        for pair, run, history in zip(pairs[1:], runs, histories[1:]):
+            if pair is None:  # that pane says why it is silent
+                history += [{"role": "user", "content": message},
+                            {"role": "assistant", "content": NOT_IN_MEMORY.format(id=run.id)}]
         stop = session.start_job()
         try:
             for histories in chat_stream(pairs, histories, message, s, stop):
-                yield histories[0], histories[1], ""
+                yield *padded(histories), ""
         finally:
             session.end_job(stop)
 
     @staticmethod
-    def pane_label(session, run_id) -> dict:
-        """The compressed pane names its run (method, ratio, params)."""
+    def runs(session, run_ids, run_id=None) -> list:
+        """The session's runs for the panes: at most :data:`MAX_RUNS`, of one dense model."""
+        if run_ids is None:  # API callers from before several runs: the one run, or the latest
+            return [session.get(run_id)] if session.runs else []
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
+        run_ids = list(dict.fromkeys(run_ids))
+        if len(run_ids) > MAX_RUNS:
+            raise ValueError(f"pick at most {MAX_RUNS} runs to chat with")
+        runs = [session.get(r) for r in run_ids if r]
+        if len({r.model_name for r in runs}) > 1:
+            raise ValueError("the runs compress different models; pick runs of one model")
+        return runs
+
+    @staticmethod
+    def choices(session, selected_run, current=None):
+        """The run picker after the global run changed: every run of the session, the selection kept
+        when it holds the global run, else the global run alone (and the panes emptied)."""
+        choices = [(run.label, run.id) for run in session.runs.values()]
+        current = [r for r in (current or []) if r in session.runs]
+        value = current if selected_run in current else [selected_run] if selected_run in session.runs else []
+        return gr.update(choices=choices, value=value)
+
+    def panes(self, session, run_ids):
+        """(dense pane, one update per run pane): labels name the runs; unused panes are hidden and
+        every pane is emptied, since a new set of models starts a new conversation."""
         try:
-            run = session.get(run_id)
-        except ValueError:
-            return gr.update(label="Compressed (no run yet)")
-        r = run.report
-        return gr.update(label=f"Compressed · {run.id} · {r.get('method')} −{r.get('ratio_achieved', 0):.0%}"
-                               f" · {r.get('params_compressed', 0) / 1e6:,.1f}M params")
+            runs = self.runs(session, run_ids or [])
+        except (ValueError, TypeError):
+            runs = []
+        dense_label = "Dense"
+        if runs:
+            dense_label += f" · {runs[0].report.get('params_dense', 0) / 1e6:,.1f}M"
+        updates = [gr.update(label=dense_label, value=[])]
+        for i in range(MAX_RUNS):
+            run = runs[i] if i < len(runs) else None
+            updates.append(gr.update(visible=run is not None, value=[],
+                                     **({"label": pane_label(run)} if run else {})))
+        return tuple(updates)
+
+    def compare(self, session, run_ids=None, model_name="", temperature=0.0, top_p=0.9, max_new_tokens=128,
+                repetition_penalty=1.1, seed=0, chat_template=True, prompts=None):
+        """Every example prompt through the dense model and each run, same settings and seed (replies
+        capped at :data:`COMPARE_MAX_TOKENS` tokens), one fresh conversation each. Yields (progress
+        panel, table {headers, data}: a row per prompt, a column per model); Stop keeps the replies
+        so far. Runs whose model is no longer in memory are left out."""
+        with user_errors():
+            runs = [r for r in self.runs(session, run_ids or []) if r.model is not None]
+            dense_name = runs[0].model_name if runs else model_name
+            prompts = list(prompts or CHAT_EXAMPLES)
+            s = Sampling(temperature, top_p, min(int(max_new_tokens), COMPARE_MAX_TOKENS), repetition_penalty,
+                         seed, bool(chat_template))
+        store = self.ctx.store
+        headers = ["prompt", "dense"] + [pane_label(r) for r in runs]
+        rows = [[p] + [""] * (len(headers) - 1) for p in prompts]
+
+        def job(progress):
+            models = [store.get(dense_name)] + [(r.model, r.tokenizer) for r in runs]
+            total, done = len(prompts) * len(models), 0
+            for col, (model, tok) in enumerate(models, start=1):
+                for row, prompt in enumerate(prompts):
+                    where = f"{headers[col].split(' · ')[0]}, prompt {row + 1}/{len(prompts)}"
+                    for text, n, _ in generate(model, tok, build_prompt(tok, [], prompt, s.chat_template), s):
+                        rows[row][col] = text
+                        progress((done + n / s.max_new_tokens) / total, f"{where}: {n} tokens")
+                    done += 1
+            return rows
+
+        def table():  # a copy: the worker keeps writing into rows
+            return dict(headers=headers, data=[list(r) for r in rows])
+
+        try:
+            with user_errors():
+                for state in watch(job, session, self.ctx.slot):
+                    yield progress_html(state, "Compare"), table()  # replies appear as they are written
+        except Stopped:
+            yield f"{STOP} Stopped; the replies so far are in the table.", table()
+
+    @staticmethod
+    def stopped():
+        """(status, blank progress panel) when Stop cancels a reply or the comparison."""
+        return f"{STOP} Stopped.", ""
+
+    @staticmethod
+    def clear():
+        """Empty panes and message box."""
+        return ([],) * (1 + MAX_RUNS) + ("",)
+
+
+def padded(histories: list) -> list:
+    """Histories for the dense pane and all :data:`MAX_RUNS` run panes (unused ones empty)."""
+    return list(histories) + [[] for _ in range(1 + MAX_RUNS - len(histories))]
+
+
+def pane_label(run) -> str:
+    """``r2 · modegpt −25% · 108.0M · chat KL 0.87, top-1 61%``: the run, and its chat agreement with
+    the dense model when the report has one."""
+    r = run.report
+    label = (f"{run.id} · {r.get('method')} −{100 * (r.get('ratio_achieved') or 0):.0f}% · "
+             f"{(r.get('params_compressed') or 0) / 1e6:,.1f}M")
+    chat = r.get("agreement_chat") or {}
+    if isinstance(chat.get("kl"), (int, float)) and isinstance(chat.get("top1"), (int, float)):
+        label += f" · chat KL {chat['kl']:.2f}, top-1 {chat['top1']:.0%}"
+    return label
