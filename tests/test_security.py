@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,8 +18,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
 import app  # noqa: E402
-from test_app import CALIB, _compress, _free_port, _tabs, last, tiny_folder  # noqa: E402,F401
+from test_app import CALIB, _compress, _free_port, _tabs, last, refusal, tiny_folder  # noqa: E402,F401
 from ui import runs as R  # noqa: E402
+from ui.common import on_page  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
@@ -58,6 +60,11 @@ def good_report(session) -> dict:
     return json.loads(json.dumps(session.get("r1").report))
 
 
+def refused_load(tabs, session, upload_path=None, folder="") -> str:
+    """Load Run's refusal: raised for scripts, ⚠ text in its status on the page (see test_app.refusal)."""
+    return refusal(tabs.runs.load_saved, session, upload_path, folder, outputs=3, status=0)
+
+
 def tree(path: Path) -> dict:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*")}
 
@@ -72,15 +79,13 @@ def test_crafted_method_in_a_zip_cannot_write_outside(tabs, compressed, tmp_path
     report["method"] = f"../../../../../../..{victim}"
     crafted = upload("run.zip", zip_bytes({"report.json": json.dumps(report).encode()}))
     session = R.Session()
-    with pytest.raises(gr.Error, match="report.method must be one of"):
-        tabs.runs.load_saved(session, crafted, "")
+    assert "report.method must be one of" in refused_load(tabs, session, crafted)
     assert not session.runs
     # downloads are named from the app's run id only, even for a run whose report was tampered with
     run = compressed.get("r1")
     run.report["method"] = f"../../../../../../..{victim}"
     try:
-        with pytest.raises(gr.Error, match="report.method"):
-            tabs.runs.download(compressed, "r1")
+        assert "report.method" in refusal(tabs.runs.download, compressed, "r1", outputs=1, status=1)
     finally:
         run.report["method"] = "slicegpt"
     assert victim.exists() and tree(victim) == before and (victim / "keep.txt").read_text() == "precious"
@@ -103,8 +108,7 @@ def test_download_and_load_roundtrip(tabs, compressed):
         assert torch.allclose(compressed.get("r1").model(ids).logits, fresh.get("r1").model(ids).logits, atol=1e-5)
     md, _, _ = tabs.runs.load_saved(fresh, upload("report.json", json.dumps(good_report(compressed)).encode()), "")
     assert "report only" in md and "slicegpt" in tabs.inspect.inspect(fresh, "r2")[2]
-    with pytest.raises(gr.Error, match="no longer in memory"):
-        tabs.runs.download(fresh, "r2")
+    assert "no longer in memory" in refusal(tabs.runs.download, fresh, "r2", outputs=1, status=1)
 
 
 # --- 2. the folder box is confined to the runs root -------------------------------------------------
@@ -113,9 +117,8 @@ def test_folder_box_never_leaves_the_runs_root(tabs, folder, tmp_path, monkeypat
     monkeypatch.setenv("COMPRESSION_RUNS_ROOT", str(tmp_path / "runs"))
     (tmp_path / "runs").mkdir()
     session = R.Session()
-    with pytest.raises(gr.Error) as err:
-        tabs.runs.load_saved(session, None, folder)
-    assert "passwd" not in str(err.value) and "root:" not in str(err.value)
+    shown = refused_load(tabs, session, None, folder)
+    assert "passwd" not in shown and "root:" not in shown
     assert not session.runs
 
 
@@ -124,9 +127,7 @@ def test_existing_and_missing_paths_give_the_same_answer(tabs, tmp_path, monkeyp
     (tmp_path / "plain").mkdir()
     answers = set()
     for name in ("plain", "missing", "etc/passwd"):
-        with pytest.raises(gr.Error) as err:
-            tabs.runs.load_saved(R.Session(), None, name)
-        answers.add(str(err.value))
+        answers.add(refused_load(tabs, R.Session(), None, name))
     assert len(answers) == 1  # nothing tells whether a path exists
 
 
@@ -139,23 +140,20 @@ def test_folder_loading_works_under_the_root_and_is_off_on_a_space(tabs, compres
     assert "model and report" in tabs.runs.load_saved(R.Session(), None, "mine")[0]
     monkeypatch.delenv("COMPRESSION_RUNS_ROOT")
     monkeypatch.setenv("SPACE_ID", "someone/space")
-    with pytest.raises(gr.Error, match="switched off"):
-        tabs.runs.load_saved(R.Session(), None, "mine")
+    assert "switched off" in refused_load(tabs, R.Session(), None, "mine")
 
 
 def test_json_content_is_never_echoed(tabs):
     secret = upload("report.json", json.dumps({"SECRET_KEY_123": "hunter2"}).encode())
-    with pytest.raises(gr.Error) as err:
-        tabs.runs.load_saved(R.Session(), secret, "")
-    assert "SECRET" not in str(err.value) and "hunter2" not in str(err.value)
+    shown = refused_load(tabs, R.Session(), secret)
+    assert "SECRET" not in shown and "hunter2" not in shown
 
 
 def test_a_path_that_was_never_uploaded_is_refused(tabs, tmp_path):
     outside = tmp_path / "report.json"
     outside.write_text("{}")
     for path in (str(outside), "/etc/passwd", "../../../etc/passwd"):
-        with pytest.raises(gr.Error, match="not uploaded through this app"):
-            tabs.runs.load_saved(R.Session(), path, "")
+        assert "not uploaded through this app" in refused_load(tabs, R.Session(), path)
 
 
 # --- 3. reports of the wrong shape are refused and change nothing ---------------------------------
@@ -173,8 +171,7 @@ def test_malformed_reports_are_refused(tabs, compressed, mutate, field):
     _compress(tabs, session, app_tiny(compressed))
     before = list(session.runs)
     data = json.dumps(mutate(good_report(compressed)))
-    with pytest.raises(gr.Error, match=field):
-        tabs.runs.load_saved(session, upload("report.json", data.encode()), "")
+    assert re.search(field, refused_load(tabs, session, upload("report.json", data.encode())))
     assert list(session.runs) == before
     tabs.inspect.inspect(session, None)  # Inspect and Runs still work for the session
     tabs.runs.view(session)
@@ -211,11 +208,9 @@ def test_fuzz_load_run(tabs, compressed, tmp_path):
         yield "run.zip", zip_bytes({"report.json": json.dumps(good).encode(), "config.json": b"{broken"})
         yield "run.txt", b"hello"
 
-    for name, data in mutations():
-        try:
-            tabs.runs.load_saved(session, upload(name, data), "")
-        except gr.Error:
-            pass  # a readable refusal is the expected outcome
+    page = on_page(tabs.runs.load_saved, 3, 0)
+    for name, data in mutations():  # a readable refusal is the expected outcome; nothing else raises
+        assert page(session, upload(name, data), "")[0][0] in "✔⚠"
     after = {p for folder in watched for p in folder.iterdir()}
     assert after - before <= {tmp_path, session.workdir}  # nothing new outside the session's folder
     for run in session.runs.values():  # anything accepted is a valid report
@@ -225,8 +220,7 @@ def test_fuzz_load_run(tabs, compressed, tmp_path):
 def test_upload_size_is_capped(tabs, monkeypatch):
     monkeypatch.setenv("COMPRESSION_MAX_UPLOAD_MB", "0.001")
     big = upload("report.json", b" " * 4096)
-    with pytest.raises(gr.Error, match="over the limit"):
-        tabs.runs.load_saved(R.Session(), big, "")
+    assert "over the limit" in refused_load(tabs, R.Session(), big)
 
 
 # --- calibration text: only the offered sources, uploads read in memory ----------------------------
@@ -239,9 +233,8 @@ def test_upload_size_is_capped(tabs, monkeypatch):
 ])
 def test_calibration_never_reads_server_files(tabs, tiny_folder, source, path, message):  # noqa: F811
     session = R.Session()
-    with pytest.raises(gr.Error, match=message) as err:
-        _compress(tabs, session, tiny_folder, calib_source=source, calib_file=path)
-    assert "root:" not in str(err.value) and not session.runs
+    shown = refusal(_compress, tabs, session, tiny_folder, calib_source=source, calib_file=path, outputs=5, status=1)
+    assert message in shown and "root:" not in shown and not session.runs
 
 
 def test_calibration_upload_is_capped(tabs, tiny_folder, monkeypatch):  # noqa: F811
@@ -249,8 +242,8 @@ def test_calibration_upload_is_capped(tabs, tiny_folder, monkeypatch):  # noqa: 
 
     monkeypatch.setattr(compress_tab, "MAX_CALIB_FILE_BYTES", 1024)
     big = upload("big.txt", b"word " * 1000)
-    with pytest.raises(gr.Error, match="over the limit"):
-        _compress(tabs, R.Session(), tiny_folder, calib_source="custom", calib_file=big)
+    assert "over the limit" in refusal(_compress, tabs, R.Session(), tiny_folder, calib_source="custom",
+                                       calib_file=big, outputs=5, status=1)
 
 
 # --- the named endpoints keep their parameter names, and refuse through gradio_client too -----------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .chat import ChatError, Sampling, build_prompt, chat_stream, check_message, generate
+from .chat import Sampling, build_prompt, chat_stream, check_message, generate
 from .common import STOP, Context, user_errors
 from .jobs import progress_html, watch
 from .runs import Stopped
@@ -33,11 +33,8 @@ class ChatTab:
         with user_errors():
             runs = self.runs(session, run_ids, run_id)
             dense = self.ctx.store.get(runs[0].model_name if runs else model_name)
-            try:
-                message = check_message(dense[1], message)
-                s = Sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, bool(chat_template))
-            except ChatError as err:
-                raise gr.Error(str(err), print_exception=False) from None
+            message = check_message(dense[1], message)  # ChatError is a ValueError: shown as it is
+            s = Sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, bool(chat_template))
         histories = [dense_history, compressed_history, history_2, history_3][:1 + len(runs)]
         histories = [list(h or []) for h in histories]
         pairs = [dense] + [(r.model, r.tokenizer) if r.model is not None else None for r in runs]
