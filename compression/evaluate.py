@@ -278,22 +278,30 @@ def speed(model, prompt_len: int = 512, new_tokens: int = 128, repeats: int = 3,
 def speed_side_by_side(models: dict, prompt_len: int = 512, new_tokens: int = 128, rounds: int = 3,
                        seed: int = 0) -> dict[str, dict[str, float]]:
     """:func:`speed` for several models in one process, rounds alternating between them (A B A B …)
-    so that drift on a shared machine hits every model alike; medians over rounds, same prompt and
-    thread count for all."""
+    so that drift on a shared machine hits every model alike; same prompt and thread count for all.
+
+    Per model: ``prefill_tok_s`` and ``decode_tok_s`` are medians over rounds; their spread comes
+    with them: ``<metric>_rounds`` (every round's rate, in order), ``<metric>_min`` and ``<metric>_max``."""
     prompts = {name: _prompt(m, prompt_len, seed) for name, m in models.items()}
     for name, m in models.items():
         m(prompts[name][:, :16], use_cache=False)  # warm-up
-    samples = {name: ([], []) for name in models}
+    samples = {name: {"prefill_tok_s": [], "decode_tok_s": []} for name in models}
     for _ in range(rounds):
         for name, m in models.items():
             prefill_s, decode_s = _greedy(m, prompts[name], new_tokens)
-            samples[name][0].append(prompt_len / prefill_s)
-            samples[name][1].append(new_tokens / decode_s)
-    return {name: {"prefill_tok_s": statistics.median(samples[name][0]),
-                   "decode_tok_s": statistics.median(samples[name][1]),
+            samples[name]["prefill_tok_s"].append(prompt_len / prefill_s)
+            samples[name]["decode_tok_s"].append(new_tokens / decode_s)
+    return {name: {**_spread("prefill_tok_s", samples[name]["prefill_tok_s"]),
+                   **_spread("decode_tok_s", samples[name]["decode_tok_s"]),
                    "threads": torch.get_num_threads(),
                    "peak_mem_mb": inference_memory_mb(m, prompts[name])}
             for name, m in models.items()}
+
+
+def _spread(metric: str, rates: list[float]) -> dict:
+    """The median of ``rates`` under ``metric`` and their spread under ``metric_rounds/_min/_max``."""
+    return {metric: statistics.median(rates), f"{metric}_rounds": [float(r) for r in rates],
+            f"{metric}_min": min(rates), f"{metric}_max": max(rates)}
 
 
 @torch.no_grad()

@@ -380,9 +380,13 @@ def test_evaluate_table_states_its_sample(tabs, compressed):
     assert "perplexity (wiki, 1 × 1024-token windows; 95% interval)" in table
     assert any(name.startswith("top-1 next-token agreement") for name in table)
     for metric in ("parameters", "block parameters", "weights (MB)", "peak memory (MB)",
-                   "prefill tokens/s (median of 5 alternating rounds)",
-                   "decode tokens/s (median of 5 alternating rounds)"):
+                   "prefill tokens/s (median of 5 alternating rounds; min–max)",
+                   "decode tokens/s (median of 5 alternating rounds; min–max)"):
         assert metric in table, metric
+    for speed in ("prefill", "decode"):  # median (min–max, n rounds) for both models
+        row = table[f"{speed} tokens/s (median of 5 alternating rounds; min–max)"]
+        assert all(re.fullmatch(r"[\d,.]+ \([\d,.]+–[\d,.]+, 5 rounds\)", cell) for cell in row[1:3]), row
+    assert not any("_rounds" in name or name.endswith(("_min", "_max")) for name in table)
     assert table["block parameters"][3].startswith("-") and table["weights (MB)"][1].endswith("MB")
     assert compressed.get("r1").report["evaluation"]["ppl"]["windows"] == 1
 

@@ -53,13 +53,27 @@ def _fmt(key: str, x) -> str:
     return f"{x:,.1f}" if abs(x) >= 100 else f"{x:,.3f}"
 
 
+SPEEDS = ("prefill_tok_s", "decode_tok_s")
+SPREAD_SUFFIXES = ("_rounds", "_min", "_max")  # shown next to the speed medians, not as rows
+
+
+def _speed(key: str, m: dict) -> str:
+    """``median (min–max, n rounds)`` of one model's speed, or the median alone without its spread."""
+    rounds = m.get(f"{key}_rounds") or []
+    if not rounds:
+        return _fmt(key, m[key])
+    return f"{_fmt(key, m[key])} ({_fmt(key, m[f'{key}_min'])}–{_fmt(key, m[f'{key}_max'])}, {len(rounds)} rounds)"
+
+
 def compare_rows(dense: dict, comp: dict) -> list[list]:
-    """[metric, dense, compressed, Δ %] rows; every number carries its sample (windows, items)."""
+    """[metric, dense, compressed, Δ %] rows; every number carries its sample (windows, items, rounds)."""
     rows = []
     windows = comp.get("ppl_windows")
     for key in dict.fromkeys([*comp, *dense]):
         a, b = dense.get(key), comp.get(key)
         if key in ("threads", "ppl_windows", "ppl_ci", "agreement", "speed_rounds") or a is None or b is None:
+            continue
+        if key.startswith(SPEEDS) and key.endswith(SPREAD_SUFFIXES):
             continue
         name = METRIC_NAMES.get(key, key)
         if key == "ppl":
@@ -76,12 +90,13 @@ def compare_rows(dense: dict, comp: dict) -> list[list]:
         a_val = a["acc"] if isinstance(a, dict) else a
         b_val = b["acc"] if isinstance(b, dict) else b
         delta = f"{100 * (b_val - a_val) / a_val:+.1f}%" if a_val else ""
-        if key in ("prefill_tok_s", "decode_tok_s"):
-            name += f" (median of {comp.get('speed_rounds')} alternating rounds)"
-        shown = _fmt(key, b)
+        shown_a, shown = _fmt(key, a), _fmt(key, b)
+        if key in SPEEDS:
+            name += f" (median of {comp.get('speed_rounds')} alternating rounds; min–max)"
+            shown_a, shown = _speed(key, dense), _speed(key, comp)
         if key == "ppl" and comp.get("ppl_ci"):
             shown += " [{:.2f}, {:.2f}]".format(*comp["ppl_ci"])
-        rows.append([name, _fmt(key, a), shown, delta])
+        rows.append([name, shown_a, shown, delta])
     return rows
 
 
