@@ -33,7 +33,11 @@ CSS = jobs.CSS + """
 .hover-info [data-testid="block-info"]::after {content: "?"; display: inline-block; width: 1.2em;
   height: 1.2em; margin-left: 0.4em; border: 1px solid currentColor; border-radius: 50%; font-size: 0.75em;
   line-height: 1.1em; text-align: center; opacity: 0.55;}
-"""  # knobs show their help under the label; the "?" marks that they have some
+.chat-panes .bubble-wrap {margin-top: 2.25rem; height: calc(100% - 2.25rem); padding-top: 0.25rem;}
+"""  # knobs show their help under the label; the "?" marks that they have some. Chat panes: gradio's
+# Chatbot floats its label and buttons (absolute, top 0) over the scrolling message list, whose top
+# padding scrolls away with the messages, so a scrolled user message slid under the pane's header;
+# the list now starts below the header, which clips it there.
 
 
 def option_control(k, hover):
