@@ -34,6 +34,7 @@ CSS = jobs.CSS + """
   height: 1.2em; margin-left: 0.4em; border: 1px solid currentColor; border-radius: 50%; font-size: 0.75em;
   line-height: 1.1em; text-align: center; opacity: 0.55;}
 .chat-panes .bubble-wrap {margin-top: 2.25rem; height: calc(100% - 2.25rem); padding-top: 0.25rem;}
+.compare-table .cell-wrap {font-family: var(--font); font-size: var(--text-sm);}
 """  # knobs show their help under the label; the "?" marks that they have some. Chat panes: gradio's
 # Chatbot floats its label and buttons (absolute, top 0) over the scrolling message list, whose top
 # padding scrolls away with the messages, so a scrolled user message slid under the pane's header;
@@ -134,14 +135,14 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                 seed = gr.Number(0, precision=0, label="Seed")
                                 batch_size = gr.Number(8, precision=0, label="Batch", elem_classes=hover,
                                                        info="calibration sequences per forward pass")
-                            calib_source = gr.Dropdown(CALIBRATION_SOURCES, value="wiki", label="Calibration text",
+                            calib_source = gr.Dropdown(CALIBRATION_SOURCES, value="wiki", label="Calibration source",
                                                        info="what the statistics are estimated on",
                                                        elem_classes=hover)
                             calib_note = gr.Markdown(SOURCE_NOTES["wiki"])
                             calib_text = gr.Textbox("", lines=2, label="Custom calibration text", visible=False,
                                                     max_length=MAX_CALIB_CHARS)
                             calib_file = gr.File(label="…or upload a .txt file (UTF-8)", file_types=[".txt"],
-                                                 type="filepath", visible=False)
+                                                 type="filepath", visible=False, height=120)
                             ppl_windows = gr.Slider(0, 32, value=32 if gpu else 4, step=1,
                                                     label="Perplexity windows after compressing",
                                                     info="1024-token held-out wiki windows (paper: 32; 0 = skip)",
@@ -251,7 +252,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                 compare_progress = gr.HTML("")
                 compare_table = gr.Dataframe(headers=["prompt", "dense"], label="The example prompts, every model "
                                              "(fresh conversations, replies capped at 96 tokens)",
-                                             interactive=False, wrap=True, max_height=800)
+                                             interactive=False, wrap=True, max_height=800,
+                                             elem_classes=["compare-table"])
                 with gr.Accordion("Sampling (same settings and seed for every model)", open=False):
                     with gr.Row():
                         temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",

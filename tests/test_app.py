@@ -444,17 +444,19 @@ def test_chat_panes_name_their_runs_and_chat_agreement(tabs, compressed):
 
 
 def test_compare_on_prompts_fills_a_table(tabs, compressed):
-    panel, table = last(tabs.chat.compare(compressed, ["r1"], "", 0.0, 0.9, 500, 1.1, 0, True,
-                                          prompts=["Hi", "Bye"]))
+    panel, update = last(tabs.chat.compare(compressed, ["r1"], "", 0.0, 0.9, 500, 1.1, 0, True,
+                                           prompts=["Hi", "Bye"]))
+    table = update["value"]
     assert 'aria-valuenow="100"' in panel and table["headers"][:2] == ["prompt", "dense"]
+    assert update["column_widths"] == ["16%", "42.0%", "42.0%"]
     assert table["headers"][2].startswith("r1 · slicegpt")
     assert [row[0] for row in table["data"]] == ["Hi", "Bye"] and all(all(row[1:]) for row in table["data"])
     many = [f"Prompt {i}" for i in range(12)]
     steps = tabs.chat.compare(compressed, ["r1"], "", 0.0, 0.9, 96, 1.1, 0, True, prompts=many)
     next(steps)
     compressed.request_stop()
-    panel, table = last(steps)
-    assert panel.startswith("■") and len(table["data"]) == 12  # Stop keeps the rows so far
+    panel, update = last(steps)
+    assert panel.startswith("■") and len(update["value"]["data"]) == 12  # Stop keeps the rows so far
     assert tabs.ctx.slot.acquire(timeout=30)
     tabs.ctx.slot.release()
 

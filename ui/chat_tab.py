@@ -14,6 +14,7 @@ CHAT_EXAMPLES = ["Write a haiku about autumn.", "Explain photosynthesis to a ten
                  "What is the capital of France, and why is it famous?",
                  "Give me three tips for writing clean Python code."]
 COMPARE_MAX_TOKENS = 96  # per reply in the comparison table: prompts x models replies on one slot
+PROMPT_WIDTH = 16  # % of the comparison table's width for the prompt column
 NOT_IN_MEMORY = "_(run {id}'s model is no longer in memory, only its report: compress or load it again)_"
 
 
@@ -94,7 +95,7 @@ class ChatTab:
                 repetition_penalty=1.1, seed=0, chat_template=True, prompts=None):
         """Every example prompt through the dense model and each run, same settings and seed (replies
         capped at :data:`COMPARE_MAX_TOKENS` tokens), one fresh conversation each. Yields (progress
-        panel, table {headers, data}: a row per prompt, a column per model); Stop keeps the replies
+        panel, update of the table {headers, data}: a row per prompt, a column per model); Stop keeps the replies
         so far. Runs whose model is no longer in memory are left out."""
         with user_errors():
             runs = [r for r in self.runs(session, run_ids or []) if r.model is not None]
@@ -118,8 +119,10 @@ class ChatTab:
                     done += 1
             return rows
 
-        def table():  # a copy: the worker keeps writing into rows
-            return dict(headers=headers, data=[list(r) for r in rows])
+        widths = [f"{PROMPT_WIDTH}%"] + [f"{(100 - PROMPT_WIDTH) / (len(headers) - 1):.1f}%"] * (len(headers) - 1)
+
+        def table():  # a copy: the worker keeps writing into rows; widths share the page between models
+            return gr.update(value=dict(headers=headers, data=[list(r) for r in rows]), column_widths=widths)
 
         try:
             with user_errors():
