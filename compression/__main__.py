@@ -113,8 +113,10 @@ def parse(argv):
     c.add_argument("--calibration", default="wiki",
                    help="calibration source: wiki, self-chat (the model's own replies under its chat "
                         "template), code, text:FILE, hf:NAME[:CONFIG][:SPLIT], or a mixture like wiki+self-chat")
-    c.add_argument("--chat-eval", type=int, default=16,
-                   help="held-out instructions on which chat agreement with the dense model is measured (0: skip)")
+    c.add_argument("--chat-eval", type=int, default=None,
+                   help="held-out instructions on which chat agreement with the dense model is measured "
+                        "(0: skip; default 16, 0 with --offload: the dense replies are generated, and a "
+                        "streamed model reads every block per token)")
     c.add_argument("--calib-samples", type=int, default=64)
     c.add_argument("--calib-len", type=int, default=512)
     c.add_argument("--no-eval", action="store_true", help="skip dense/compressed perplexity")
@@ -122,6 +124,13 @@ def parse(argv):
     c.add_argument("--lora-rank", type=int, default=0, help="LoRA rank for healing (0: full-parameter)")
     c.add_argument("--heal-lr", type=float, default=None)
     c.add_argument("--heal-seq-len", type=int, default=256)
+    c.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream the model one decoder block at a time (weights stay memory-mapped on disk; "
+                        "the compressed blocks go to disk, then into --out shard by shard). Default: on when "
+                        "2.2 × the weights' bytes exceed the free memory of the device")
+    c.add_argument("--stats-precision", choices=("auto", "float64", "mixed"), default="auto",
+                   help="calibration statistics: float64 throughout, or float32 per batch accumulated in "
+                        "float64 (mixed); auto: float64 on CPU and on GPUs with full-rate float64, mixed on others")
     c.add_argument("--out", required=True, type=Path, help="a new or empty folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     c.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -165,15 +174,53 @@ def cmd_methods(args) -> dict:
             for m in METHODS.values()}
 
 
+def decide_offload(args) -> tuple[bool, str]:
+    """(stream?, why): ``--offload``/``--no-offload`` as given, else on when the dense model and its
+    working copy, 2.2 × the weights' bytes at the load dtype, exceed the free memory of the device
+    (:func:`compression.streaming.needs_offload`). The decision is printed on stderr."""
+    from .models import default_device, weight_bytes
+    from .streaming import needs_offload
+
+    if args.offload is not None:
+        offload, why = args.offload, "--offload" if args.offload else "--no-offload"
+    else:
+        device = args.device or default_device()
+        offload, why = needs_offload(weight_bytes(args.model, args.dtype, device, args.trust_remote_code),
+                                     device, copies=2)
+    print(f"offload: {'on' if offload else 'off'} ({why})", file=sys.stderr)
+    return offload, why
+
+
+@contextmanager
+def offload_folder(out: Path, offload: bool):
+    """A scratch folder beside ``out`` for the streamed run's compressed blocks (same file system, so
+    saving reads them back cheaply), removed however the command ends; None without offload."""
+    import shutil
+    import tempfile
+
+    if not offload:
+        yield None
+        return
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f".{Path(out).name}.offload-", dir=parent)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def cmd_compress(args) -> dict:
     from . import pipeline
     from .models import load_model
 
     config = get(args.method).make_config(method_values(args))
+    if args.offload and args.heal_tokens:
+        raise UsageError("--heal-tokens trains the whole model in memory; it cannot follow --offload")
     for value, low, flag in ((args.calib_samples, 1, "--calib-samples"), (args.calib_len, 2, "--calib-len"),
                              (args.eval_windows, 0, "--eval-windows"), (args.eval_len, 2, "--eval-len"),
                              (args.heal_tokens, 0, "--heal-tokens"), (args.lora_rank, 0, "--lora-rank"),
-                             (args.chat_eval, 0, "--chat-eval")):
+                             (args.chat_eval or 0, 0, "--chat-eval")):
         _at_least(value, low, flag)
     from .sources import parse as parse_source
 
@@ -191,25 +238,35 @@ def cmd_compress(args) -> dict:
     if args.push_to_hub:
         check_target(args.push_to_hub)
     check_model(args.model, args.trust_remote_code)
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    offload, why = decide_offload(args)
+    if offload and heal_config is not None:
+        raise UsageError(f"the model would be streamed ({why}); --heal-tokens needs it in memory")
+    chat_eval = 0 if args.no_eval else (args.chat_eval if args.chat_eval is not None else 0 if offload else 16)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code, offload=offload)
     spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
-    with tqdm_progress(args.method) as bar:
-        compressed, report = pipeline.compress_and_measure(
-            args.model, model, tokenizer, config, spec, eval_windows=0 if args.no_eval else args.eval_windows,
-            eval_len=args.eval_len, chat_eval=0 if args.no_eval else args.chat_eval, seed=args.seed,
-            cache=pipeline.default_cache(), progress=bar)
-    del model
-    if heal_config is not None:
-        windows = None if args.no_eval else evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
-        with tqdm_progress("heal") as bar:
-            record = pipeline.heal_and_measure(compressed, tokenizer, heal_config, windows, bar)
-        report.heal = record
-    pipeline.save(args.out, compressed, tokenizer, report, replace=args.force)
+    with offload_folder(args.out, offload) as spill:
+        with tqdm_progress(args.method) as bar:
+            compressed, report = pipeline.compress_and_measure(
+                args.model, model, tokenizer, config, spec, eval_windows=0 if args.no_eval else args.eval_windows,
+                eval_len=args.eval_len, chat_eval=chat_eval, seed=args.seed,
+                cache=pipeline.default_cache(), progress=bar, offload=offload, offload_folder=spill,
+                precision=args.stats_precision)
+        del model
+        report.extra["offload"]["why"] = why
+        if offload and not chat_eval and not args.no_eval:
+            report.extra["offload"]["chat_eval"] = "skipped (pass --chat-eval N to measure it streamed)"
+        if heal_config is not None:
+            windows = None if args.no_eval else evaluation_windows(tokenizer, args.eval_windows, args.eval_len)
+            with tqdm_progress("heal") as bar:
+                record = pipeline.heal_and_measure(compressed, tokenizer, heal_config, windows, bar)
+            report.heal = record
+        pipeline.save(args.out, compressed, tokenizer, report, replace=args.force)
     summary = {k: v for k, v in report.to_dict().items() if not isinstance(v, (list, dict))}
     if report.heal:
         summary.update(heal_tokens=report.heal["tokens"], heal_seconds=report.heal["seconds"],
                        ppl_healed=report.heal.get("ppl_after"))
     summary["warnings"] = report.warnings
+    summary["offload"] = offload
     summary["out"] = str(args.out)
     if args.push_to_hub:
         summary["hub_url"] = push_folder(args.out, args.push_to_hub)

@@ -5,9 +5,17 @@ copy so the caller's model is never changed, and fills what every report shares 
 timings, calibration facts and warnings). The :class:`Report` is plain data; the compressed model
 travels beside it.
 
-Memory: the copy is made before any work, so the peak is the dense model twice plus one block's
-calibration activations; the compressed copy then shrinks as blocks are rewritten. The report's
-``peak_memory_mb`` measures it (CUDA allocator peak, or the process's resident high-water mark on CPU).
+Memory, in memory (``offload=False``): the copy is made before any work, so the peak is the dense
+model twice plus one block's calibration activations; the compressed copy then shrinks as blocks are
+rewritten. Streamed (``offload=True``, :mod:`compression.streaming`): no copy; one block at a time is
+read from where the dense weights are (the checkpoint of a streamed model, or the model in memory),
+rewritten on the execution device and sent to CPU memory or ``offload_folder``, so the execution device
+holds the embeddings, head and one block besides the activations. ``offload=None`` streams when the
+model is already streamed or when a copy does not fit (:func:`compression.streaming.needs_offload`
+with one copy: 1.1 × the weights' bytes against the free memory of the model's device). The report's
+``peak_memory_mb`` measures either (CUDA allocator peak on the execution device, or the process's
+resident high-water mark on CPU); ``extra["offload"]`` says which path ran and why, and
+``extra["stats_precision"]`` the statistics precision used.
 """
 from __future__ import annotations
 
@@ -18,7 +26,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import streaming
 from .arch import block_params, count_params, refusal, view
+from .calibration import resolve_precision, statistics_precision
 from .evaluate import PeakMemory
 from .methods import method_for
 from .report import Report
@@ -64,12 +74,20 @@ def check_tokens(tokens: torch.Tensor | None, vocab_size: int, what: str) -> Non
 
 
 def compress(model, config, calibration: torch.Tensor | None, progress: Progress | None = None,
-             held_out: torch.Tensor | None = None) -> Compressed:
+             held_out: torch.Tensor | None = None, *, offload: bool | None = None,
+             offload_folder: str | None = None, device: str | torch.device | None = None,
+             precision: str | None = None) -> Compressed:
     """Compress a copy of ``model`` with the method that ``config``'s type names.
 
     calibration: token ids (N, T) (methods that need no statistics accept None). held_out: token ids
     on which per-layer errors are measured, disjoint from the calibration (None: measured in-sample
     and flagged). progress: ``progress(fraction, message)``; an exception raised there stops the work.
+    offload: stream blocks (True), work on an in-memory copy (False), or decide (None, see the module
+    docstring); a streamed result keeps streaming (``forward`` works, block by block; save it with
+    :func:`compression.pipeline.save`). offload_folder: where a streamed run spills rewritten blocks
+    (None: CPU memory); it must outlive the result. device: execution device of a streamed run (default:
+    a streamed model's own, else the model's). precision: statistics precision, "auto" (None), "float64"
+    or "mixed" (:mod:`compression.calibration`).
     """
     method = method_for(config)
     mv = view(model)  # unsupported architectures fail here, before any work
@@ -85,15 +103,39 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     facts, warnings = calibration_facts(calibration, mv.hidden_size)
     progress = progress or (lambda f, m: None)
     params_dense, block_dense = count_params(model), block_params(model)
-    progress(0.0, "copying the dense model")
+    offload, why = _decide_offload(model, offload)
+    store = streaming.store_of(model)
+    device = torch.device(device or (store.device if store is not None else mv.device))
+    stats = resolve_precision(precision, device)
+    progress(0.0, "preparing the streamed copy" if offload else "copying the dense model")
     t0 = time.perf_counter()
-    with torch.no_grad(), PeakMemory(mv.device) as peak:
-        working = copy.deepcopy(model)
+    with torch.no_grad(), statistics_precision(precision), PeakMemory(device) as peak:
+        if offload:
+            working = streaming.working_copy(model, device=device, folder=offload_folder,
+                                             compressed=method.name not in streaming.ORIGINAL_CLASS_METHODS)
+            work_store = streaming.store_of(working)
+        else:
+            working = copy.deepcopy(model)
         out, report = method.run(working, config, calibration, progress, held_out)
+        if offload:
+            streaming.finish(out, work_store)
     report.compress_seconds = time.perf_counter() - t0
     report.peak_memory_mb = peak.mb
+    report.extra.update(offload={"streamed": offload, "device": str(device), "why": why,
+                                 "spilled_to_disk": bool(offload and offload_folder)},
+                        stats_precision=stats)
     report.params_dense, report.block_params_dense = params_dense, block_dense
     report.params_compressed, report.block_params_compressed = count_params(out), block_params(out)
     report.calibration = {**facts, **report.calibration}
     report.warnings = warnings + report.warnings
     return Compressed(out, report)
+
+
+def _decide_offload(model, offload: bool | None) -> tuple[bool, str]:
+    """(stream?, why): as asked, else streamed models stream and others stream when a copy does not
+    fit next to them (:func:`compression.streaming.needs_offload`, one copy)."""
+    if offload is not None:
+        return bool(offload), "asked"
+    if streaming.is_streamed(model):
+        return True, "the model is streamed"
+    return streaming.needs_offload(streaming.weight_bytes(model), view(model).device, copies=1)

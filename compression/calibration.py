@@ -5,10 +5,18 @@ records what the first block would have received (hidden states and the keyword 
 model passes: masks, rotary tables, positions) and returns it unchanged. Methods then push those
 inputs through one block at a time (:func:`run_block`), so statistics stream per block and only one
 block's activations are held at once.
+
+Statistics precision (:class:`Gram`): ``"float64"`` accumulates XᵀX in float64 throughout;
+``"mixed"`` forms each batch's XᵀX in float32 and adds the batches up in float64 (a batch is a few
+thousand rows, so the float32 part loses ~1e-6 relative; the float64 adds are O(d²) per batch). Float64
+matmuls run at 1/32–1/64 of the float32 rate on consumer GPUs, so ``"auto"`` picks by device
+(:func:`precision_for`): float64 on the CPU and on GPUs with full-rate float64, mixed elsewhere.
+:func:`statistics_precision` sets the mode for the statistics taken inside it.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -92,16 +100,74 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) 
     return [block(h, use_cache=False, **kw) for h, kw in zip(hidden, kwargs)]
 
 
-class Gram:
-    """Accumulates XᵀX (float64) and the token count over batches of rows X (..., d)."""
+PRECISIONS = ("auto", "float64", "mixed")
+# CUDA compute capabilities with full-rate float64 (1/2 of float32): P100, V100, A100, H100/H200, B200.
+# Consumer and workstation parts (6.1, 7.5, 8.6, 8.9, 12.x), Jetson (8.7) and B300 (10.3) run it at
+# 1/32–1/64 or less.
+FAST_FLOAT64_CUDA = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+FAST_FLOAT64_ROCM = ("gfx90a", "gfx94", "gfx95")  # MI200, MI300, MI350
+_PRECISION: ContextVar[str] = ContextVar("statistics_precision", default="auto")
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+
+def precision_for_gpu(capability: tuple[int, int], arch_name: str | None = None) -> str:
+    """"float64" on a GPU whose float64 runs at full rate, else "mixed"; ``capability`` is CUDA's
+    (major, minor), ``arch_name`` ROCm's gcnArchName when the build is ROCm."""
+    if arch_name:
+        return "float64" if arch_name.startswith(FAST_FLOAT64_ROCM) else "mixed"
+    return "float64" if tuple(capability) in FAST_FLOAT64_CUDA else "mixed"
+
+
+def precision_for(device: torch.device | str) -> str:
+    """The statistics precision ``"auto"`` means on ``device``: float64 on the CPU (and any non-CUDA
+    device), by :func:`precision_for_gpu` on a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "float64"
+    props = torch.cuda.get_device_properties(device)
+    arch = getattr(props, "gcnArchName", None) if torch.version.hip else None
+    return precision_for_gpu((props.major, props.minor), arch)
+
+
+def resolve_precision(mode: str | None, device: torch.device | str) -> str:
+    """``mode`` ("auto", "float64", "mixed"; None: the one set by :func:`statistics_precision`) as
+    "float64" or "mixed" on ``device``."""
+    mode = mode or _PRECISION.get()
+    if mode not in PRECISIONS:
+        raise ValueError(f"statistics precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+    return precision_for(device) if mode == "auto" else mode
+
+
+@contextmanager
+def statistics_precision(mode: str | None):
+    """Statistics (:class:`Gram`) created inside use ``mode`` (None or "auto": by device). Scoped to
+    the current thread or task (a context variable), so concurrent jobs do not see each other's."""
+    resolve_precision(mode or "auto", "cpu")  # validate early
+    token = _PRECISION.set(mode or "auto")
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+class Gram:
+    """Accumulates XᵀX (in float64) and the token count over batches of rows X (..., d).
+
+    precision: "float64" (each batch's product in float64), "mixed" (each batch's product in float32,
+    accumulated in float64) or "auto"/None (see :func:`resolve_precision`)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", precision: str | None = None):
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.count = 0
+        self.precision = resolve_precision(precision, self.xtx.device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)
-        self.xtx += x.T @ x
+        x = x.reshape(-1, x.shape[-1])                                  # (n, d)
+        if self.precision == "mixed":
+            x = x.to(self.xtx.device, torch.float32)
+            self.xtx += (x.T @ x).double()                              # (d, d) fp32 product
+        else:
+            x = x.to(self.xtx.device, torch.float64)
+            self.xtx += x.T @ x
         self.count += x.shape[0]
 
     @property

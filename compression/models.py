@@ -158,11 +158,15 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
                dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-               safetensors_only: bool = False):
+               safetensors_only: bool = False, offload: bool = False):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA if present, else CPU).
 
-    safetensors_only: refuse pickled weights (for folders that came from an upload)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    safetensors_only: refuse pickled weights (for folders that came from an upload).
+    offload: return a *streamed* model (:func:`compression.streaming.open_checkpoint`): the embeddings,
+    final norm and head on ``device``, each decoder block read from the safetensors files (memory-mapped)
+    only while it runs. Checkpoints without safetensors, or whose tensor names transformers converts on
+    load, load in memory instead (``compress(..., offload=True)`` still streams from there)."""
+    from transformers import AutoTokenizer
 
     import compression.modeling  # noqa: F401  registers the compressed-model classes
 
@@ -171,13 +175,62 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
     source = resolve_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **({"use_safetensors": True} if safetensors_only else {})
-        )
+        model = (_open_streamed(source, device, torch_dtype, trust_remote_code) if offload else None) \
+            or _load_in_memory(source, device, torch_dtype, trust_remote_code, safetensors_only)
     except (OSError, ValueError) as err:
         raise _load_error(name_or_path, err) from err
-    model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _load_in_memory(source: str, device: str, dtype: torch.dtype, trust_remote_code: bool,
+                    safetensors_only: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, trust_remote_code=trust_remote_code,
+        **({"use_safetensors": True} if safetensors_only else {}))
+    return model.to(device).eval()
+
+
+def _open_streamed(source: str, device: str, dtype: torch.dtype, trust_remote_code: bool):
+    """A streamed model of ``source``, or None when its weights cannot be streamed from files."""
+    from .streaming import open_checkpoint
+
+    folder = _weights_folder(source)
+    if folder is None:
+        return None
+    try:
+        return open_checkpoint(folder, device, dtype, trust_remote_code)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def _weights_folder(source: str) -> Path | None:
+    """The local folder holding ``source``'s safetensors (a hub id: its cached snapshot), or None."""
+    path = Path(source)
+    if not path.is_dir():
+        try:
+            from transformers.utils import cached_file
+
+            path = Path(cached_file(source, "config.json")).parent
+        except (OSError, ValueError):
+            return None
+    return path if any(path.glob("*.safetensors")) else None
+
+
+def weight_bytes(name_or_path: str, dtype: str | torch.dtype | None, device: str | None = None,
+                 trust_remote_code: bool = False) -> int:
+    """Bytes of the model's weights at the dtype it would load in, from its config alone (a model
+    built on the meta device: nothing is read or allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .streaming import weight_bytes as tensor_bytes
+
+    config = load_config(name_or_path, trust_remote_code)
+    torch_dtype = resolve_dtype(dtype, device or default_device())
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return tensor_bytes(model)

@@ -158,7 +158,14 @@ class DenseCache:
 def measure_against(name: str, dense, model, windows: torch.Tensor, cache: DenseCache,
                     stages: Stages, what: str = "wiki evaluation split") -> dict:
     """Perplexity of both models with 95% intervals and the compressed model's agreement with the
-    dense one (KL, top-1, ppl ratio) on ``windows``: one dense and one compressed forward a window."""
+    dense one (KL, top-1, ppl ratio) on ``windows``: one dense and one compressed forward a window
+    (streamed models: :func:`compression.streaming.measure_against`, under the same two stages)."""
+    from . import streaming
+
+    if streaming.is_streamed(model) or streaming.is_streamed(dense):
+        stages.stage("dense reference")(1.0, "streamed with the compressed model")
+        return streaming.measure_against(dense, model, windows,
+                                         stages.stage("compressed perplexity and agreement"), what)
     reference = cache.reference(name, dense, windows, stages.stage("dense reference"))
     dense_stats = reference.ppl_stats()
     out = evaluate_against(model, reference, stages.stage("compressed perplexity and agreement"))
@@ -179,13 +186,18 @@ def default_cache() -> DenseCache:
 def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *, eval_windows: int = 0,
                          eval_len: int = 1024, chat_eval: int = 0, seed: int = 0,
                          cache: DenseCache | None = None, progress: Progress = _noop,
-                         calibration: tuple | None = None, windows: torch.Tensor | None = None):
+                         calibration: tuple | None = None, windows: torch.Tensor | None = None,
+                         offload: bool | None = None, offload_folder: str | Path | None = None,
+                         precision: str | None = None):
     """Calibrate, compress a copy of ``dense`` and measure both models: wiki perplexity and agreement
     on ``eval_windows`` windows of ``eval_len`` tokens, and chat agreement on ``chat_eval`` held-out
     instructions (0 skips either). Returns (compressed model, Report).
 
     calibration: (fit, held-out, facts) already built from ``spec``; windows: evaluation windows
-    already cut (the app caches both)."""
+    already cut (the app caches both). offload, offload_folder, precision: as in
+    :func:`compression.compress`. A streamed result is measured by streaming too
+    (:func:`compression.streaming.measure_against`: both models block by block, nothing of the dense
+    side cached, so no dense model is ever held whole)."""
     from .data import evaluation_windows
 
     weights = {"calibration text": 0.05 if spec.source != "self-chat" else 0.3, "compress": 1.0}
@@ -202,7 +214,8 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     facts = {**facts, "text_seconds": round(time.perf_counter() - t0, 3)}
     step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
     torch.manual_seed(int(seed))
-    model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out)
+    model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out,
+                             offload=offload, offload_folder=offload_folder, precision=precision)
     report.model = name
     report.calibration.update(facts, seed=int(seed))
     if eval_windows:
@@ -249,16 +262,18 @@ def save(folder: Path, model, tokenizer, report: Report | dict, replace: bool = 
 
     The model is saved in the most portable exact format (:func:`compression.modeling.save_model`:
     the original architecture's class where the result fits it, else the compressed format with its
-    modeling code); the report records which, under ``export``. ``README.md`` is the model card
-    generated from that report (:func:`compression.card.model_card`)."""
+    modeling code); the report records which, under ``export``. A streamed model is written one shard
+    per block (:func:`compression.streaming.save_streamed`), never whole in memory. ``README.md`` is the
+    model card generated from that report (:func:`compression.card.model_card`)."""
     from .card import model_card
     from .modeling import save_model
+    from .streaming import is_streamed, save_streamed
 
     folder = Path(folder)
     check_out_folder(folder, force=replace)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.resolve().parent))
     try:
-        fmt, reason = save_model(model, tokenizer, tmp)
+        fmt, reason = (save_streamed if is_streamed(model) else save_model)(model, tokenizer, tmp)
         data = report.to_dict() if isinstance(report, Report) else dict(report)
         data["export"] = {"format": fmt, "reason": reason}
         if isinstance(report, Report):
