@@ -1,5 +1,7 @@
 """End to end in headless Chromium (Debian's ``chromium`` driven by Playwright's bundled driver, no
-browser download): load the page, compress the tiny model, find the Inspect plots and both chat replies.
+browser download): load the page, pick a calibration source, see an error as status text, compress
+the tiny model, find the Inspect plots, chat with the dense model and the run (the panes' headers never
+covered by scrolled messages) and compare them on the example prompts.
 
 Skipped, with the reason, where Chromium or the playwright package is missing (``make setup`` installs
 both when it can).
@@ -77,6 +79,38 @@ PAINTED = """sel => { const e = document.querySelector(sel); if (!e) return fals
   return true; }"""
 
 
+PAINTED_TEXT = """text => [...document.querySelectorAll('.prose, .md')].some(e => {
+  if (!e.innerText.includes(text)) return false;
+  const r = e.getBoundingClientRect(), st = getComputedStyle(e);
+  return r.height > 0 && r.width > 0 && st.visibility !== 'hidden' && st.opacity !== '0'; })"""
+WAIT_REPLIES = """n => [...document.querySelectorAll('[data-testid="bot"]')]
+  .filter(e => e.innerText.includes('first token')).length >= n"""
+SCROLL_USER_MESSAGE_TO_TOP = """i => {
+  const list = document.querySelectorAll('.chat-panes .bubble-wrap')[i];
+  const user = list.querySelector('.user-row .message');
+  list.scrollTop += user.getBoundingClientRect().top - list.getBoundingClientRect().top + 8;
+  const l = list.getBoundingClientRect(), u = user.getBoundingClientRect();
+  const header = [...list.parentElement.querySelectorAll('[data-testid="block-label"], .top-panel')]
+    .map(h => h.getBoundingClientRect()).filter(r => r.height > 0 && r.right > u.left && r.left < u.right)
+    .map(r => ({top: r.top, bottom: r.bottom}));
+  return {scrolled: u.top < l.top, header, visible: {top: Math.max(u.top, l.top), bottom: Math.min(u.bottom, l.bottom)}};
+}"""
+
+
+def _wait_quiet(page, locator, quiet_s: float = 2.0):
+    """Until ``locator``'s text stops changing (a streamed reply has ended)."""
+    import time
+
+    last, since, end = None, time.time(), time.time() + TIMEOUT_MS / 1000
+    while time.time() < end:
+        text = locator.inner_text()
+        if text != last:
+            last, since = text, time.time()
+        elif time.time() - since > quiet_s:
+            return
+        page.wait_for_timeout(250)
+
+
 def _values(page, n):
     return [page.get_by_label(f"number input for layer {i}").input_value() for i in range(n)]
 
@@ -151,6 +185,24 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
 
         page.get_by_label("Samples").fill("4")
         page.get_by_label("Tokens each").fill("64")
+        # the calibration source picker; a user error is readable status text (not a toast), and the
+        # form stays usable
+        source = page.get_by_label("Calibration source")
+        assert source.input_value() == "Wikipedia (offline split)"
+        source.click()
+        for option in ("self-chat", "source code", "wiki + self-chat", "custom text"):
+            page.get_by_role("option").filter(has_text=option).first.wait_for()
+        page.get_by_role("option").filter(has_text="custom text").first.click()
+        page.get_by_label("Custom calibration text").wait_for()
+        page.get_by_text("upload a UTF-8 .txt file").first.wait_for()
+        page.get_by_role("button", name="Compress", exact=True).click()
+        error = page.get_by_text("⚠ custom calibration: type the text or upload a .txt file")
+        error.wait_for()
+        page.wait_for_function(PAINTED_TEXT, arg="⚠ custom calibration")
+        assert error.bounding_box()["width"] > 300  # one readable line, not a cut-off badge
+        source.click()
+        page.get_by_role("option").filter(has_text="Wikipedia").first.click()
+        page.get_by_label("Custom calibration text").wait_for(state="hidden")
         for _ in range(3):  # the button takes one job at a time: clicks before the cancel lands are ignored
             page.get_by_role("button", name="Compress", exact=True).click()
             try:
@@ -180,20 +232,39 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("Zero-shot items per task").fill("5")
         page.get_by_label("piqa").check()
         page.get_by_role("button", name="Evaluate dense vs compressed").click()
-        table = page.locator("table").filter(has_text="perplexity (wiki")
-        table.wait_for()
+        # gradio's Dataframe draws many rows as positioned divs, not a <table>: wait for the text
+        page.get_by_text("perplexity (wiki, 1 × 1024-token windows").first.wait_for()
         for sample in ("1 × 1024-token windows", "(n=5)", "median of 5 alternating rounds", "(1 windows)"):
             page.wait_for_function("s => document.body.innerText.includes(s)", arg=sample, timeout=30_000)
 
+        # Chat: the run picker holds the selected run; one pane per model, the run's named
         page.get_by_role("tab", name="Chat").click()
-        box = page.get_by_placeholder("Message both models…")
-        box.fill("Hello!")
-        box.press("Enter")
-        page.wait_for_function(
-            "[...document.querySelectorAll('[data-testid=\"bot\"]')]"
-            ".filter(e => e.innerText.includes('tok/s')).length >= 2", timeout=TIMEOUT_MS)
+        page.get_by_label("Runs to chat with (up to 3)").wait_for()
+        page.locator(".chat-panes").get_by_text("r1 · modegpt −").first.wait_for()
+        box = page.get_by_placeholder("Message every model…")
+        for turn in range(2):  # enough text to scroll the panes
+            box.fill(f"Hello! Turn {turn}: a long message that wraps over the width of a pane, as a real "
+                     "question about something would, with a few more words to be sure of it.")
+            box.press("Enter")
+            page.wait_for_function(WAIT_REPLIES, arg=2 * (turn + 1), timeout=TIMEOUT_MS)
+            _wait_quiet(page, page.locator(".chat-panes"))  # streamed to the end
         replies = page.locator('[data-testid="bot"]').filter(has_text="first token")
-        assert replies.count() == 2
+        assert replies.count() == 4
+        # scrolled so the first user message is cut at the top: what is left of it shows below the
+        # pane's label and buttons, never under them
+        for pane in range(2):
+            boxes = page.evaluate(SCROLL_USER_MESSAGE_TO_TOP, pane)
+            assert boxes["scrolled"], boxes
+            for head in boxes["header"]:
+                assert boxes["visible"]["top"] >= head["bottom"] - 0.5 or \
+                    boxes["visible"]["bottom"] <= boxes["visible"]["top"], boxes
+
+        # Compare on these prompts: a row per example prompt, a column per model
+        page.get_by_role("button", name="Compare on these prompts").click()
+        page.wait_for_function("() => document.body.innerText.includes('Compare 100%')", timeout=TIMEOUT_MS)
+        table = page.locator(".compare-table")
+        for text in ("Write a haiku about autumn.", "dense", "r1 · modegpt"):
+            assert table.get_by_text(text).count() >= 1, text
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         print("page at failure:", tmp_path / "failure.png")
