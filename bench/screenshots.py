@@ -2,14 +2,16 @@
 
     python -m bench.screenshots [--model smollm2-135m] [--method layerdrop --ratio 0.25] [--out assets]
 
-Launches the app in-process on a free local port (or uses --url), compresses, opens each tab, evaluates,
-chats, and writes assets/tab_<name>.png. Needs Debian's ``chromium`` and the ``playwright`` package
+Launches the app in-process on a free local port (or uses --url), compresses with the form's defaults
+(calibration included), opens each tab, evaluates, chats, compares on the example prompts, and writes
+assets/tab_<name>.png. Needs Debian's ``chromium`` and the ``playwright`` package
 (its bundled driver only: no browser download).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 import time
@@ -101,17 +103,30 @@ def runs(page, path: Path) -> None:
 
 
 def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
+    """The dense model and the selected run answer ``prompt`` side by side."""
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("button", name="Clear").click()
-    box = page.get_by_placeholder("Message both models…")
+    page.locator(".chat-panes").get_by_text(re.compile(r"^r\d+ · ")).first.wait_for(timeout=ms)  # the run's pane
+    box = page.get_by_placeholder("Message every model…")
     box.fill(prompt)
     box.press("Enter")
     bots = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
     page.wait_for_function(
         "[...document.querySelectorAll('[data-testid=\"bot\"]')].filter(e => e.innerText.includes('tok/s')).length >= 2",
         timeout=ms)
-    wait_quiet(page, page.locator("body"), timeout_s)
+    wait_quiet(page, page.locator(".chat-panes"), timeout_s)
     print("chat:", [t[:80] for t in bots.all_inner_texts()])
+    page.screenshot(path=str(path), full_page=True)
+
+
+def compare(page, path: Path, ms: int, timeout_s: float) -> None:
+    """The example prompts through the dense model and the run, in one table."""
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="Compare on these prompts").click()
+    page.wait_for_function("() => document.body.innerText.includes('Compare 100%')", timeout=ms)
+    wait_quiet(page, page.locator(".compare-table"), timeout_s)
+    page.locator(".compare-table").scroll_into_view_if_needed()
+    print("compare:", page.locator(".compare-table").inner_text()[:300].replace("\n", " | "))
     page.screenshot(path=str(path), full_page=True)
 
 
@@ -143,6 +158,7 @@ def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
     page.screenshot(path=str(out / "tab_evaluate.png"), full_page=True)
 
     chat(page, out / "tab_chat.png", prompt, ms, timeout_s)
+    compare(page, out / "tab_chat_compare.png", ms, timeout_s)
 
     runs(page, out / "tab_runs.png")
 
@@ -154,7 +170,7 @@ def main() -> None:
     ap.add_argument("--method", default="modegpt", choices=["modegpt", "olica", "slicegpt", "layerdrop", "none"],
                     help="none: only --saved")
     ap.add_argument("--ratio", type=float, default=0.25)
-    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--prompt", default="Write a haiku about autumn.")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
     ap.add_argument("--saved", default=None,
                     help="also load this saved run (folder with report.json) and screenshot its Inspect tab")
