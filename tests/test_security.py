@@ -246,6 +246,16 @@ def test_calibration_upload_is_capped(tabs, tiny_folder, monkeypatch):  # noqa: 
                                        calib_file=big, outputs=5, status=1)
 
 
+@pytest.mark.parametrize("run_ids,message", [
+    (["../../etc/passwd"], "unknown run"), ([{"path": "/etc/passwd"}], "unknown run"),
+    (["r1", "r1", "r99"], "unknown run"), ([f"r{i}" for i in range(10_000)], "at most 3 runs"),
+    (list(range(10_000)), "unknown run"), ("r99", "unknown run"),
+])
+def test_chat_run_ids_are_checked(tabs, compressed, run_ids, message):
+    shown = refusal(tabs.chat.chat, compressed, "Hi", [], [], None, "", run_ids=run_ids, outputs=5, status=5)
+    assert message in shown and "passwd" not in shown
+
+
 # --- the named endpoints keep their parameter names, and refuse through gradio_client too -----------
 def test_load_run_and_download_endpoints_through_gradio_client(tiny_folder, tmp_path):  # noqa: F811
     from gradio_client import Client, handle_file

@@ -55,9 +55,9 @@ class ChatTab:
         """The session's runs for the panes: at most :data:`MAX_RUNS`, of one dense model."""
         if run_ids is None:  # API callers from before several runs: the one run, or the latest
             return [session.get(run_id)] if session.runs else []
-        if isinstance(run_ids, str):
+        if not isinstance(run_ids, (list, tuple)):
             run_ids = [run_ids]
-        run_ids = list(dict.fromkeys(run_ids))
+        run_ids = list(dict.fromkeys(str(r) for r in run_ids[:MAX_RUNS + 1] if r))  # ids are checked below
         if len(run_ids) > MAX_RUNS:
             raise ValueError(f"pick at most {MAX_RUNS} runs to chat with")
         runs = [session.get(r) for r in run_ids if r]
