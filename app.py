@@ -3,7 +3,9 @@
 ``build_app(default_model=...)`` returns the ``gr.Blocks``; ``python app.py`` launches it (honours
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT). This file only lays out components and wires them to the
 tab objects in :mod:`ui` (no algorithm, no file handling). Named API endpoints: /compress,
-/inspect, /evaluate, /chat, /heal, /load_run, /download (scriptable with gradio_client).
+/inspect, /evaluate, /chat, /heal, /load_run, /download (scriptable with gradio_client). Each is an
+event of its own on a hidden button: it raises on bad input, so scripts get an exception, while the
+page's event shows the same message as "⚠ ..." status text (:func:`ui.common.on_page`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from compression.methods import METHODS
 from compression.models import DEFAULT_MODEL, PACKAGED_MODELS
 from ui import forms, jobs
-from ui.chat_tab import CHAT_EXAMPLES, MAX_RUNS, ChatTab
+from ui.chat_tab import CHAT_EXAMPLES, COMPARE_MAX_TOKENS, MAX_RUNS, ChatTab
 from ui.common import ACCEL, Context, on_page
 from ui.compress_tab import (CALIBRATION_SOURCES, DEFAULT_ALLOCATION, DEFAULT_METHOD, MAX_CALIB_CHARS,
                              MAX_CHAT_EVAL, SOURCE_NOTES, CompressTab, with_option_params)
@@ -251,7 +253,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                 compare_btn = gr.Button("Compare on these prompts")
                 compare_progress = gr.HTML("")
                 compare_table = gr.Dataframe(headers=["prompt", "dense"], label="The example prompts, every model "
-                                             "(fresh conversations, replies capped at 96 tokens)",
+                                             f"(fresh conversations, replies capped at {COMPARE_MAX_TOKENS} tokens)",
                                              interactive=False, wrap=True, max_height=800,
                                              elem_classes=["compare-table"])
                 with gr.Accordion("Sampling (same settings and seed for every model)", open=False):
