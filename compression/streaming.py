@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ARCHITECTURES, Arch, get_path, view
+from .arch import ARCHITECTURES, Arch, arch_for, count_params, get_path, view
 
 Progress = Callable[[float, str], None]
 Rows = tuple[int, int] | None                # a row range of a fused checkpoint tensor, or all of it
@@ -432,11 +432,9 @@ def working_copy(model: nn.Module, *, compressed: bool, device: torch.device | s
     caller = view(model)
     caller_store = store_of(model)
     twin = _structural_copy(model, device, alias_outside=caller_store is not None)
-    if compressed and not isinstance(twin, CompressedForCausalLM):
+    converted = compressed and not isinstance(twin, CompressedForCausalLM)
+    if converted:
         twin = to_compressed(twin)
-        key_map = lambda i, block, prefix: compressed_keys(block, caller.arch, caller.shape, prefix)  # noqa: E731
-    else:
-        key_map = lambda i, block, prefix: identity_keys(block, prefix)  # noqa: E731
     tv = view(twin)
     store = BlockStore(device, folder)
     blocks = _placeholders(tv.layers)
@@ -444,7 +442,8 @@ def working_copy(model: nn.Module, *, compressed: bool, device: torch.device | s
     for i, block in enumerate(blocks):
         _check_persistent(block, f"block {i}")
         prefix = f"{caller.arch.blocks}.{i}."
-        keys = key_map(i, block, prefix)
+        keys = compressed_keys(block, caller.arch, caller.shape, prefix) if converted \
+            else identity_keys(block, prefix)
         home = None if caller_store is None else caller_store.home(_placeholders(caller.layers)[i])
         if isinstance(home, Source):
             store.add(block, Source(home.reader, _compose(keys, home, prefix), home.dtype))
@@ -580,25 +579,38 @@ def _native_config(model: nn.Module):
 
 
 def _native_class_name(config) -> str:
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    return AutoModelForCausalLM._model_mapping[type(config)].__name__
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__
 
 
 def save_streamed(model: nn.Module, tokenizer, folder: str | Path, progress: Progress = _noop) -> tuple[str, str]:
-    """Save a streamed model as ``save_model`` would, one shard per block (plus one for the rest) and
-    ``model.safetensors.index.json``: one block in memory at a time. Returns (format, reason)."""
-    from safetensors.torch import save_file
-    from transformers.dynamic_module_utils import custom_object_save
-
+    """Save a streamed model as :func:`compression.modeling.save_model` would (same format choice), one
+    shard per block plus one for the rest and ``model.safetensors.index.json``: one block in memory at
+    a time. Returns (format, reason)."""
     from .modeling import CompressedForCausalLM, export_format
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fmt, reason = export_format(model)
-    mv = view(model)
+    native = fmt == "native" and isinstance(model, CompressedForCausalLM)
+    config = _write_config(model, folder, native)
+    weight_map, total = _write_shards(model, folder, arch_for(config) if native else None, progress)
+    index = {"metadata": {"total_size": total, "total_parameters": count_params(model)}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return fmt, reason
+
+
+def _write_config(model: nn.Module, folder: Path, native: bool):
+    """config.json (and generation_config.json) as ``save_pretrained`` writes them; the compressed
+    format also gets its modeling file and ``auto_map``. Returns the config written."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from .modeling import CompressedForCausalLM
+
     compressed = isinstance(model, CompressedForCausalLM)
-    native = fmt == "native" and compressed
     if compressed:
         model.sync_config()
     config = _native_config(model) if native else model.config
@@ -609,53 +621,44 @@ def save_streamed(model: nn.Module, tokenizer, folder: str | Path, progress: Pro
     config.save_pretrained(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
-    native_arch = view_arch(config) if native else None
-    blocks = mv.layers
+    return config
+
+
+def _write_shards(model: nn.Module, folder: Path, native_arch: Arch | None,
+                  progress: Progress) -> tuple[dict[str, str], int]:
+    """Shard 1: every saved tensor outside the blocks (a tied head once); shard k + 2: block k, under
+    the original architecture's names when ``native_arch``. Returns (weight map, bytes written)."""
+    from safetensors.torch import save_file
+
+    mv = view(model)
+    blocks, prefix = mv.layers, mv.arch.blocks
     n = len(blocks)
-    shard = lambda k: f"model-{k + 1:05d}-of-{n + 1:05d}.safetensors"  # noqa: E731
-    weight_map, total = {}, 0
-    outside = {name: t for name, t in _tensors(model).items()
-               if not name.startswith(mv.arch.blocks + ".") and name in _persistent_names(model)}
+    saved = _persistent_names(model)
+    outside = {name: t for name, t in _tensors(model).items() if not name.startswith(prefix + ".") and name in saved}
     if mv.tied:
         outside.pop(mv.arch.lm_head + ".weight", None)
+    weight_map, total = {}, 0
     for k in range(n + 1):
         if k == 0:
             tensors = outside
         else:
             block = blocks[k - 1]
-            named = _native_block(block, native_arch) if native else _tensors(block)
-            tensors = {f"{mv.arch.blocks}.{k - 1}.{name}": t for name, t in named.items()}
+            named = _native_block(block, native_arch) if native_arch is not None else _tensors(block)
+            tensors = {f"{prefix}.{k - 1}.{name}": t for name, t in named.items()}
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        save_file(tensors, str(folder / shard(k)), metadata={"format": "pt"})
-        weight_map.update({name: shard(k) for name in tensors})
+        shard = f"model-{k + 1:05d}-of-{n + 1:05d}.safetensors"
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
         progress((k + 1) / (n + 1), f"saved shard {k + 1}/{n + 1}")
-    if mv.layers.store is not None:
-        mv.layers.store.release()
-    index = {"metadata": {"total_size": total, "total_parameters": _count(model)}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return fmt, reason
-
-
-def view_arch(config) -> Arch:
-    from .arch import arch_for
-
-    return arch_for(config)
+    blocks.store.release()
+    return weight_map, total
 
 
 def _persistent_names(model: nn.Module) -> set[str]:
     """Names that belong in a checkpoint (parameters and persistent buffers), blocks included, read
     without materializing anything."""
     return set(model.state_dict(keep_vars=True))
-
-
-def _count(model: nn.Module) -> int:
-    from .arch import count_params
-
-    return count_params(model)
 
 
 # --- evaluation of streamed models ------------------------------------------------------------------

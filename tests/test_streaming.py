@@ -248,3 +248,20 @@ def test_precision_modes_agree_on_a_tiny_model(tokens):
     torch.testing.assert_close(lb, la, rtol=1e-3, atol=1e-3)
     for x, y in zip(ra.layers, rb.layers):
         assert y.errors["mlp"] == pytest.approx(x.errors["mlp"], rel=1e-3)
+
+
+@pytest.mark.parametrize("kind, config, cls", [
+    ("llama", lambda: MoDeGPTConfig(ratio=0.3), "CompressedForCausalLM"),
+    ("phi3", lambda: OlicaConfig(ratio=0.3, attn_share=0.0, calibrate_layers=0), "Phi3ForCausalLM"),
+], ids=["remote-code", "native-fused"])
+def test_streamed_save_loads_without_the_project(kind, config, cls, tokens, tmp_path):
+    from test_portable import load_elsewhere
+
+    model = tiny_model(kind, layers=3)
+    ref, ref_report = compress(model, config(), tokens)
+    out, report = compress(_checkpoint(model, tmp_path / "dense"), config(), tokens)
+    streaming.save_streamed(out, None, tmp_path / "model")
+    elsewhere = load_elsewhere(tmp_path / "model", tokens, tmp_path)
+    assert elsewhere["cls"] == cls
+    torch.testing.assert_close(elsewhere["logits"], logits(ref, tokens), **TIGHT)
+    assert elsewhere["params"] == report.params_compressed == ref_report.params_compressed
