@@ -191,6 +191,24 @@ def decide_offload(args) -> tuple[bool, str]:
     return offload, why
 
 
+def tokens_up_front(args, model, tokenizer, spec: TextSpec, eval_windows: int):
+    """For a streamed run: the calibration (fit, held-out, facts) and evaluation tokens cut before any
+    model work, then the article text they came from dropped (its cache and the allocator's free
+    pages: ~0.45 GB with the offline Wikipedia), so the text is not part of the run's peak memory."""
+    import time
+
+    from . import data, pipeline
+    from .evaluate import _release_free_memory
+
+    t0 = time.perf_counter()
+    fit, held_out, facts = pipeline.calibration_tokens(args.model, model, tokenizer, spec)
+    facts = {**facts, "text_seconds": round(time.perf_counter() - t0, 3)}
+    windows = evaluation_windows(tokenizer, eval_windows, args.eval_len) if eval_windows else None
+    data.wiki_articles.cache_clear()
+    _release_free_memory()
+    return (fit, held_out, facts), windows
+
+
 @contextmanager
 def offload_folder(out: Path, offload: bool):
     """A scratch folder beside ``out`` for the streamed run's compressed blocks (same file system, so
@@ -244,14 +262,18 @@ def cmd_compress(args) -> dict:
     chat_eval = 0 if args.no_eval else (args.chat_eval if args.chat_eval is not None else 0 if offload else 16)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code, offload=offload)
     spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
+    eval_windows = 0 if args.no_eval else args.eval_windows
+    calibration, windows = tokens_up_front(args, model, tokenizer, spec, eval_windows) if offload else (None, None)
     with offload_folder(args.out, offload) as spill:
         with tqdm_progress(args.method) as bar:
             compressed, report = pipeline.compress_and_measure(
-                args.model, model, tokenizer, config, spec, eval_windows=0 if args.no_eval else args.eval_windows,
+                args.model, model, tokenizer, config, spec, eval_windows=eval_windows,
                 eval_len=args.eval_len, chat_eval=chat_eval, seed=args.seed,
                 cache=pipeline.default_cache(), progress=bar, offload=offload, offload_folder=spill,
-                precision=args.stats_precision)
+                precision=args.stats_precision, calibration=calibration, windows=windows)
         del model
+        if calibration is not None:
+            report.calibration["text_seconds"] = calibration[2]["text_seconds"]
         report.extra["offload"]["why"] = why
         if offload and not chat_eval and not args.no_eval:
             report.extra["offload"]["chat_eval"] = "skipped (pass --chat-eval N to measure it streamed)"

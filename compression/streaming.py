@@ -46,6 +46,10 @@ KeyMap = dict[str, tuple[str, Rows]]         # block tensor name -> (reader key,
 
 ORIGINAL_CLASS_METHODS = frozenset({"layerdrop"})  # methods whose run keeps the model's own class
 FIT_FACTOR = 1.1  # a copy of the weights plus ~10% working room (activations, temporaries)
+# Positions per logits comparison in the streamed evaluation: a comparison holds ~5 (P, vocab) fp32
+# tensors, 190 MB at P = 64 with a 152k vocabulary (the in-memory evaluation's 256 would hold 775 MB,
+# more than a streamed run needs for anything else). Only float32 summation order differs.
+EVAL_POSITIONS = 64
 LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down")
 NORM_PARTS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm")
 FUSED = {"q": ("qkv", 0), "k": ("qkv", 1), "v": ("qkv", 2), "gate": ("gate_up", 0), "up": ("gate_up", 1)}
@@ -709,9 +713,9 @@ def measure_against(dense: nn.Module, model: nn.Module, windows: torch.Tensor,
     """What :func:`compression.pipeline.measure_against` returns (perplexity of both models with 95%
     intervals, and agreement: KL, top-1, ppl ratio), for streamed models: the head inputs of both models
     are computed block-major (:func:`head_inputs`), then the logits window by window and
-    :data:`~compression.evaluate.POSITION_CHUNK` positions at a time, as
+    :data:`EVAL_POSITIONS` positions at a time with :func:`~compression.evaluate.compare_chunk`, as
     :func:`~compression.evaluate.evaluate_against` compares them. Nothing of the dense side is cached."""
-    from .evaluate import POSITION_CHUNK, bootstrap_interval, compare_chunk, ppl_summary
+    from .evaluate import bootstrap_interval, compare_chunk, ppl_summary
 
     dense_hidden = head_inputs(dense, windows, lambda f, m: progress(0.4 * f, f"dense: {m}"))
     hidden = head_inputs(model, windows, lambda f, m: progress(0.4 + 0.4 * f, f"compressed: {m}"))
@@ -720,8 +724,8 @@ def measure_against(dense: nn.Module, model: nn.Module, windows: torch.Tensor,
     nll, kl, agree, dense_nll = [0.0] * n, [0.0] * n, [0] * n, [0.0] * n
     for i in range(n):
         targets = windows[i, 1:].to(head[0].device)
-        for start in range(0, length - 1, POSITION_CHUNK):
-            stop = min(start + POSITION_CHUNK, length - 1)
+        for start in range(0, length - 1, EVAL_POSITIONS):
+            stop = min(start + EVAL_POSITIONS, length - 1)
             logits = _logits(hidden[i, start:stop], head)                       # (P, V) model dtype
             dense = _logits(dense_hidden[i, start:stop], dense_head)            # (P, V) model dtype
             # the dense NLL from the logits a dense forward gives; the comparison in fp32 from the head
