@@ -248,7 +248,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                 chat_status = gr.Markdown("")
                 with gr.Row():
                     chat_stop = gr.Button("Stop", variant="stop")
-                    chat_clear = gr.Button("Clear")
+                    chat_clear = gr.Button("Clear chat")
                 gr.Examples(CHAT_EXAMPLES, inputs=[msg])
                 compare_btn = gr.Button("Compare on these prompts")
                 compare_progress = gr.HTML("")

@@ -105,7 +105,7 @@ def runs(page, path: Path) -> None:
 def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
     """The dense model and the selected run answer ``prompt`` side by side."""
     page.get_by_role("tab", name="Chat").click()
-    page.get_by_role("button", name="Clear").click()
+    page.get_by_role("button", name="Clear chat").click()
     page.locator(".chat-panes").get_by_text(re.compile(r"^r\d+ · ")).first.wait_for(timeout=ms)  # the run's pane
     box = page.get_by_placeholder("Message every model…")
     box.fill(prompt)
@@ -114,7 +114,7 @@ def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
     page.wait_for_function(
         "[...document.querySelectorAll('[data-testid=\"bot\"]')].filter(e => e.innerText.includes('tok/s')).length >= 2",
         timeout=ms)
-    wait_quiet(page, page.locator(".chat-panes"), timeout_s)
+    wait_quiet(page, page.locator(".chat-panes"), timeout_s, quiet_s=6)  # a busy CPU pauses a stream
     print("chat:", [t[:80] for t in bots.all_inner_texts()])
     page.screenshot(path=str(path), full_page=True)
 
@@ -124,7 +124,7 @@ def compare(page, path: Path, ms: int, timeout_s: float) -> None:
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("button", name="Compare on these prompts").click()
     page.wait_for_function("() => document.body.innerText.includes('Compare 100%')", timeout=ms)
-    wait_quiet(page, page.locator(".compare-table"), timeout_s)
+    wait_quiet(page, page.locator(".compare-table"), timeout_s, quiet_s=6)
     page.locator(".compare-table").scroll_into_view_if_needed()
     print("compare:", page.locator(".compare-table").inner_text()[:300].replace("\n", " | "))
     page.screenshot(path=str(path), full_page=True)
