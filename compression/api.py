@@ -134,8 +134,11 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
 def _decide_offload(model, offload: bool | None) -> tuple[bool, str]:
     """(stream?, why): as asked, else streamed models stream and others stream when a copy does not
     fit next to them (:func:`compression.streaming.needs_offload`, one copy)."""
+    if streaming.is_streamed(model):
+        if offload is False:
+            raise ValueError("the model is streamed (its blocks are read on demand); compress it with "
+                             "offload=True or None")
+        return True, "asked" if offload else "the model is streamed"
     if offload is not None:
         return bool(offload), "asked"
-    if streaming.is_streamed(model):
-        return True, "the model is streamed"
     return streaming.needs_offload(streaming.weight_bytes(model), view(model).device, copies=1)

@@ -89,6 +89,8 @@ def test_streaming_from_checkpoint_with_spill_equals_in_memory(method, tokens, t
     rewritten = method != "layerdrop"  # layer dropping rewrites nothing: its blocks stay in the checkpoint
     assert len(spilled) == (len(view(out).layers) if rewritten else 0)
     assert _resident_blocks(out) <= 1
+    with pytest.raises(ValueError, match="streamed"):
+        compress(streamed, CONFIGS[method](), tokens, offload=False)
 
 
 @pytest.mark.parametrize("method", list(ZERO))
