@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import sys
 import time
@@ -106,7 +105,8 @@ def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
     """The dense model and the selected run answer ``prompt`` side by side."""
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("button", name="Clear chat").click()
-    page.locator(".chat-panes").get_by_text(re.compile(r"^r\d+ · ")).first.wait_for(timeout=ms)  # the run's pane
+    page.wait_for_function("() => /\\br\\d+ · /.test(document.querySelector('.chat-panes').innerText)",
+                           timeout=ms)  # the run's pane, named
     box = page.get_by_placeholder("Message every model…")
     box.fill(prompt)
     box.press("Enter")
