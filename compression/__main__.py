@@ -260,6 +260,10 @@ def cmd_compress(args) -> dict:
     if offload and heal_config is not None:
         raise UsageError(f"the model would be streamed ({why}); --heal-tokens needs it in memory")
     chat_eval = 0 if args.no_eval else (args.chat_eval if args.chat_eval is not None else 0 if offload else 16)
+    if offload:
+        from .streaming import return_large_frees
+
+        return_large_frees()
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code, offload=offload)
     spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
     eval_windows = 0 if args.no_eval else args.eval_windows

@@ -545,6 +545,23 @@ def needs_offload(weight_bytes: int, device: torch.device | str, copies: int) ->
                          f"= {need / 2**30:.2f} GiB vs {free / 2**30:.2f} GiB available on {torch.device(device)}")
 
 
+def return_large_frees(threshold: int = 1 << 17) -> bool:
+    """Have glibc serve every allocation above ``threshold`` bytes with its own mapping, unmapped when
+    freed. By default glibc raises that threshold as large buffers are freed (up to 32 MB), after which
+    block- and activation-sized buffers come from the heap and stay resident after use: measured on a
+    streamed MoDeGPT run of the default model's first 3 blocks with 64 × 512 calibration tokens, the
+    peak went from 1810 MB to 1296 MB. Process-wide, so for a command's own process (the CLI calls it
+    when it streams); False where the C library has no ``mallopt``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights (tied tensors once; placeholders counted at their dtype)."""
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in model.parameters()}.values())
