@@ -93,13 +93,11 @@ def test_streaming_from_checkpoint_with_spill_equals_in_memory(method, tokens, t
         compress(streamed, CONFIGS[method](), tokens, offload=False)
 
 
-@pytest.mark.parametrize("method", list(ZERO))
-@pytest.mark.parametrize("kind", ["llama", "phi3", "gemma2"])
+@pytest.mark.parametrize("method, kind", [(m, k) for m in ZERO for k in ("llama", "phi3", "gemma2")
+                                          if (m, k) != ("slicegpt", "gemma2")])  # refused: post-norms
 def test_streaming_at_zero_compression_reproduces_dense_logits(method, kind, tokens, tmp_path):
     model = tiny_model(kind, layers=3)
     dense = logits(model, tokens)
-    if method == "slicegpt" and kind == "gemma2":
-        pytest.skip("SliceGPT refuses post-norm architectures")
     out, report = compress(_checkpoint(model, tmp_path), ZERO[method](), tokens)
     assert report.block_params_compressed >= report.block_params_dense  # nothing removed
     torch.testing.assert_close(logits(out, tokens), dense, rtol=1e-4, atol=1e-4)
