@@ -29,6 +29,7 @@ from ui.runs_tab import RUN_COLUMNS, RunsTab
 from ui.space import cpu_notice, prepare_space
 from ui.store import ModelStore
 
+CHAT_HEIGHT = 480  # px: a prompt and a 128-token reply fit a pane without scrolling
 CSS = jobs.CSS + """
 .hover-info {overflow: visible !important;}
 .hover-info label {position: relative;}
@@ -241,8 +242,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                         info="each answers next to the dense model; follows the run picked "
                                              "above; a new selection starts a new conversation")
                 with gr.Row(elem_classes=["chat-panes"]):
-                    panes = [gr.Chatbot(label="Dense", height=420, buttons=["copy"])] + \
-                            [gr.Chatbot(label=f"Run {i + 1}", height=420, buttons=["copy"], visible=False)
+                    panes = [gr.Chatbot(label="Dense", height=CHAT_HEIGHT, buttons=["copy"])] + \
+                            [gr.Chatbot(label=f"Run {i + 1}", height=CHAT_HEIGHT, buttons=["copy"], visible=False)
                              for i in range(MAX_RUNS)]
                 msg = gr.Textbox(placeholder="Message every model…", show_label=False, submit_btn=True)
                 chat_status = gr.Markdown("")

@@ -115,6 +115,8 @@ def chat(page, path: Path, prompt: str, ms: int, timeout_s: float) -> None:
         "[...document.querySelectorAll('[data-testid=\"bot\"]')].filter(e => e.innerText.includes('tok/s')).length >= 2",
         timeout=ms)
     wait_quiet(page, page.locator(".chat-panes"), timeout_s, quiet_s=6)  # a busy CPU pauses a stream
+    page.evaluate("document.querySelectorAll('.chat-panes .bubble-wrap').forEach(w => w.scrollTop = 0)")
+    page.wait_for_timeout(500)  # the prompt in view, above the reply
     print("chat:", [t[:80] for t in bots.all_inner_texts()])
     page.screenshot(path=str(path), full_page=True)
 
