@@ -29,7 +29,7 @@ from ui.runs_tab import RUN_COLUMNS, RunsTab
 from ui.space import cpu_notice, prepare_space
 from ui.store import ModelStore
 
-CHAT_HEIGHT = 480  # px: a prompt and a 128-token reply fit a pane without scrolling
+CHAT_HEIGHT = 480  # px: room for a prompt and a 128-token reply with two panes across
 CSS = jobs.CSS + """
 .hover-info {overflow: visible !important;}
 .hover-info label {position: relative;}
