@@ -305,19 +305,31 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         model.change(t.compress.model_info, model, [model_md, n_layers], **hidden)
         gr.on([demo.load, method.change, allocation.change], t.compress.layout, [method, allocation],
               [allocation, method_md, slicing, per_layer, preset_row, epsilon, *groups.values()], **hidden, **last)
-        preset_btn.click(t.compress.preset, [model, method, preset, preset_k, preset_mean, epsilon],
-                         [per_layer, preset_md], **hidden, **job)
-        gr.on([allocation.change, method.change, n_layers.change], t.compress.default_per_layer,
-              [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last)
+        # The per-layer text drives the sliders, the read-only target and the forecast: they follow the
+        # user's typing (`input`) and, chained, each handler that writes the text. Not the textbox's
+        # `change`: on a busy server it kept firing for one edit and set back a value typed in a slider.
+        def follow_text(event, sliders_too=True):
+            if sliders_too:
+                event = event.then(t.compress.editor_values, [per_layer, method, n_layers, *sliders],
+                                   [drop_box, *sliders], **hidden)
+            event = event.then(t.compress.achieved_target, [method, allocation, per_layer, ratio], ratio, **hidden)
+            return event.then(t.compress.forecast, [model, method, ratio, allocation, per_layer, slicing],
+                              forecast_md, **hidden)
+
+        follow_text(preset_btn.click(t.compress.preset, [model, method, preset, preset_k, preset_mean, epsilon],
+                                     [per_layer, preset_md], **hidden, **job))
+        follow_text(gr.on([allocation.change, method.change, n_layers.change], t.compress.default_per_layer,
+                          [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last))
         gr.on([demo.load, n_layers.change, method.change, allocation.change], t.compress.editor_layout,
               [n_layers, method, allocation], [slider_row, drop_box, *sliders], **hidden, **last)
-        per_layer.change(t.compress.editor_values, [per_layer, method, n_layers], [drop_box, *sliders], **hidden,
-                         **last)
-        gr.on([s.release for s in sliders], t.compress.slider_text, [n_layers, *sliders], per_layer, **hidden)
-        drop_box.input(forms.indices_text, drop_box, per_layer, **hidden)
-        gr.on([allocation.change, method.change, per_layer.change], t.compress.achieved_target,
+        per_layer.input(t.compress.editor_values, [per_layer, method, n_layers, *sliders], [drop_box, *sliders],
+                        **hidden, **last)
+        follow_text(gr.on([s.release for s in sliders], t.compress.slider_text, [n_layers, *sliders], per_layer,
+                          **hidden, **last), sliders_too=False)
+        follow_text(drop_box.input(forms.indices_text, drop_box, per_layer, **hidden, **last), sliders_too=False)
+        gr.on([allocation.change, method.change, per_layer.input], t.compress.achieved_target,
               [method, allocation, per_layer, ratio], ratio, **hidden, **last)
-        gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.change,
+        gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.input,
                slicing.change, n_layers.change], t.compress.forecast,
               [model, method, ratio, allocation, per_layer, slicing], forecast_md, **hidden, **last)
         compress_inputs = [state, model, method, ratio, allocation, per_layer, slicing, calib_samples, calib_len,

@@ -282,6 +282,7 @@ def test_default_per_layer_and_method_switch(tabs):
     assert epsilon["visible"] and not slicing["visible"]
     assert c.layout("slicegpt", "manual")[3]["visible"] and c.layout("slicegpt", "manual")[4]["visible"]
     assert c.achieved_target("modegpt", "manual", "0.1,0.3", 0.25)["value"] == 0.2
+    assert "value" not in c.achieved_target("modegpt", "manual", "0.1,0.3", 0.2)  # unchanged: no new value
 
 
 def test_slider_values_and_drop_indices_follow_the_text():
@@ -309,6 +310,10 @@ def test_per_layer_editor_shows_one_slider_per_layer_and_follows_usable_text(tab
     assert values[:2] == [0.1, 0.2] and values[2] == {"__type__": "update"}
     assert c.editor_values("0.1,", "modegpt", 2)[1] == {"__type__": "update"}  # half-typed: nothing moves
     assert c.editor_values("2, 0", "layerdrop", 3)[0] == [0, 2]
+    # a slider already at its value is left alone: a late echo of the text never sets back a typed value
+    box, *values = c.editor_values("0.10,0.40", "modegpt", 2, 0.3, 0.4)
+    assert values[0] == 0.1 and values[1] == {"__type__": "update"}
+    assert list(c.editor_values("0.10,0.40", "modegpt", 2, 0.1, 0.4)[1:3]) == [{"__type__": "update"}] * 2
     assert c.slider_text(2, 0.1, 0.25, 0.5) == "0.10,0.25"
 
 

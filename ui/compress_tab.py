@@ -42,6 +42,14 @@ SOURCE_NOTES = {
 }
 
 
+def _same(value, shown) -> bool:
+    """Whether a slider that shows ``shown`` already shows ``value`` (to its 0.01 step)."""
+    try:
+        return shown is not None and abs(float(value) - float(shown)) < 5e-3
+    except (TypeError, ValueError):
+        return False
+
+
 def with_option_params(fn):
     """A generator function calling ``fn(..., options={...}, request=...)`` whose signature lists one
     parameter per method option (``<method>_<knob>``): gradio reads it for the inputs' order and the
@@ -125,8 +133,12 @@ class CompressTab:
                 *(gr.update(visible=show and i < num) for i in range(forms.MAX_SLIDERS)))
 
     @staticmethod
-    def editor_values(text, method, num_layers):
-        """(checkboxes, sliders) following the text when it is usable; half-typed text moves nothing."""
+    def editor_values(text, method, num_layers, *current):
+        """(checkboxes, sliders) following the text when it is usable; half-typed text moves nothing.
+
+        ``current`` (the sliders' values when the event fired) leaves a slider that already shows its
+        value untouched: on a busy server a repeated or late echo of the text would otherwise set back
+        a value the user has typed into a slider since."""
         num = int(num_layers or 0)
         keep = [gr.update()] * forms.MAX_SLIDERS
         if method == "layerdrop":
@@ -134,7 +146,9 @@ class CompressTab:
         values = forms.slider_values(text, num)
         if values is None or num > forms.MAX_SLIDERS:
             return gr.update(), *keep
-        return gr.update(), *values, *keep[num:]
+        current = [*current, *[None] * num][:num]
+        moved = [gr.update() if _same(v, c) else v for v, c in zip(values, current)]
+        return gr.update(), *moved, *keep[num:]
 
     @staticmethod
     def slider_text(num_layers, *values):
@@ -192,9 +206,9 @@ class CompressTab:
             values = forms.parse_list(per_layer or "", float, "values")
         except ValueError:
             return gr.update(interactive=False)
-        mean = sum(values) / len(values) if values else ratio
-        return gr.update(value=round(min(max(mean, 0.0), 0.9), 2), interactive=False,
-                         label="Target ratio (manual: mean of the per-layer values)")
+        mean = round(min(max(sum(values) / len(values), 0.0), 0.9), 2) if values else ratio
+        update = dict(interactive=False, label="Target ratio (manual: mean of the per-layer values)")
+        return gr.update(**update) if _same(mean, ratio) else gr.update(value=mean, **update)
 
     # --- the job -------------------------------------------------------------------------------
     @staticmethod
