@@ -20,8 +20,8 @@ from compression.models import DEFAULT_MODEL, PACKAGED_MODELS
 from ui import forms, jobs
 from ui.chat_tab import CHAT_EXAMPLES, COMPARE_MAX_TOKENS, MAX_RUNS, ChatTab
 from ui.common import ACCEL, Context, on_page
-from ui.compress_tab import (CALIBRATION_SOURCES, DEFAULT_ALLOCATION, DEFAULT_METHOD, MAX_CALIB_CHARS,
-                             MAX_CHAT_EVAL, SOURCE_NOTES, CompressTab, with_option_params)
+from ui.compress_tab import (CALIBRATION_SOURCES, DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_RATIO,
+                             MAX_CALIB_CHARS, MAX_CHAT_EVAL, SOURCE_NOTES, CompressTab, with_option_params)
 from ui.evaluate_tab import EvaluateTab
 from ui.inspect_tab import NO_OVERLAY, X_AXIS_CHOICES, InspectTab
 from ui.runs import Session, max_upload_bytes, runs_root
@@ -92,7 +92,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                         method = gr.Radio([(m.label, m.name) for m in METHODS.values()], value=DEFAULT_METHOD,
                                           label="Method")
                         method_md = gr.Markdown(METHODS[DEFAULT_METHOD].summary)
-                        ratio = gr.Slider(0.0, 0.9, value=0.25, step=0.01, label="Target ratio",
+                        ratio = gr.Slider(0.0, 0.9, value=DEFAULT_RATIO, step=0.01, label="Target ratio",
                                           info="fraction of decoder-block parameters to remove",
                                           elem_classes=hover)
                         allocation = gr.Radio([(forms.ALLOCATION_LABELS[a], a) for a in ("uniform", "auto", "manual")],
@@ -138,10 +138,12 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                                 seed = gr.Number(0, precision=0, label="Seed")
                                 batch_size = gr.Number(8, precision=0, label="Batch", elem_classes=hover,
                                                        info="calibration sequences per forward pass")
-                            calib_source = gr.Dropdown(CALIBRATION_SOURCES, value="wiki", label="Calibration source",
-                                                       info="what the statistics are estimated on",
+                            source0 = METHODS[DEFAULT_METHOD].calibration
+                            calib_source = gr.Dropdown(CALIBRATION_SOURCES, value=source0, label="Calibration source",
+                                                       info="what the statistics are estimated on (each "
+                                                            "method starts from its measured default)",
                                                        elem_classes=hover)
-                            calib_note = gr.Markdown(SOURCE_NOTES["wiki"])
+                            calib_note = gr.Markdown(SOURCE_NOTES[source0])
                             calib_text = gr.Textbox("", lines=2, label="Custom calibration text", visible=False,
                                                     max_length=MAX_CALIB_CHARS)
                             calib_file = gr.File(label="…or upload a .txt file (UTF-8)", file_types=[".txt"],
@@ -335,6 +337,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         compress_inputs = [state, model, method, ratio, allocation, per_layer, slicing, calib_samples, calib_len,
                            seed, batch_size, epsilon, calib_text, ppl_windows, *options.values(), calib_source,
                            calib_file, chat_eval]
+        method.change(t.compress.default_source, method, calib_source, **hidden)
         calib_source.change(t.compress.calibration_layout, calib_source, [calib_note, calib_text, calib_file],
                             **hidden)
         compress_evt = endpoint([go_btn.click], with_option_params(t.compress.compress), compress_inputs,

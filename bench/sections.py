@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compression.files import read_json
+from compression.methods import METHODS
 
 HEADLINE = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande")
 
@@ -136,15 +137,20 @@ def calibration_section(path: Path) -> str:
             _ci(chat["kl"], chat.get("kl_ci"), ".3f"), _ci(chat["top1"], chat.get("top1_ci"), ".3f"),
             f"{r['seconds']:.0f}"]) + " |")
     code_dense = rows[0]["ppl_code"]["dense"] if rows else None
+    defaults = ", ".join(f"{m.name} `{m.calibration}`" for m in METHODS.values())
     return f"""
 ## Calibration source: what keeps the chat
 
 `python -m bench.calibration_sources` (rows in `bench/calibration_sources.json`): each method's best
-variant calibrated on {s['calibration'][0]} × {s['calibration'][1]} tokens of the Wikipedia split (`wiki`) or of
-the model's own replies to the shipped instructions under its chat template (`self-chat`). Perplexity on
+variant calibrated on {s['calibration'][0]} × {s['calibration'][1]} tokens of the Wikipedia split (`wiki`), of
+the model's own replies to the shipped instructions under its chat template (`self-chat`), or half of
+each (`wiki+self-chat`). Perplexity on
 {s['windows']} windows of 1024 tokens per domain (dense: wiki {dense:.2f}, code {code_dense:.2f}); chat agreement
 on the dense model's greedy replies to {s['chat_conversations']} held-out instructions (reply tokens only).
 Times include the dense references of the first row and were taken while other jobs shared the 2 cores.
 
 {chr(10).join(lines)}
+
+Each method's default source (`compression/methods.py`, used by the CLI and the app unless one is
+picked): {defaults}.
 """

@@ -110,9 +110,11 @@ def parse(argv):
     add_common(c)
     c.add_argument("--method", required=True, choices=list(METHODS))
     knob_flags(c)
-    c.add_argument("--calibration", default="wiki",
+    defaults = ", ".join(f"{m.name}: {m.calibration}" for m in METHODS.values())
+    c.add_argument("--calibration", default=None,
                    help="calibration source: wiki, self-chat (the model's own replies under its chat "
-                        "template), code, text:FILE, hf:NAME[:CONFIG][:SPLIT], or a mixture like wiki+self-chat")
+                        "template), code, text:FILE, hf:NAME[:CONFIG][:SPLIT], or a mixture like wiki+self-chat "
+                        f"(default: the method's own, {defaults})")
     c.add_argument("--chat-eval", type=int, default=None,
                    help="held-out instructions on which chat agreement with the dense model is measured "
                         "(0: skip; default 16, 0 with --offload: the dense replies are generated, and a "
@@ -242,6 +244,7 @@ def cmd_compress(args) -> dict:
         _at_least(value, low, flag)
     from .sources import parse as parse_source
 
+    args.calibration = args.calibration or METHODS[args.method].calibration
     for part in parse_source(args.calibration):
         if part.startswith("text:") and not Path(part[5:]).expanduser().is_file():
             raise UsageError(f"--calibration {part}: no such file")

@@ -24,6 +24,9 @@ class Method:
     run: Callable           # (model, config, calibration, progress, held_out) -> (model, Report)
     allocations: tuple[str, ...] = ("uniform", "manual")  # how sizes may spread over layers (UI)
     needs_calibration: bool = True
+    # Default calibration source, chosen from bench/calibration_sources.json (BENCHMARKS.md): half wiki,
+    # half the model's own chat keeps most of self-chat's chat agreement at a fraction of its wiki cost.
+    calibration: str = "wiki"
 
     def knobs(self) -> list[Knob]:
         return knobs(self.config)
@@ -38,15 +41,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("modegpt", "MoDeGPT", "Rebuilds each block's MLP (Nyström, **ridge leverage scores**), "
            "query-key (CR decomposition, whole rotary pairs) and value-output (SVD per kv group) at "
            "smaller inner widths, from calibration correlations (arXiv 2408.09632).",
-           modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, ("uniform", "auto", "manual")),
+           modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, ("uniform", "auto", "manual"),
+           calibration="wiki+self-chat"),
     Method("olica", "Olica", "Orthogonal decomposition of value-output per head, rotary-pair query-key "
            "pruning, MLP neuron pruning, and a **low-rank linear calibration branch** fitted by ridge "
            "regression on the layers whose pruning error is most predictable.",
-           olica.OlicaConfig, olica.plan, olica.run, ("uniform", "auto", "manual")),
+           olica.OlicaConfig, olica.plan, olica.run, ("uniform", "auto", "manual"), calibration="wiki+self-chat"),
     Method("slicegpt", "SliceGPT", "Folds the norms, rotates the residual stream into its principal "
            "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
-           slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run),
+           slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run, calibration="wiki+self-chat"),
     Method("layerdrop", "Layer dropping (ShortGPT / LayerChop)", "Deletes whole decoder blocks, those "
            "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
            "optional recovery training heals the model (arXiv 2305.14864).",

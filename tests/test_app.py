@@ -171,10 +171,13 @@ def test_bad_input_is_readable_status_text(tabs, tiny_folder, kwargs, message):
 
 
 def test_calibration_sources_are_the_offered_ones_only(tabs, tiny_folder):
-    from ui.compress_tab import CUSTOM, calibration_spec
+    from ui.compress_tab import CUSTOM, CompressTab, calibration_spec
 
     assert calibration_spec(4, 64, "code", "", None).source == "code"
     assert calibration_spec(4, 64, "", "", None).source == "wiki"  # API callers from before the picker
+    from compression.methods import METHODS
+
+    assert [CompressTab.default_source(m) for m in METHODS] == [m.calibration for m in METHODS.values()]
     assert calibration_spec(4, 64, "", "some text", None).text == "some text"
     assert calibration_spec(4, 64, "wiki", "ignored unless custom", None).text is None
     assert calibration_spec(4, 64, CUSTOM, " mine ", None).text == "mine"

@@ -152,7 +152,10 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("range slider for layer 1").wait_for()
         assert page.locator(SLIDERS).count() == 2 and page.locator(SLIDERS + ":disabled").count() == 0
         text = page.get_by_role("textbox", name="Per-layer values")
-        page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value === '0.25,0.25')")
+        from ui.compress_tab import DEFAULT_RATIO
+
+        page.wait_for_function("v => [...document.querySelectorAll('textarea')].some(t => t.value === v)",
+                               arg=f"{DEFAULT_RATIO:.2f},{DEFAULT_RATIO:.2f}")  # the target ratio, per layer
         text.fill("0.10,0.40")
         text.press("Enter")
         page.wait_for_function("() => document.querySelector('[aria-label=\"number input for layer 1\"]')"
@@ -188,7 +191,10 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         # the calibration source picker; a user error is readable status text (not a toast), and the
         # form stays usable
         source = page.get_by_label("Calibration source")
-        assert source.input_value() == "Wikipedia (offline split)"
+        from compression.methods import METHODS
+        from ui.compress_tab import CALIBRATION_SOURCES
+
+        assert source.input_value() == dict((v, k) for k, v in CALIBRATION_SOURCES)[METHODS["modegpt"].calibration]
         source.click()
         for option in ("self-chat", "source code", "wiki + self-chat", "custom text"):
             page.get_by_role("option").filter(has_text=option).first.wait_for()

@@ -132,3 +132,12 @@ def test_cli_compress_with_self_chat_records_source_and_chat_agreement(tiny, sma
     assert report["agreement_chat"]["kl"] >= 0 and report["agreement_chat"]["conversations"] == 2
     assert main(["compress", "--model", str(folder), "--method", "modegpt", "--ratio", "0.25",
                  "--calibration", "web", "--out", str(tmp_path / "x")]) == 2
+    # without --calibration a method gets its own measured default (at least one is not wiki)
+    from compression.methods import METHODS
+
+    method = next(m for m in METHODS.values() if m.calibration != "wiki")
+    assert main(["compress", "--model", str(folder), "--method", method.name, "--ratio", "0.25",
+                 "--calib-samples", "2", "--calib-len", "32", "--eval-windows", "0", "--chat-eval", "0",
+                 "--out", str(tmp_path / "default")]) == 0
+    report = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert report["calibration"]["source"] == method.calibration
