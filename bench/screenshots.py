@@ -2,6 +2,8 @@
 
     python -m bench.screenshots [--model smollm2-135m] [--method layerdrop --ratio 0.25] [--out assets]
 
+Without --method/--ratio it compresses as a new user would: the app's default method and ratio.
+
 Launches the app in-process on a free local port (or uses --url), compresses with the form's defaults
 (calibration included), opens each tab, evaluates, chats, compares on the example prompts, and writes
 assets/tab_<name>.png. Needs Debian's ``chromium`` and the ``playwright`` package
@@ -170,9 +172,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a running app (default: launch one in-process)")
     ap.add_argument("--model", default=None, help="default model of the launched app")
-    ap.add_argument("--method", default="modegpt", choices=["modegpt", "olica", "slicegpt", "layerdrop", "none"],
-                    help="none: only --saved")
-    ap.add_argument("--ratio", type=float, default=0.25)
+    from ui.compress_tab import DEFAULT_METHOD, DEFAULT_RATIO
+
+    ap.add_argument("--method", default=DEFAULT_METHOD, choices=["modegpt", "olica", "slicegpt", "layerdrop", "none"],
+                    help="none: only --saved (default: the app's)")
+    ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="default: the app's")
     ap.add_argument("--prompt", default="Write a haiku about autumn.")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
     ap.add_argument("--saved", default=None,

@@ -25,7 +25,8 @@ class Method:
     allocations: tuple[str, ...] = ("uniform", "manual")  # how sizes may spread over layers (UI)
     needs_calibration: bool = True
     # Default calibration source, chosen from bench/calibration_sources.json (BENCHMARKS.md): half wiki,
-    # half the model's own chat keeps most of self-chat's chat agreement at a fraction of its wiki cost.
+    # half the model's own chat keeps most of self-chat's chat agreement at a fraction of its wiki cost;
+    # layer dropping picks its blocks best on self-chat alone (better wiki, code and chat at 0.25).
     calibration: str = "wiki"
 
     def knobs(self) -> list[Knob]:
@@ -55,7 +56,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
            "optional recovery training heals the model (arXiv 2305.14864).",
            layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, ("auto", "manual"),
-           needs_calibration=False),
+           needs_calibration=False, calibration="self-chat"),
 )}
 
 
