@@ -307,8 +307,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         model.change(t.compress.model_info, model, [model_md, n_layers], **hidden)
         gr.on([demo.load, method.change, allocation.change], t.compress.layout, [method, allocation],
               [allocation, method_md, slicing, per_layer, preset_row, epsilon, *groups.values()], **hidden, **last)
-        # The per-layer text drives the sliders, the read-only target and the forecast: they follow the
-        # user's typing (`input`) and, chained, each handler that writes the text. Not the textbox's
+        # The per-layer text drives the sliders, the read-only target and the forecast: they are chained
+        # after the user's typing (`input`) and after each handler that writes the text. Not the textbox's
         # `change`: on a busy server it kept firing for one edit and set back a value typed in a slider.
         def follow_text(event, sliders_too=True):
             if sliders_too:
@@ -324,15 +324,13 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                           [method, allocation, ratio, n_layers, per_layer], per_layer, **hidden, **last))
         gr.on([demo.load, n_layers.change, method.change, allocation.change], t.compress.editor_layout,
               [n_layers, method, allocation], [slider_row, drop_box, *sliders], **hidden, **last)
-        per_layer.input(t.compress.editor_values, [per_layer, method, n_layers, *sliders], [drop_box, *sliders],
-                        **hidden, **last)
+        follow_text(per_layer.input(t.compress.editor_values, [per_layer, method, n_layers, *sliders],
+                                    [drop_box, *sliders], **hidden, **last), sliders_too=False)
         follow_text(gr.on([s.release for s in sliders], t.compress.slider_text, [n_layers, *sliders], per_layer,
                           **hidden, **last), sliders_too=False)
         follow_text(drop_box.input(forms.indices_text, drop_box, per_layer, **hidden, **last), sliders_too=False)
-        gr.on([allocation.change, method.change, per_layer.input], t.compress.achieved_target,
-              [method, allocation, per_layer, ratio], ratio, **hidden, **last)
-        gr.on([demo.load, model.change, method.change, ratio.change, allocation.change, per_layer.input,
-               slicing.change, n_layers.change], t.compress.forecast,
+        # method, allocation and layer-count changes reach the target and forecast through the chain above
+        gr.on([demo.load, model.change, ratio.change, slicing.change], t.compress.forecast,
               [model, method, ratio, allocation, per_layer, slicing], forecast_md, **hidden, **last)
         compress_inputs = [state, model, method, ratio, allocation, per_layer, slicing, calib_samples, calib_len,
                            seed, batch_size, epsilon, calib_text, ppl_windows, *options.values(), calib_source,
