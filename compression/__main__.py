@@ -242,7 +242,11 @@ def cmd_compress(args) -> dict:
                              (args.heal_tokens, 0, "--heal-tokens"), (args.lora_rank, 0, "--lora-rank"),
                              (args.chat_eval or 0, 0, "--chat-eval")):
         _at_least(value, low, flag)
-    from .sources import parse as parse_source
+    from .sources import MAX_CALIBRATION_TOKENS, parse as parse_source
+
+    if args.calib_samples * args.calib_len > MAX_CALIBRATION_TOKENS:
+        raise UsageError(f"calibration of --calib-samples × --calib-len = {args.calib_samples * args.calib_len:,} "
+                         f"tokens; the limit is {MAX_CALIBRATION_TOKENS:,}")
 
     args.calibration = args.calibration or METHODS[args.method].calibration
     for part in parse_source(args.calibration):

@@ -29,6 +29,9 @@ from .data import CalibrationError, chunk, code_split, tokenize, wiki_split
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "chat_prompts.json"
 NAMED = ("wiki", "self-chat", "code")
 MAX_FILE_BYTES = 64 << 20
+# Samples × length, checked before any work: past it a run takes days on a CPU (self-chat is generated
+# token by token) or the named text runs out after minutes of tokenizing.
+MAX_CALIBRATION_TOKENS = 1 << 24
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,8 @@ def cli(*args):
     (["--method", "modegpt", "--ridge", "0"], "ridge must be in"),
     (["--method", "slicegpt", "--ridge", "1"], "--ridge does not apply to slicegpt"),
     (["--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--calib-samples", "100000"], "the limit is 16,777,216"),
+    (["--method", "layerdrop", "--calib-samples", "40000", "--calib-len", "512"], "the limit is"),
     (["--calibration", "web"], "unknown calibration source"),
     (["--push-to-hub", "me/x"], "offline mode is on"),
 ])
