@@ -42,8 +42,12 @@ VARIANTS = {
 }
 
 
-def zero_shot_fields(result: dict) -> dict:
-    """The row's zero-shot part: per-task acc, stderr and n, the five-task average and its interval."""
+def zero_shot_fields(model, tokenizer, tasks, limit: int, threads) -> dict:
+    """The row's zero-shot part: per-task acc, stderr and n, the five-task average and its interval;
+    nothing when ``limit`` is 0 (perplexity and agreement only: a bigger model on a CPU)."""
+    if limit == 0:
+        return {}
+    result = zero_shot(model, tokenizer, tasks, limit, threads=threads)
     tasks = result["tasks"]
     return {"zero_shot": {t: v["acc"] for t, v in tasks.items()},
             "zero_shot_stderr": {t: v["stderr"] for t, v in tasks.items()},
@@ -62,7 +66,7 @@ def dense_row(name, dense, tokenizer, cache, wiki, code, chat, tasks, limit, thr
     cache.chat_reference(name, dense, tokenizer, chat, log)
     row = {"method": "dense", "ratio": 0.0, "params": sizes(dense)["params"], "ppl_wiki": on["wiki"],
            "ppl_code": on["code"]}
-    return {**row, **zero_shot_fields(zero_shot(dense, tokenizer, tasks, limit, threads=threads))}
+    return {**row, **zero_shot_fields(dense, tokenizer, tasks, limit, threads)}
 
 
 def method_row(name, method, ratio, dense, tokenizer, cache, wiki, code, chat, calib, tasks, limit,
@@ -81,7 +85,7 @@ def method_row(name, method, ratio, dense, tokenizer, cache, wiki, code, chat, c
            "ppl_wiki": report.evaluation["ppl"], "ppl_code": on_code["ppl"],
            "agreement_wiki": report.agreement, "agreement_code": on_code["agreement"],
            "agreement_chat": report.agreement_chat, "calibration": report.calibration}
-    return {**row, **zero_shot_fields(zero_shot(model, tokenizer, tasks, limit, threads=threads))}
+    return {**row, **zero_shot_fields(model, tokenizer, tasks, limit, threads)}
 
 
 def main(argv=None) -> None:
@@ -89,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--methods", default="dense," + ",".join(VARIANTS))
     ap.add_argument("--ratios", default="0.25", help="comma-separated target ratios")
-    ap.add_argument("--limit", type=int, default=300, help="zero-shot items per task")
+    ap.add_argument("--limit", type=int, default=300, help="zero-shot items per task (0: no zero-shot)")
     ap.add_argument("--windows", type=int, default=16, help="1024-token wiki windows")
     ap.add_argument("--code-windows", type=int, default=16, help="1024-token code windows")
     ap.add_argument("--chat", type=int, default=32, help="held-out instructions for chat agreement")
@@ -127,7 +131,8 @@ def main(argv=None) -> None:
         data["rows"].append(row)
         write_json_atomic(args.out, data)
         print(json.dumps({"method": method, "ratio": ratio, "wiki": round(row["ppl_wiki"].get("compressed", row["ppl_wiki"]["dense"]), 2),
-                          "zero_shot_avg": row["zero_shot_avg"], "items_per_s": round(row["zero_shot_items_per_s"], 2),
+                          "zero_shot_avg": row.get("zero_shot_avg"),
+                          "items_per_s": round(row.get("zero_shot_items_per_s", 0.0), 2),
                           "seconds": round(row["seconds"])}), flush=True)
 
 

@@ -60,8 +60,10 @@ def headline_section(paths: list[Path], title: str = "") -> str:
     rows, s = headline_rows(paths)
     ratios = s.get("ratios") or [s["ratio"]]
     title = title or f"Headline rows at ratio {', '.join(f'{r:g}' for r in ratios)}: enough items to rank"
+    n = s["limit"]
+    tasks = HEADLINE if n else ()
     head = ["method", "ratio", "params (M)", "wiki ppl [95%]", "code ppl [95%]", "wiki KL / top-1", "code KL / top-1",
-            "chat KL [95%]", "chat top-1", *HEADLINE, "0-shot avg [95%]", "compress s", "peak MB"]
+            "chat KL [95%]", "chat top-1", *tasks, *(["0-shot avg [95%]"] if n else []), "compress s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         chat = r.get("agreement_chat") or {}
@@ -69,10 +71,13 @@ def headline_section(paths: list[Path], title: str = "") -> str:
             r["method"], f"{r['ratio']:g}", f"{r['params'] / 1e6:.1f}", _ci(*_ppl(r, "ppl_wiki")), _ci(*_ppl(r, "ppl_code")),
             _agreement(r, "agreement_wiki"), _agreement(r, "agreement_code"),
             _ci(chat.get("kl"), chat.get("kl_ci"), ".3f"), _ci(chat.get("top1"), None, ".3f"),
-            *[_acc(r, t) for t in HEADLINE], _ci(r.get("zero_shot_avg"), r.get("zero_shot_avg_ci"), ".3f"),
+            *[_acc(r, t) for t in tasks],
+            *([_ci(r.get("zero_shot_avg"), r.get("zero_shot_avg_ci"), ".3f")] if n else []),
             "—" if r.get("compress_seconds") is None else f"{r['compress_seconds']:.0f}",
             "—" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"]) + " |")
-    n = s["limit"]
+    zero_shot = (f"""Zero-shot: the first {n} items of each task (±1.96 stderr from lm-eval per
+task; the average's interval is 1.96 · sqrt(Σ se²) / 5, about ±{100 * 1.96 * (0.25 / (5 * n)) ** 0.5:.1f}
+points at this n).""" if n else "Zero-shot was not run for these rows (`--limit 0`).")
     return f"""
 ## {title}
 
@@ -82,13 +87,42 @@ dropping at the same parameter target), calibrated on {s['calibration'][0]} × {
 tokens. Perplexity on {s['wiki_windows']} wiki and {s['code_windows']} code windows of 1024 tokens, with 95%
 bootstrap intervals over windows; KL(dense ‖ compressed) and top-1 agreement on the same windows; chat
 agreement on the dense model's greedy replies to {s['chat_conversations']} held-out instructions (reply
-tokens only, template applied). Zero-shot: the first {n} items of each task (±1.96 stderr from lm-eval per
-task; the average's interval is 1.96 · sqrt(Σ se²) / 5, about ±{100 * 1.96 * (0.25 / (5 * n)) ** 0.5:.1f}
-points at this n).
+tokens only, template applied). {zero_shot}
 
 {chr(10).join(lines)}
 
 {chr(10).join(ranking([r for r in rows if r["ratio"] in (0.0, ratio)], ratio) for ratio in ratios)}
+"""
+
+
+def scale_section(small: list[Path], big: list[Path]) -> str:
+    """Per method and ratio present in both runs: what compression costs each model, as the compressed
+    perplexity over the same model's dense perplexity and as KL to its own dense model (wiki windows)."""
+    if not small or not big:
+        return ""
+    (a, sa), (b, sb) = headline_rows(small), headline_rows(big)
+    dense = {id(rows): next((_ppl(r, "ppl_wiki")[0] for r in rows if r["method"] == "dense"), None) for rows in (a, b)}
+    if None in dense.values():
+        return ""
+    at = lambda rows, m, q: next((r for r in rows if r["method"] == m and r["ratio"] == q), None)  # noqa: E731
+    lines = ["| method | ratio | wiki ppl ÷ dense, small | wiki ppl ÷ dense, big | wiki KL, small | wiki KL, big |",
+             "|---|---|---|---|---|---|"]
+    for r in a:
+        other = at(b, r["method"], r["ratio"]) if r["method"] != "dense" else None
+        if other is None:
+            continue
+        lines.append(f"| {r['method']} | {r['ratio']:g} | {_ppl(r, 'ppl_wiki')[0] / dense[id(a)]:.2f} | "
+                     f"{_ppl(other, 'ppl_wiki')[0] / dense[id(b)]:.2f} | {r['agreement_wiki']['kl']:.3f} | "
+                     f"{other['agreement_wiki']['kl']:.3f} |")
+    if len(lines) == 2:
+        return ""
+    return f"""
+### What each method loses: {sa['model']} (small) vs {sb['model']} (big)
+
+Each model against its own dense perplexity and logits (small: {sa['calibration'][0]} × {sa['calibration'][1]}
+calibration tokens, {sa['wiki_windows']} windows; big: {sb['calibration'][0]} × {sb['calibration'][1]}, {sb['wiki_windows']} windows).
+
+{chr(10).join(lines)}
 """
 
 

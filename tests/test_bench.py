@@ -57,3 +57,17 @@ def test_bench_smoke_writes_rows_markdown_and_plots(tiny_folder, tmp_path):
     assert text.count("\n| ") >= 1 + len(rows) and "olica" in text
     assert len(list((tmp_path / "assets").glob("*.png"))) == 2
     assert json.loads((out / "results.json").read_text())["machine"]["threads"] >= 1
+
+
+def test_headline_with_limit_zero_measures_perplexity_and_agreement_only(tiny_folder, tmp_path):
+    from bench import headline
+
+    out = tmp_path / "headline.json"
+    headline.main(["--model", str(tiny_folder), "--methods", "dense,olica", "--limit", "0", "--windows", "2",
+                   "--code-windows", "2", "--chat", "2", "--calib", "4x64", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "olica"]
+    assert not any(k.startswith("zero_shot") for r in rows for k in r)
+    olica = rows[1]
+    assert olica["ppl_code"]["compressed"] > 0 and olica["agreement_wiki"]["kl"] > 0
+    assert olica["params"] < rows[0]["params"]

@@ -79,3 +79,35 @@ def test_headline_section_ranks_and_says_which_intervals_separate(tmp_path):
     assert "- wiki perplexity: modegpt > olica (best first); modegpt vs olica: intervals do not overlap" in text
     assert "- zero-shot average: modegpt > olica (best first); modegpt vs olica: intervals overlap" in text
     assert headline_section([]) == ""
+
+
+def _write(path, rows, **settings):
+    import json
+
+    base = {"model": "m", "ratios": [0.25], "limit": 300, "calibration": [64, 512], "wiki_windows": 16,
+            "code_windows": 16, "chat_conversations": 32}
+    path.write_text(json.dumps({"settings": {**base, **settings}, "rows": rows}))
+    return path
+
+
+def test_headline_without_zero_shot_has_no_zero_shot_columns(tmp_path):
+    from bench.sections import headline_section
+
+    rows = [{k: v for k, v in _headline(m, w, [w - 1, w + 1], 0, None).items() if not k.startswith("zero_shot")}
+            for m, w in (("dense", 10.0), ("modegpt", 20.0))]
+    text = headline_section([_write(tmp_path / "h.json", rows, limit=0)])
+    assert "not run" in text and "piqa" not in text and "0-shot" not in text
+    assert "| modegpt | 0.25 | 100.0 | 20.00 [19.00, 21.00] |" in text
+
+
+def test_scale_section_divides_each_model_by_its_own_dense(tmp_path):
+    from bench.sections import scale_section
+
+    small = _write(tmp_path / "s.json", [_headline("dense", 10.0, [9, 11], 0.5, None),
+                                         _headline("olica", 30.0, [29, 31], 0.4, None)])
+    big = [_headline("dense", 8.0, [7, 9], 0.5, None), _headline("olica", 12.0, [11, 13], 0.4, None)]
+    big[1]["agreement_wiki"] = {"kl": 0.25, "top1": 0.7}
+    big = _write(tmp_path / "b.json", big, model="q")
+    text = scale_section([small], [big])
+    assert "| olica | 0.25 | 3.00 | 1.50 | 0.500 | 0.250 |" in text and "m (small) vs q (big)" in text
+    assert scale_section([small], []) == ""
