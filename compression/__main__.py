@@ -248,6 +248,7 @@ def cmd_compress(args) -> dict:
         raise UsageError(f"calibration of --calib-samples × --calib-len = {args.calib_samples * args.calib_len:,} "
                          f"tokens; the limit is {MAX_CALIBRATION_TOKENS:,}")
 
+    chosen = args.calibration is not None
     args.calibration = args.calibration or METHODS[args.method].calibration
     for part in parse_source(args.calibration):
         if part.startswith("text:") and not Path(part[5:]).expanduser().is_file():
@@ -266,6 +267,11 @@ def cmd_compress(args) -> dict:
     offload, why = decide_offload(args)
     if offload and heal_config is not None:
         raise UsageError(f"the model would be streamed ({why}); --heal-tokens needs it in memory")
+    if offload and not chosen and "self-chat" in parse_source(args.calibration):
+        # Generating replies with a streamed model reads every block once per token: hours, not minutes.
+        print(f"calibration: wiki, not the method's default {args.calibration} (self-chat replies would be "
+              "generated block by block under --offload; pass --calibration to insist)", file=sys.stderr)
+        args.calibration = "wiki"
     chat_eval = 0 if args.no_eval else (args.chat_eval if args.chat_eval is not None else 0 if offload else 16)
     if offload:
         from .streaming import return_large_frees

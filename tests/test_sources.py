@@ -141,3 +141,19 @@ def test_cli_compress_with_self_chat_records_source_and_chat_agreement(tiny, sma
                  "--out", str(tmp_path / "default")]) == 0
     report = json.loads((tmp_path / "default" / "report.json").read_text())
     assert report["calibration"]["source"] == method.calibration
+
+
+def test_cli_offload_calibrates_on_wiki_unless_self_chat_is_asked_for(tiny, small_settings, tmp_path, capsys):
+    from compression.__main__ import main
+
+    model, tok = tiny
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    base = ["compress", "--model", str(folder), "--method", "modegpt", "--ratio", "0.25", "--offload",
+            "--calib-samples", "2", "--calib-len", "32", "--eval-windows", "0", "--chat-eval", "0"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["calibration"]["source"] == "wiki"
+    assert "pass --calibration to insist" in capsys.readouterr().err
+    assert main([*base, "--calibration", "wiki+self-chat", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["calibration"]["source"] == "wiki+self-chat"

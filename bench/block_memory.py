@@ -1,0 +1,138 @@
+"""Memory of compressing one block, measured at the dimensions of real models (random weights).
+
+A streamed run (``--offload``) holds the outside tensors (embeddings, final norm, head) plus one block's
+working set: the materialized block and its rewrite, the calibration activations and the method's
+statistics. Only the second part depends on depth, so it decides the largest model a GPU can compress.
+This benchmark measures that per-block peak on the CPU: a 2-block Llama of the named dimensions with a
+tiny vocabulary, MoDeGPT at ``--ratio`` streamed block by block over random calibration tokens; the
+figure is the process's resident high-water mark during ``compress`` minus the resident set before it
+(one subprocess per row, so every high-water mark starts fresh). It is compared with
+:func:`estimate_block_bytes`, the count of what the code holds at its peak, which the README uses for
+sizes this machine cannot hold.
+
+    python -m bench.block_memory --models smollm2-135m,qwen2.5-0.5b,llama-3-8b --out bench/block_memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from compression.files import read_json, write_json_atomic
+
+# hidden, MLP width, attention heads, kv heads, vocabulary, untied head: the published configs.
+DIMS = {
+    "smollm2-135m": (576, 1536, 9, 3, 49152, False),
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 151936, True),
+    "llama-3-8b": (4096, 14336, 32, 8, 128256, True),
+    "llama-2-13b": (5120, 13824, 40, 40, 32000, True),
+    "qwen2.5-32b": (5120, 27648, 40, 8, 152064, True),
+    "llama-3-70b": (8192, 28672, 64, 8, 128256, True),
+}
+
+
+def block_params(hidden: int, ff: int, heads: int, kv: int) -> int:
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv * head_dim
+    return attention + 3 * hidden * ff + 2 * hidden
+
+
+def estimate_block_bytes(hidden: int, ff: int, heads: int, kv: int, tokens: int, weight_bytes: int = 4,
+                         act_bytes: int = 4) -> dict[str, int]:
+    """What MoDeGPT holds at its peak for one block, by part (bytes).
+
+    - weights: the materialized block and its rewrite (two copies at most);
+    - activations: the block input, the attention's dense and new outputs, the mid-block state and the
+      MLP's dense and new outputs (``modegpt.run``), plus the next block's input: 7 × tokens × hidden;
+    - statistics: the MLP correlation (ff × ff, float64) and, in ``ops.ridge_leverage``, the shifted copy,
+      its LU factors and the solution: 4 × ff² float64, the largest single piece for every model here.
+    """
+    weights = 2 * block_params(hidden, ff, heads, kv) * weight_bytes
+    activations = 7 * tokens * hidden * act_bytes
+    statistics = 4 * ff * ff * 8
+    return {"weights": weights, "activations": activations, "statistics": statistics,
+            "total": weights + activations + statistics}
+
+
+def outside_bytes(hidden: int, vocab: int, untied: bool, weight_bytes: int) -> int:
+    return (2 if untied else 1) * vocab * hidden * weight_bytes
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(name: str, tokens: tuple[int, int], ratio: float, threads: int) -> dict:
+    """One row, in this process: per-block peak over the resident set before ``compress``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compression import MoDeGPTConfig, compress
+
+    torch.set_num_threads(threads)
+    hidden, ff, heads, kv, _, _ = DIMS[name]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    calibration = torch.randint(0, 1024, tokens)
+    before = _rss()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():  # ru_maxrss covers the model build too; sampling sees only the compress window
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss())
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    compress(model, MoDeGPTConfig(ratio=ratio), calibration, offload=True)
+    seconds = time.perf_counter() - t0
+    done.set()
+    watcher.join()
+    estimate = estimate_block_bytes(hidden, ff, heads, kv, tokens[0] * tokens[1])
+    return {"model": name, "hidden": hidden, "ff": ff, "heads": heads, "kv_heads": kv,
+            "calibration": list(tokens), "block_params": block_params(hidden, ff, heads, kv),
+            "measured_mb": (peak[0] - before) / 2**20, "estimate_mb": estimate["total"] / 2**20,
+            "estimate_parts_mb": {k: v / 2**20 for k, v in estimate.items() if k != "total"},
+            "seconds": seconds, "threads": threads, "ratio": ratio}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m,qwen2.5-0.5b,llama-3-8b")
+    ap.add_argument("--calib", default="16x256", help="calibration, samples x length")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("bench/block_memory.json"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the child: measure this model, print JSON
+    args = ap.parse_args(argv)
+    tokens = tuple(int(x) for x in args.calib.split("x"))
+    if args.one:
+        print(json.dumps(measure(args.one, tokens, args.ratio, args.threads)))
+        return
+    unknown = set(args.models.split(",")) - set(DIMS)
+    if unknown:
+        raise SystemExit(f"unknown model dimensions: {', '.join(sorted(unknown))}; known: {', '.join(DIMS)}")
+    data = read_json(args.out) if args.out.exists() else {"rows": []}
+    for name in args.models.split(","):
+        if any(r["model"] == name and r["calibration"] == list(tokens) for r in data["rows"]):
+            continue
+        child = [sys.executable, "-m", "bench.block_memory", "--one", name, "--calib", args.calib,
+                 "--ratio", str(args.ratio), "--threads", str(args.threads)]
+        row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        data["rows"].append(row)
+        write_json_atomic(args.out, data)
+        print(json.dumps({k: row[k] for k in ("model", "calibration", "measured_mb", "estimate_mb", "seconds")}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
