@@ -25,15 +25,17 @@ from pathlib import Path
 
 from compression.files import read_json, write_json_atomic
 
-# hidden, MLP width, attention heads, kv heads, vocabulary, untied head: the published configs.
+# hidden, MLP width, attention heads, kv heads, vocabulary, untied head, blocks: the published configs.
 DIMS = {
-    "smollm2-135m": (576, 1536, 9, 3, 49152, False),
-    "qwen2.5-0.5b": (896, 4864, 14, 2, 151936, True),
-    "llama-3-8b": (4096, 14336, 32, 8, 128256, True),
-    "llama-2-13b": (5120, 13824, 40, 40, 32000, True),
-    "qwen2.5-32b": (5120, 27648, 40, 8, 152064, True),
-    "llama-3-70b": (8192, 28672, 64, 8, 128256, True),
+    "smollm2-135m": (576, 1536, 9, 3, 49152, False, 30),
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 151936, True, 24),
+    "llama-3-8b": (4096, 14336, 32, 8, 128256, True, 32),
+    "llama-2-13b": (5120, 13824, 40, 40, 32000, True, 40),
+    "qwen2.5-32b": (5120, 27648, 40, 8, 152064, True, 64),
+    "llama-3-70b": (8192, 28672, 64, 8, 128256, True, 80),
 }
+GPUS_GB = (16, 24, 48, 80, 141)
+CUDA_SLACK = 1 << 30  # CUDA context and allocator fragmentation: an allowance, not a measurement
 
 
 def block_params(hidden: int, ff: int, heads: int, kv: int) -> int:
@@ -63,6 +65,32 @@ def outside_bytes(hidden: int, vocab: int, untied: bool, weight_bytes: int) -> i
     return (2 if untied else 1) * vocab * hidden * weight_bytes
 
 
+def needs(name: str, tokens: int = 64 * 512, weight_bytes: int = 2) -> dict[str, float]:
+    """GiB a model needs on one GPU at ``weight_bytes`` per weight (bf16: 2; activations at the same
+    width): in memory (the dense model and its working copy, 2.2 × the weights: the CLI's rule) and
+    streamed (the outside tensors, one block's estimated peak, :data:`CUDA_SLACK`)."""
+    hidden, ff, heads, kv, vocab, untied, blocks = DIMS[name]
+    outside = outside_bytes(hidden, vocab, untied, weight_bytes)
+    weights = blocks * block_params(hidden, ff, heads, kv) * weight_bytes + outside
+    block = estimate_block_bytes(hidden, ff, heads, kv, tokens, weight_bytes, weight_bytes)["total"]
+    return {"params_b": weights / weight_bytes / 1e9, "in_memory_gib": 2.2 * weights / 2**30,
+            "streamed_gib": (outside + block + CUDA_SLACK) / 2**30}
+
+
+def gpu_table(tokens: int = 64 * 512) -> str:
+    """Markdown: per model, GiB needed each way; per GPU size, the largest listed model each way."""
+    rows = {name: needs(name, tokens) for name in DIMS}
+    lines = ["| model | params | in memory (2.2 × bf16 weights) | streamed (`--offload`) |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['params_b']:.2f} B | {r['in_memory_gib']:.1f} GiB | {r['streamed_gib']:.1f} GiB |"
+              for n, r in rows.items()]
+    lines += ["", "| GPU memory | largest in memory | largest streamed |", "|---|---|---|"]
+    for gb in GPUS_GB:
+        fit = lambda key: max((n for n, r in rows.items() if r[key] <= gb * 1e9 / 2**30),  # noqa: E731
+                              key=lambda n: rows[n]["params_b"], default="none listed")
+        lines.append(f"| {gb} GB | {fit('in_memory_gib')} | {fit('streamed_gib')} |")
+    return "\n".join(lines)
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -76,7 +104,7 @@ def measure(name: str, tokens: tuple[int, int], ratio: float, threads: int) -> d
     from compression import MoDeGPTConfig, compress
 
     torch.set_num_threads(threads)
-    hidden, ff, heads, kv, _, _ = DIMS[name]
+    hidden, ff, heads, kv, *_ = DIMS[name]
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
@@ -112,9 +140,13 @@ def main(argv=None) -> None:
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/block_memory.json"))
+    ap.add_argument("--table", action="store_true", help="print the per-GPU table (estimates) and stop")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child: measure this model, print JSON
     args = ap.parse_args(argv)
     tokens = tuple(int(x) for x in args.calib.split("x"))
+    if args.table:
+        print(gpu_table(tokens[0] * tokens[1]))
+        return
     if args.one:
         print(json.dumps(measure(args.one, tokens, args.ratio, args.threads)))
         return

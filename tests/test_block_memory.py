@@ -1,0 +1,24 @@
+"""The per-block memory arithmetic behind the README's per-GPU table (bench/block_memory.py)."""
+import pytest
+
+from bench import block_memory as B
+
+
+@pytest.mark.parametrize("name,published", [("llama-3-8b", 8.03e9), ("llama-3-70b", 70.55e9),
+                                            ("qwen2.5-0.5b", 0.63e9), ("smollm2-135m", 0.1345e9)])
+def test_parameter_counts_match_the_published_models(name, published):
+    assert B.needs(name)["params_b"] * 1e9 == pytest.approx(published, rel=0.005)
+
+
+def test_streamed_need_grows_with_the_mlp_width_not_the_depth():
+    base = B.estimate_block_bytes(4096, 14336, 32, 8, tokens=1000)
+    wider = B.estimate_block_bytes(4096, 2 * 14336, 32, 8, tokens=1000)
+    assert wider["statistics"] == 4 * base["statistics"]
+    assert B.needs("llama-3-70b")["streamed_gib"] < B.needs("llama-3-70b")["in_memory_gib"] / 5
+
+
+def test_gpu_table_picks_the_largest_model_that_fits():
+    table = B.gpu_table()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if " GB |" in line}
+    assert rows["16 GB"].endswith("| qwen2.5-0.5b | llama-2-13b |")
+    assert rows["80 GB"].endswith("| llama-2-13b | llama-3-70b |")
