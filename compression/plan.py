@@ -162,6 +162,8 @@ def inner_widths(base, sparsity: float, attn_share: float | None = None, extra_m
     keep = 1.0 - s_attn
     spec.update(qk_dim=2 * max(1, round(keep * hd / 2)), v_dim=max(1, round(keep * hd)),
                 mlp_dim=max(1, round((1 - s_mlp) * m) - extra_mlp_cut))
+    # Cut values move their bias to o_proj (rewrite.fold_value_bias).
+    spec["o_bias"] = spec["o_bias"] or (spec["qkv_bias"] and spec["v_dim"] < hd)
     # Heads keep different rotary pairs, so a per-head q/k norm becomes one scale row per head.
     spec["qk_norm_per_head"] = spec.get("qk_norm") == "head" and spec["qk_dim"] < hd
     return spec

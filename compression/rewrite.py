@@ -54,22 +54,38 @@ def keep_rotary_pairs(attn, gram: torch.Tensor, keep_pairs: int) -> torch.Tensor
     return scores
 
 
+def fold_value_bias(attn) -> None:
+    """Move v_proj's bias to o_proj's, exactly: each row of softmax weights sums to one, so a value
+    bias b reaches the output as the constant Σ_h W_O,h b_g(h) whatever the tokens. The low-rank
+    rewrite then sees only W_V x (the bias is not weighted by the input correlation, so cutting it with
+    the values loses it: Qwen2's value biases are large)."""
+    H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
+    b = attn.v_proj.bias.detach().double().view(Hkv, hd).repeat_interleave(G, dim=0)  # (H, hd)
+    const = attn.o_proj.weight.double() @ b.reshape(-1)                              # (d_mid,)
+    if attn.o_proj.bias is not None:
+        const = const + attn.o_proj.bias.double()
+    like = attn.o_proj.weight
+    attn.o_proj.bias = nn.Parameter(const.to(like.device, like.dtype), requires_grad=False)
+    attn.v_proj.bias = nn.Parameter(torch.zeros_like(attn.v_proj.bias), requires_grad=False)
+
+
 def compress_value_output(attn, gram: torch.Tensor, keep: int) -> list[list[float]]:
     """Rewrite v_proj/o_proj to ``keep`` value dims per kv group; returns each group's spectrum."""
+    if attn.v_proj.bias is not None:
+        fold_value_bias(attn)
     H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
     wv = attn.v_proj.weight.double().view(Hkv, hd, -1)          # (Hkv, hd, d_in)
     wo = attn.o_proj.weight.double().view(-1, H, hd)             # (d_mid, H, hd)
-    new_v, new_b, new_o, spectra = [], [], [], []
+    new_v, new_o, spectra = [], [], []
     for g in range(Hkv):
         heads = range(g * G, (g + 1) * G)
         w_o = torch.cat([wo[:, h, :].T for h in heads], dim=1)  # (hd, G·d_mid)
         m, w_o_new, s2 = vo_decomposition(wv[g].T, w_o, gram, keep)
         new_v.append((wv[g].T @ m).T)                            # (keep, d_in)
-        if attn.v_proj.bias is not None:
-            new_b.append(attn.v_proj.bias.double().view(Hkv, hd)[g] @ m)
         new_o.extend(w_o_new.view(keep, G, -1).unbind(1))       # per head (keep, d_mid)
         spectra.append((s2 ** 2).tolist())
-    set_linear(attn.v_proj, torch.cat(new_v), torch.cat(new_b) if new_b else None)
+    zero_bias = None if attn.v_proj.bias is None else attn.v_proj.bias.new_zeros(Hkv * keep)
+    set_linear(attn.v_proj, torch.cat(new_v), zero_bias)
     set_linear(attn.o_proj, torch.cat([o.T for o in new_o], dim=1))
     attn.v_dim = keep
     return spectra

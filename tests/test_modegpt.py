@@ -133,3 +133,37 @@ def test_auto_allocation_report_sums_to_target(tokens):
 def test_manual_allocation_length_checked(tokens):
     with pytest.raises(ValueError, match="2 values for 3 layers"):
         compress(tiny_model(), MoDeGPTConfig(ratio=0.2, allocation=Allocation("manual", per_layer=(0.1, 0.2))), tokens)
+
+
+def test_a_value_bias_costs_nothing_when_values_are_cut(tokens):
+    """Qwen2 has large value biases. They reach the output as a constant (softmax rows sum to one), so
+    they move to o_proj exactly: the compressed attention errs by the same amount with or without one."""
+    import copy
+
+    from compression.arch import view
+    from compression.calibration import capture_block_inputs
+    from compression.modeling import to_compressed
+    from compression.rewrite import compress_attention
+
+    errors = []
+    for scale in (0.0, 3.0):
+        model = to_compressed(tiny_model("qwen2", layers=1))
+        mv = view(model)
+        attn = mv.layers[0].self_attn
+        with torch.no_grad():
+            attn.v_proj.bias.copy_(scale * torch.randn(attn.v_proj.bias.shape, generator=torch.Generator().manual_seed(1)))
+        inputs = capture_block_inputs(mv, tokens, 8)
+        layer = copy.deepcopy(mv.layers[0])
+        dense, new, *_ = compress_attention(layer, inputs.hidden, inputs.kwargs_for(0), attn.head_dim // 2,
+                                            attn.head_dim // 2)
+        errors.append(torch.cat([n - d for n, d in zip(new, dense)]).norm().item())
+    assert errors[1] == pytest.approx(errors[0], rel=1e-5) and errors[0] > 0
+    assert layer.self_attn.o_proj.bias is not None and not layer.self_attn.v_proj.bias.any()
+
+
+def test_qwen2_plan_counts_the_folded_bias():
+    from compression.forecast import forecast
+
+    model = tiny_model("qwen2", layers=2)
+    compressed, report = compress(model, MoDeGPTConfig(ratio=0.4), torch.randint(0, 100, (4, 32)))
+    assert forecast(model, MoDeGPTConfig(ratio=0.4))["params"] == count_params(compressed) == report.params_compressed
