@@ -31,6 +31,7 @@ from .arch import block_params, count_params, refusal, view
 from .calibration import resolve_precision, statistics_precision
 from .evaluate import PeakMemory
 from .methods import method_for
+from .modeling_compressed import Shape
 from .report import Report
 
 Progress = Callable[[float, str], None]
@@ -41,11 +42,14 @@ class Compressed(NamedTuple):
     report: Report
 
 
-def calibration_facts(tokens: torch.Tensor | None, hidden_size: int) -> tuple[dict, list[str]]:
+def calibration_facts(tokens: torch.Tensor | None, hidden_size: int,
+                      mlp_width: int | None = None) -> tuple[dict, list[str]]:
     """Size and fingerprint of the calibration tokens, and warnings when they are too few or too
     repetitive to estimate (hidden × hidden) statistics: fewer tokens, or fewer distinct tokens, than
     the hidden size leave the correlations rank-deficient, and per-layer errors measured on such text
-    say nothing about other text."""
+    say nothing about other text. ``mlp_width``: for methods that fit the MLP from its (width × width)
+    correlation, fewer tokens than the width make that fit interpolate the calibration (measured on
+    Qwen2.5-0.5B, MLP 4,864 wide: held-out error 0.84 from 4,096 tokens, 0.26 from 16,384)."""
     if tokens is None:
         return {"tokens": 0}, []
     n, distinct = tokens.numel(), int(torch.unique(tokens).numel())
@@ -56,6 +60,9 @@ def calibration_facts(tokens: torch.Tensor | None, hidden_size: int) -> tuple[di
     if n < hidden_size:
         warnings.append(f"calibration has {n} tokens, fewer than the hidden size {hidden_size}: the "
                         "statistics are rank-deficient and the result is unreliable")
+    if mlp_width and hidden_size <= n < mlp_width:
+        warnings.append(f"calibration has {n} tokens, fewer than the MLP width {mlp_width}: the MLP fit "
+                        "interpolates the calibration text and errs on other text; use several times more")
     if distinct < hidden_size:
         warnings.append(f"calibration has only {distinct} distinct tokens (hidden size {hidden_size}): "
                         "the block-input correlations are rank-deficient beyond what damping covers")
@@ -100,7 +107,8 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     check_tokens(calibration, vocab, "calibration")
     check_tokens(held_out, vocab, "held-out tokens")
     method.plan(config, mv.config, None)  # an unreachable plan fails before the copy
-    facts, warnings = calibration_facts(calibration, mv.hidden_size)
+    mlp_width = Shape.of(mv.config).intermediate if method.name in ("modegpt", "olica") else None
+    facts, warnings = calibration_facts(calibration, mv.hidden_size, mlp_width)
     progress = progress or (lambda f, m: None)
     params_dense, block_dense = count_params(model), block_params(model)
     offload, why = _decide_offload(model, offload)

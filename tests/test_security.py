@@ -442,3 +442,18 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
 def test_configs_reject_non_finite_and_out_of_range(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_fewer_calibration_tokens_than_the_mlp_width_warns_for_mlp_fitting_methods():
+    from conftest import tiny_model
+
+    from compression import LayerDropConfig, MoDeGPTConfig, compress
+
+    model = tiny_model()
+    width = model.config.intermediate_size
+    few = torch.randint(0, 100, (1, width - 8))       # above the hidden size, below the MLP width
+    enough = torch.randint(0, 100, (2, width))
+    warned = lambda report: any("MLP width" in w for w in report.warnings)  # noqa: E731
+    assert warned(compress(model, MoDeGPTConfig(ratio=0.2), few).report)
+    assert not warned(compress(model, MoDeGPTConfig(ratio=0.2), enough).report)
+    assert not warned(compress(model, LayerDropConfig(ratio=0.3), few).report)
