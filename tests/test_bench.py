@@ -71,3 +71,17 @@ def test_headline_with_limit_zero_measures_perplexity_and_agreement_only(tiny_fo
     olica = rows[1]
     assert olica["ppl_code"]["compressed"] > 0 and olica["agreement_wiki"]["kl"] > 0
     assert olica["params"] < rows[0]["params"]
+
+
+def test_scaling_reads_the_os_peak_of_each_mode_and_plots(tiny_folder, tmp_path):
+    from bench import scaling
+
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    scaling.main(["--models", str(tiny_folder), "--calib", "4x64", "--windows", "1", "--out", str(out),
+                  "--plot", str(png)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["offload", "no-offload"]
+    for r in rows:
+        assert r["max_rss_mb"] > 50 and r["peak_memory_mb"] > 0 and r["ppl_compressed"] > 0
+    assert rows[0]["ppl_compressed"] == pytest.approx(rows[1]["ppl_compressed"], rel=1e-5)
+    assert png.stat().st_size > 10_000
