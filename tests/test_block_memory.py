@@ -20,5 +20,5 @@ def test_streamed_need_grows_with_the_mlp_width_not_the_depth():
 def test_gpu_table_picks_the_largest_model_that_fits():
     table = B.gpu_table()
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if " GB |" in line}
-    assert rows["16 GB"].endswith("| qwen2.5-0.5b | llama-2-13b |")
-    assert rows["80 GB"].endswith("| llama-2-13b | llama-3-70b |")
+    assert rows["16 GB"].endswith("| llama-3.2-3b | qwen2.5-14b |")
+    assert rows["80 GB"].endswith("| qwen2.5-14b | llama-3-70b |")
