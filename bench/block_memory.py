@@ -53,12 +53,13 @@ def estimate_block_bytes(hidden: int, ff: int, heads: int, kv: int, tokens: int,
     - weights: the materialized block and its rewrite (two copies at most);
     - activations: the block input, the attention's dense and new outputs, the mid-block state and the
       MLP's dense and new outputs (``modegpt.run``), plus the next block's input: 7 × tokens × hidden;
-    - statistics: the MLP correlation (ff × ff, float64) and, in ``ops.ridge_leverage``, the shifted copy,
-      its LU factors and the solution: 4 × ff² float64, the largest single piece for every model here.
+    - statistics: the MLP's accumulated XᵀX and its mean (ff × ff, float64 each) and, in
+      ``ops.ridge_leverage``, the shifted copy, the solver's LU factors and the solution: 5 × ff² float64,
+      the largest single piece from 0.5B up.
     """
     weights = 2 * block_params(hidden, ff, heads, kv) * weight_bytes
     activations = 7 * tokens * hidden * act_bytes
-    statistics = 4 * ff * ff * 8
+    statistics = 5 * ff * ff * 8
     return {"weights": weights, "activations": activations, "statistics": statistics,
             "total": weights + activations + statistics}
 

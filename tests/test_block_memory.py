@@ -13,7 +13,7 @@ def test_parameter_counts_match_the_published_models(name, published):
 def test_streamed_need_grows_with_the_mlp_width_not_the_depth():
     base = B.estimate_block_bytes(4096, 14336, 32, 8, tokens=1000)
     wider = B.estimate_block_bytes(4096, 2 * 14336, 32, 8, tokens=1000)
-    assert wider["statistics"] == 4 * base["statistics"]
+    assert wider["statistics"] == 4 * base["statistics"] == 4 * 5 * 14336 ** 2 * 8
     assert B.needs("llama-3-70b")["streamed_gib"] < B.needs("llama-3-70b")["in_memory_gib"] / 5
 
 
