@@ -19,6 +19,14 @@ def test_streamed_need_grows_with_the_mlp_width_not_the_depth():
 
 def test_gpu_table_picks_the_largest_model_that_fits():
     table = B.gpu_table()
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if " GB |" in line}
-    assert rows["16 GB"].endswith("| llama-3.2-3b | qwen2.5-14b |")
-    assert rows["80 GB"].endswith("| qwen2.5-14b | llama-3-70b |")
+    rows = {line.split(" = ")[0].strip("| "): line for line in table.splitlines() if " GiB |" in line}
+    assert rows["16 GB"].endswith("| llama-3.2-3b (13.2) | qwen2.5-14b (14.2) |")
+    assert rows["80 GB"].endswith("| qwen2.5-14b (60.5) | llama-3-70b (42.2) |")
+
+
+def test_correction_comes_from_the_widest_measured_mlp():
+    rows = [{"ff": 1536, "measured_mb": 300.0, "estimate_mb": 100.0},
+            {"ff": 14336, "measured_mb": 1060.0, "estimate_mb": 1000.0}]
+    assert B.correction(rows) == pytest.approx(1.06)
+    assert B.correction([]) == 1.0
+    assert B.needs("llama-3-70b", factor=1.06)["streamed_gib"] > B.needs("llama-3-70b")["streamed_gib"]
