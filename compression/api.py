@@ -107,7 +107,7 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     check_tokens(calibration, vocab, "calibration")
     check_tokens(held_out, vocab, "held-out tokens")
     method.plan(config, mv.config, None)  # an unreachable plan fails before the copy
-    mlp_width = Shape.of(mv.config).intermediate if method.name in ("modegpt", "olica") else None
+    mlp_width = Shape.of(mv.config).intermediate if method.fits_mlp else None
     facts, warnings = calibration_facts(calibration, mv.hidden_size, mlp_width)
     progress = progress or (lambda f, m: None)
     params_dense, block_dense = count_params(model), block_params(model)

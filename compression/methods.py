@@ -28,6 +28,7 @@ class Method:
     # half the model's own chat keeps most of self-chat's chat agreement at a fraction of its wiki cost;
     # layer dropping picks its blocks best on self-chat alone (better wiki, code and chat at 0.25).
     calibration: str = "wiki"
+    fits_mlp: bool = False  # fits the MLP from its (width × width) correlation: wants more tokens than the width
 
     def knobs(self) -> list[Knob]:
         return knobs(self.config)
@@ -43,11 +44,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "query-key (CR decomposition, whole rotary pairs) and value-output (SVD per kv group) at "
            "smaller inner widths, from calibration correlations (arXiv 2408.09632).",
            modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, ("uniform", "auto", "manual"),
-           calibration="wiki+self-chat"),
+           calibration="wiki+self-chat", fits_mlp=True),
     Method("olica", "Olica", "Orthogonal decomposition of value-output per head, rotary-pair query-key "
            "pruning, MLP neuron pruning, and a **low-rank linear calibration branch** fitted by ridge "
            "regression on the layers whose pruning error is most predictable.",
-           olica.OlicaConfig, olica.plan, olica.run, ("uniform", "auto", "manual"), calibration="wiki+self-chat"),
+           olica.OlicaConfig, olica.plan, olica.run, ("uniform", "auto", "manual"), calibration="wiki+self-chat",
+           fits_mlp=True),
     Method("slicegpt", "SliceGPT", "Folds the norms, rotates the residual stream into its principal "
            "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
