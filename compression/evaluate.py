@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import block_params, count_params
+from .models import cached_step
 
 Progress = Callable[[float, str], None]
 
@@ -255,13 +256,13 @@ def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    logits, cache = cached_step(model, ids)
     _sync(device)
     t1 = time.perf_counter()
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    token = logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        logits, cache = cached_step(model, token, cache)
+        token = logits[:, -1:].argmax(-1)
     _sync(device)
     return t1 - t0, time.perf_counter() - t1
 

@@ -8,6 +8,7 @@ and the environment allows it; remote code is never trusted by default.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ PACKAGED_MODELS = {
 
 class ModelError(ValueError):
     """Bad model name or unsupported model: raised before any long work."""
+
+
+def cached_step(model, ids: torch.Tensor, cache=None):
+    """One forward with a KV cache: (logits, the cache to pass next). transformers 5.24 renamed the
+    argument and output field ``past_key_values`` to ``cache``; this speaks whichever the model uses."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    out = model(ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.logits, getattr(out, name)
 
 
 def package_folder(package: str) -> Path:

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from compression.models import cached_step
+
 MAX_MESSAGE_CHARS = 8000
 MAX_MESSAGE_TOKENS = 1024
 MAX_NEW_TOKENS = 512
@@ -111,12 +113,12 @@ def generate(model, tokenizer, prompt: torch.Tensor, s: Sampling) -> Iterator[tu
     context = prompt[0].tolist()
     for _ in range(int(s.max_new_tokens)):
         t0 = time.perf_counter()
-        result = model(ids, past_key_values=cache, use_cache=True)
-        token = _sample(result.logits[0, -1], context + out, s, gen)
+        logits, cache = cached_step(model, ids, cache)
+        token = _sample(logits[0, -1], context + out, s, gen)
         seconds += time.perf_counter() - t0
         if token in eos:
             break
-        cache, ids = result.past_key_values, torch.tensor([[token]], device=device)
+        ids = torch.tensor([[token]], device=device)
         out.append(token)
         yield tokenizer.decode(out, skip_special_tokens=True), len(out), seconds
     yield tokenizer.decode(out, skip_special_tokens=True), len(out), seconds
