@@ -78,11 +78,26 @@ def _cache_file(model_id: str, kind: str, prompts: list[str], settings) -> Path:
     return cache_root() / "self_chat" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
+class _EveryStep:
+    """A stopping criterion that never stops: it calls ``tick(steps)`` after every generated token, so
+    a caller's progress (which raises to cancel) is heard between tokens, not only between batches."""
+
+    def __init__(self, tick, prompt_len: int):
+        self.tick, self.prompt_len = tick, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.tick(input_ids.shape[1] - self.prompt_len)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, *, sample: bool,
                      temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-                     batch_size: int = 16) -> list[str]:
-    """The model's replies to ``prompts`` under its chat template, generated in left-padded batches."""
+                     batch_size: int = 16, tick=None) -> list[str]:
+    """The model's replies to ``prompts`` under its chat template, generated in left-padded batches;
+    ``tick(replies done, tokens of the current batch)`` after every token."""
+    from transformers import StoppingCriteriaList
+
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     replies = []
@@ -90,10 +105,11 @@ def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         for start in range(0, len(prompts), batch_size):
             texts = [render(tokenizer, p) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            every = [_EveryStep(lambda n, done=len(replies): tick(done, n), batch["input_ids"].shape[1])] if tick else []
             torch.manual_seed(seed + start)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList(every))
             replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -122,12 +138,17 @@ def cached_replies(model_id: str, model, tokenizer, prompts: list[str], kind: st
             return data
     replies = []
     for start in range(0, len(prompts), settings.batch_size):
+        def tick(_, tokens, done=len(replies)):  # the fraction moves with the batch's tokens
+            if progress:
+                progress(min(1.0, (done + tokens / settings.max_new_tokens * min(settings.batch_size, len(prompts) - done))
+                             / len(prompts)), f"replies {done}/{len(prompts)}, token {tokens}/{settings.max_new_tokens}")
+
         replies += generate_replies(model, tokenizer, prompts[start:start + settings.batch_size],
                                     settings.max_new_tokens, sample=sample, temperature=settings.temperature,
                                     top_p=settings.top_p, seed=settings.seed + start,
-                                    batch_size=settings.batch_size)
+                                    batch_size=settings.batch_size, tick=tick)
         if progress:
-            progress(min(1.0, len(replies) / len(prompts)), f"self-chat replies {len(replies)}/{len(prompts)}")
+            progress(min(1.0, len(replies) / len(prompts)), f"replies {len(replies)}/{len(prompts)}")
     write_json_atomic(path, replies)
     return replies
 
@@ -145,7 +166,9 @@ def self_chat_text(model_id: str, model, tokenizer, tokens_needed: int, settings
         per_batch = round_settings.batch_size
         for start in range(0, len(prompts), per_batch):
             batch = prompts[start:start + per_batch]
-            replies = cached_replies(model_id, model, tokenizer, batch, "calibration", round_settings, True)
+            replies = cached_replies(model_id, model, tokenizer, batch, "calibration", round_settings, True,
+                                     progress and (lambda f, m: progress(min(1.0, used / tokens_needed),
+                                                                         f"self-chat text {used}/{tokens_needed} tokens: {m}")))
             for prompt, reply in zip(batch, replies):
                 text = render(tokenizer, prompt, reply)
                 texts.append(text)

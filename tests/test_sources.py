@@ -79,6 +79,23 @@ def test_self_chat_is_the_models_own_replies_cached_and_deterministic(tiny, smal
     assert sources.self_chat_text("tiny", model, tok, 200) == text
 
 
+def test_generation_reports_every_token_so_a_stop_is_heard_mid_batch(tiny, small_settings):
+    """A cancelled job's progress raises; it must be called between tokens, not only between the
+    batches of replies (a batch of 16 took 10-45 s on a loaded CPU and held the model slot)."""
+    model, tok = tiny
+    calls = []
+
+    def progress(fraction, message):
+        calls.append((fraction, message))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        sources.self_chat_text("tiny-stop", model, tok, 10_000, progress=progress)
+    assert len(calls) == 3 and "token" in calls[-1][1]
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls)
+
+
 def test_prompt_sets_are_disjoint():
     cal, ev = sources.chat_prompts("calibration"), sources.chat_prompts("evaluation")
     assert len(cal) >= 200 and len(ev) >= 16 and not set(cal) & set(ev)
