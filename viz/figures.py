@@ -342,7 +342,7 @@ def _front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tu
 
 
 def _runs_figure(runs: list[dict], title: str, ytitle: str, y_of: Callable[[dict], Any],
-                 higher_is_better: bool, log_y: bool) -> go.Figure:
+                 higher_is_better: bool, log_y: bool, empty: str = "no run has both a size and a score") -> go.Figure:
     """Shared body of pareto/accuracy figures: one trace per method, dense star, dashed front."""
     pts = []
     for run in runs or []:
@@ -350,7 +350,7 @@ def _runs_figure(runs: list[dict], title: str, ytitle: str, y_of: Callable[[dict
         if _finite(x) and _finite(y) and (y > 0 or not log_y):
             pts.append((x, y, str(run.get("method", "?")), run))
     if not pts:
-        return _no_data(title, "no run has both a size and a score")
+        return _no_data(title, empty)
 
     fig = _figure(title, "parameters", ytitle)
     for method in dict.fromkeys(p[2] for p in pts):
@@ -375,13 +375,15 @@ def _runs_figure(runs: list[dict], title: str, ytitle: str, y_of: Callable[[dict
 def pareto_figure(runs: list[dict]) -> go.Figure:
     """Perplexity (log y) vs parameters of many runs, with the Pareto front (lowest ppl per size)."""
     return _runs_figure(runs, "Perplexity vs size", "perplexity",
-                        lambda r: _pick(r, "ppl", "ppl_compressed"), higher_is_better=False, log_y=True)
+                        lambda r: _pick(r, "ppl", "ppl_compressed"), higher_is_better=False, log_y=True,
+                        empty="no run has a perplexity yet: compress with perplexity windows, or run Evaluate")
 
 
 def accuracy_figure(runs: list[dict], key: str = "zero_shot_avg") -> go.Figure:
     """Zero-shot accuracy (``run[key]``) vs parameters, with the front (highest accuracy per size)."""
     return _runs_figure(runs, "Zero-shot accuracy vs size", key.replace("_", " "),
-                        lambda r: r.get(key), higher_is_better=True, log_y=False)
+                        lambda r: r.get(key), higher_is_better=True, log_y=False,
+                        empty="no run has a zero-shot score yet: tick tasks in Evaluate and run it")
 
 
 def loss_figure(losses: list[float], tokens: list[int] | None = None) -> go.Figure:
