@@ -50,6 +50,21 @@ def tiny_model(kind: str = "llama", tied: bool = True, layers: int = 3, seed: in
     return model
 
 
+def tiny_chat_llama():
+    """A 2-layer random Llama with the default model's tokenizer (it has a chat template): the model
+    for tests that need real text, chat templates or the app's model names. (model, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from compression.models import DEFAULT_MODEL, resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
 ARCHS = [("llama", True), ("qwen2", True), ("mistral", False)]
 
 

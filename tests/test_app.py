@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 gr = pytest.importorskip("gradio")
 import app  # noqa: E402
+from conftest import tiny_chat_llama  # noqa: E402
 from ui import runs as R  # noqa: E402
 from ui.chat import STATS, build_prompt  # noqa: E402
 from ui.store import ModelStore  # noqa: E402
@@ -28,18 +29,9 @@ FAST_OPTIONS = {"olica_calibrate_layers": 1, "olica_calibrate_rank": 4}
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A 2-layer random Llama saved with the default model's tokenizer (and chat template)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from compression.models import DEFAULT_MODEL, resolve_source
-
-    tok = AutoTokenizer.from_pretrained(resolve_source(DEFAULT_MODEL))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
+    model, tok = tiny_chat_llama()
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 

@@ -8,22 +8,14 @@ import torch
 from compression import sources
 from compression.data import CalibrationError, TextSpec
 from compression.evaluate import ChatReference, chat_agreement
+from conftest import tiny_chat_llama
 
 TINY_CHAT = sources.SelfChat(max_new_tokens=6, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from compression.models import DEFAULT_MODEL, resolve_source
-
-    tok = AutoTokenizer.from_pretrained(resolve_source(DEFAULT_MODEL))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
+def tiny():
+    model, tok = tiny_chat_llama()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
