@@ -167,7 +167,7 @@ class Gram:
             self.xtx += (x.T @ x).double()                              # (d, d) fp32 product
         else:
             x = x.to(self.xtx.device, torch.float64)
-            self.xtx += x.T @ x
+            self.xtx.addmm_(x.T, x)                                     # in place: no (d, d) temporary
         self.count += x.shape[0]
 
     @property

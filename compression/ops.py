@@ -33,11 +33,30 @@ def sqrt_psd(c: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Ten
 
 
 def ridge_leverage(c: torch.Tensor, lam: float) -> torch.Tensor:
-    """Ridge leverage scores diag(C (C + λI)⁻¹) of a PSD correlation C (one per channel)."""
-    c = c.double()
-    shifted = c.clone()
-    shifted.diagonal().add_(lam)  # C + λI without an identity and a scaled copy: two m × m fewer
-    return torch.linalg.solve(shifted, c).diagonal().clone()
+    """Ridge leverage scores diag(C (C + λI)⁻¹) of a PSD correlation C (one per channel).
+
+    C (C + λI)⁻¹ = I − λ (C + λI)⁻¹, and C + λI is positive definite, so the scores come from its
+    Cholesky factor's inverse: half the work of a general solve (5.5 s vs 11 s at m = 4864 on one core)."""
+    shifted = c.double().clone()
+    shifted.diagonal().add_(lam)  # C + λI without an identity and a scaled copy
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info):  # not positive definite in floating point (λ far below C's roundoff): solve generally
+        return torch.linalg.solve(shifted, c.double()).diagonal().clone()
+    del shifted
+    return 1.0 - lam * torch.cholesky_inverse(factor).diagonal()
+
+
+def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A⁺B for a symmetric PSD A (float64): Cholesky when A is well enough conditioned, else a
+    least-squares solve that truncates A's numerically null directions (dead channels, fewer tokens than
+    channels). Cholesky is accepted when its smallest pivot is above n·eps of the largest, the
+    rank threshold least squares itself uses; it is 2.3× faster at n = 4378 on one core."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    if not int(info):
+        pivots = factor.diagonal().square()
+        if pivots.min() > pivots.max() * a.shape[0] * torch.finfo(a.dtype).eps:
+            return torch.cholesky_solve(b, factor)
+    return torch.linalg.lstsq(a, b).solution
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -113,7 +132,7 @@ def nystrom_mlp(c: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float):
     index = torch.sort(torch.topk(scores, keep).indices).values
     c_ss = c[index][:, index]                       # SᵀCS
     c_s = c[index]                                  # SᵀC    (keep, m)
-    refit = torch.linalg.lstsq(c_ss, c_s @ w_down.double().T).solution  # (keep, D)
+    refit = solve_psd(c_ss, c_s @ w_down.double().T)  # (keep, D)
     return index, refit.T, scores
 
 

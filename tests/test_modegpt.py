@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from compression import compress
 from compression.arch import count_params
 from compression.modegpt import MoDeGPTConfig
-from compression.ops import nystrom_mlp, rotary_pair_scores, vo_decomposition
+from compression.ops import nystrom_mlp, ridge_leverage, rotary_pair_scores, solve_psd, vo_decomposition
 from compression.plan import Allocation, entropic_allocation
 
 
@@ -23,6 +23,31 @@ def test_nystrom_is_exact_when_activations_live_on_kept_channels():
     assert index.tolist() == list(range(k))
     torch.testing.assert_close(z[:, index] @ w_new.T, z @ w_down.T)
     assert scores.shape == (m,)
+
+
+def test_ridge_leverage_is_the_definition_also_for_a_rank_deficient_correlation():
+    torch.manual_seed(0)
+    z = torch.randn(40, 60, dtype=torch.float64) * torch.logspace(0, -3, 60, dtype=torch.float64)
+    c = z.T @ z / 40  # rank 40 of 60
+    for lam in (1e-6, 1e-2, 10.0):
+        expected = torch.linalg.solve(c + lam * torch.eye(60, dtype=torch.float64), c).diagonal()
+        torch.testing.assert_close(ridge_leverage(c, lam), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_solve_psd_is_cholesky_when_well_posed_and_least_squares_when_singular():
+    torch.manual_seed(0)
+    z = torch.randn(200, 30, dtype=torch.float64)
+    a, b = z.T @ z, torch.randn(30, 5, dtype=torch.float64)
+    torch.testing.assert_close(solve_psd(a, b), torch.linalg.solve(a, b), rtol=1e-10, atol=1e-12)
+    low = torch.randn(30, 12, dtype=torch.float64)
+    singular = low @ low.T  # rank 12: Cholesky's pivots collapse, least squares truncates
+    rhs = singular @ torch.randn(30, 5, dtype=torch.float64)
+    x = solve_psd(singular, rhs)
+    torch.testing.assert_close(x, torch.linalg.lstsq(singular, rhs).solution)
+    torch.testing.assert_close(singular @ x, rhs, rtol=1e-8, atol=1e-8)
+    nearly = singular + 1e-14 * torch.eye(30, dtype=torch.float64)  # Cholesky passes, on roundoff pivots
+    assert int(torch.linalg.cholesky_ex(nearly)[1]) == 0
+    torch.testing.assert_close(solve_psd(nearly, rhs), torch.linalg.lstsq(nearly, rhs).solution)
 
 
 def test_rotary_pair_scores_sum_query_heads_per_group():
