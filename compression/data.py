@@ -30,6 +30,7 @@ CODE_DISTRIBUTION, CODE_VERSION = "prompt-toolkit", "3.0.53"  # as pinned in req
 CODE_PACKAGE = "prompt_toolkit"
 EVAL_EVERY = 10
 SEPARATOR = "\n\n"
+PREFIX_MARGIN = 256  # tokens kept between the last one used and the cut of a tokenized prefix
 
 
 class CalibrationError(ValueError):
@@ -82,6 +83,26 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def leading_tokens(tokenizer, text: str, n: int | None) -> torch.Tensor:
+    """The first ``n`` tokens :func:`tokenize` gives for ``text`` (all of them for ``None``, fewer when
+    the text is shorter), tokenizing only a prefix: cut at a paragraph break past about 6 characters a
+    token, twice as far until it holds ``n`` tokens and a margin. Tokens that far before a paragraph
+    break do not depend on what follows it, so the result equals the whole text's first ``n``; the 1M-token
+    calibration split took 5.4 s to tokenize for a 4,096-token calibration."""
+    if n is None:
+        return tokenize(tokenizer, text)
+    chars = 6 * n + 4096
+    while chars < len(text):
+        cut = text.find(SEPARATOR, chars)
+        if cut < 0:
+            break
+        ids = tokenize(tokenizer, text[:cut])
+        if ids.numel() >= n + PREFIX_MARGIN:
+            return ids[:n]
+        chars *= 2
+    return tokenize(tokenizer, text)[:n]
+
+
 def chunk(ids: torch.Tensor, n: int | None, length: int, what: str) -> torch.Tensor:
     """The first ``n`` consecutive non-overlapping chunks of ``length`` tokens, shape (n, length).
 
@@ -119,11 +140,13 @@ class TextSpec:
                              "compression.sources.calibration_tokens")
         text = self.text if self.text is not None else (
             wiki_split("calibration") if self.source == "wiki" else code_split("calibration"))
-        return chunk(tokenize(tokenizer, text), self.num_samples, self.seq_len, "calibration")
+        return chunk(leading_tokens(tokenizer, text, self.num_samples * self.seq_len), self.num_samples,
+                     self.seq_len, "calibration")
 
 
 def evaluation_windows(tokenizer, num_windows: int | None = 32, seq_len: int = 1024,
                        text: str | None = None) -> torch.Tensor:
     """(num_windows, seq_len) non-overlapping windows of the held-out split (``None``: all)."""
     text = text if text is not None else wiki_split("evaluation")
-    return chunk(tokenize(tokenizer, text), num_windows, seq_len, "evaluation")
+    ids = leading_tokens(tokenizer, text, None if num_windows is None else num_windows * seq_len)
+    return chunk(ids, num_windows, seq_len, "evaluation")

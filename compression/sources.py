@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CalibrationError, chunk, code_split, tokenize, wiki_split
+from .data import CalibrationError, chunk, code_split, leading_tokens, wiki_split
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "chat_prompts.json"
 NAMED = ("wiki", "self-chat", "code")
@@ -234,7 +234,7 @@ def calibration_tokens(source: str, model_id: str, model, tokenizer, samples: in
         ids = None if cache is None else cache.get(key)
         if ids is None or ids.numel() < (share + held_out) * seq_len:
             text = source_text(part, model_id, model, tokenizer, (share + held_out) * seq_len, progress)
-            ids = tokenize(tokenizer, text)
+            ids = leading_tokens(tokenizer, text, (share + held_out) * seq_len)
             if cache is not None and part != "self-chat":
                 cache[key] = ids
         fit = chunk(ids, share, seq_len, f"calibration ({part})") if share else ids[:0].view(0, seq_len)

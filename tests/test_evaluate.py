@@ -212,6 +212,23 @@ def test_code_split_is_deterministic_and_disjoint():
     assert len(evaluation) + len(calibration) == sum(map(len, kept)) + joins * len(data.SEPARATOR)
 
 
+@pytest.mark.parametrize("part", ["wiki", "code"])
+def test_a_tokenized_prefix_gives_the_whole_texts_first_tokens(part, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from compression.models import DEFAULT_MODEL, resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(DEFAULT_MODEL))
+    text = data.wiki_split("evaluation") if part == "wiki" else code_split("evaluation")
+    whole = data.tokenize(tokenizer, text)
+    seen = []
+    tokenize = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda tok, t: seen.append(len(t)) or tokenize(tok, t))
+    for n in (1, 1000, 4096, 32 * 1024, whole.numel() - 10, whole.numel() + 10, None):
+        assert torch.equal(data.leading_tokens(tokenizer, text, n), whole[:n]), n
+    assert min(seen) < len(text) / 10  # short requests tokenized a short prefix
+
+
 def test_code_text_needs_the_pinned_version(monkeypatch):
     code_files.cache_clear()
     monkeypatch.setattr(data.metadata, "version", lambda name: "0.0.1")
