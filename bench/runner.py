@@ -348,7 +348,7 @@ Lowest perplexity at each target ratio (computed from the rows above):
 ![perplexity vs parameters]({rel[0]})
 ![zero-shot vs parameters]({rel[1]})
 """
-    from .sections import calibration_section, headline_section, scale_section
+    from .sections import calibration_section, headline_section, ratio_section, scale_section
 
     text += headline_section(sorted(results.parent.glob("headline*.json")))
     text += calibration_section(results.parent / "calibration_sources.json")
@@ -356,4 +356,5 @@ Lowest perplexity at each target ratio (computed from the rows above):
                              title="Qwen2.5-Coder-0.5B (630M): does the ranking hold at 0.5B?")
     text += scale_section(sorted(results.parent.glob("headline*.json")),
                           sorted((results.parent / "qwen").glob("headline*.json")))
+    text += ratio_section(rows, sorted((results.parent / "qwen").glob("headline*.json")))
     markdown.write_text(text)

@@ -126,6 +126,49 @@ calibration tokens, {sa['wiki_windows']} windows; big: {sb['calibration'][0]} ×
 """
 
 
+# The sweep's label (bench/results.json) for each headline method: the variant the headline runs.
+SWEEP_LABEL = {"modegpt": "modegpt-auto", "olica": "olica", "slicegpt": "slicegpt", "layerdrop": "layerdrop"}
+
+
+def ratio_section(sweep: list[dict], big: list[Path]) -> str:
+    """Wiki perplexity ÷ the model's own dense, by target ratio: the small model's sweep rows
+    (``bench/results.json``) next to the big model's headline rows, for every method and ratio the
+    big run has."""
+    if not sweep or not big:
+        return ""
+    b, sb = headline_rows(big)
+    small_model = next((r.get("model") for r in sweep if r.get("model")), "small")
+    dense_small = next((r["ppl"] for r in sweep if r["method"] == "dense"), None)
+    dense_big = next((_ppl(r, "ppl_wiki")[0] for r in b if r["method"] == "dense"), None)
+    ratios = sorted({r["ratio"] for r in b if r["method"] != "dense"})
+    if not dense_small or not dense_big or not ratios:
+        return ""
+    lines = []
+    for method, label in SWEEP_LABEL.items():
+        cells = []
+        for q in ratios:
+            small = next((r["ppl"] for r in sweep if r["method"] == label and r["ratio"] == q), None)
+            large = next((_ppl(r, "ppl_wiki")[0] for r in b if r["method"] == method and r["ratio"] == q), None)
+            cells.append(f"{small / dense_small:.2f} → {large / dense_big:.2f}" if small and large else "—")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = "| method | " + " | ".join(f"{q:g}" for q in ratios) + " |"
+    return f"""
+### Perplexity ÷ dense by ratio: {small_model} → {sb['model']}
+
+Each cell: the small model's wiki perplexity over its dense one (the sweep above: {dense_small:.2f} dense,
+its own calibration and windows) → the big model's (the headline rows: {dense_big:.2f} dense,
+{sb['calibration'][0]} × {sb['calibration'][1]} calibration tokens, {sb['wiki_windows']} windows). The two
+protocols differ in window count and calibration size, so compare the ratios, not the perplexities.
+
+{head}
+{"|---" * (len(ratios) + 1)}|
+{chr(10).join(lines)}
+"""
+
+
 def ranking(rows: list[dict], ratio: float) -> str:
     """Which compressed rows the intervals separate, for wiki ppl, chat KL and the zero-shot average."""
     comp = [r for r in rows if r["method"] != "dense"]

@@ -111,3 +111,20 @@ def test_scale_section_divides_each_model_by_its_own_dense(tmp_path):
     text = scale_section([small], [big])
     assert "| olica | 0.25 | 3.00 | 1.50 | 0.500 | 0.250 |" in text and "m (small) vs q (big)" in text
     assert scale_section([small], []) == ""
+
+
+def test_ratio_section_puts_each_models_loss_side_by_side(tmp_path):
+    from bench.sections import ratio_section
+
+    sweep = [{"model": "s", "method": "dense", "ratio": 0.0, "ppl": 10.0},
+             {"model": "s", "method": "modegpt-auto", "ratio": 0.1, "ppl": 15.0},
+             {"model": "s", "method": "modegpt", "ratio": 0.25, "ppl": 99.0},  # uniform: not the headline variant
+             {"model": "s", "method": "modegpt-auto", "ratio": 0.25, "ppl": 30.0}]
+    big = [_headline("dense", 8.0, [7, 9], 0.5, None), _headline("modegpt", 12.0, [11, 13], 0.4, None),
+           {**_headline("modegpt", 10.0, [9, 11], 0.4, None), "ratio": 0.1},
+           _headline("layerdrop", 16.0, [15, 17], 0.4, None)]
+    text = ratio_section(sweep, [_write(tmp_path / "b.json", big, model="q")])
+    assert "| method | 0.1 | 0.25 |" in text and "s → q" in text
+    assert "| modegpt | 1.50 → 1.25 | 3.00 → 1.50 |" in text
+    assert "| layerdrop |" not in text  # no sweep row to compare with
+    assert ratio_section([], [tmp_path / "b.json"]) == "" and ratio_section(sweep, []) == ""
