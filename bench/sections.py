@@ -58,7 +58,7 @@ def headline_section(paths: list[Path], title: str = "") -> str:
     if not paths:
         return ""
     rows, s = headline_rows(paths)
-    ratios = s.get("ratios") or [s["ratio"]]
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"}) or s.get("ratios") or [s["ratio"]]
     title = title or f"Headline rows at ratio {', '.join(f'{r:g}' for r in ratios)}: enough items to rank"
     n = s["limit"]
     tasks = HEADLINE if n else ()
