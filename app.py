@@ -269,7 +269,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                         chat_seed = gr.Number(0, precision=0, label="Seed")
                         template = gr.Checkbox(True, label="Chat template")
             # ---------------------------------------------------------------- Runs
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_tab:
                 runs_df = gr.Dataframe(headers=RUN_COLUMNS, label="This session's runs", interactive=False)
                 with gr.Row():
                     fig_pareto, fig_acc = gr.Plot(label="pareto"), gr.Plot(label="accuracy")
@@ -367,6 +367,8 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
         load_evt = endpoint([load_btn.click], t.runs.load_saved, [state, upload, folder], [load_md, run_dd, state],
                             load_md, api_name="load_run", **job)
         load_evt.then(t.runs.view, state, runs_out, **hidden)
+        # Plots drawn while their tab was hidden come back with a clipped legend: redraw on select
+        runs_tab.select(t.runs.view, state, runs_out, **hidden)
         endpoint([dl_btn.click], t.runs.download, [state, run_dd], [dl_file], dl_status, api_name="download", **job)
         heal_evt = endpoint([heal_btn.click], t.compress.heal, [state, run_dd, heal_tokens, heal_rank, heal_len,
                                                                  heal_windows],

@@ -537,6 +537,10 @@ def test_app_declares_named_endpoints_on_one_queue(tiny_folder):
         assert fns[name].concurrency_id == app.ACCEL and fns[name].concurrency_limit == 1
     state = next(b for b in demo.blocks.values() if isinstance(b, gr.State))
     assert state.delete_callback is R.Session.close
+    # the Runs plots are redrawn when their tab is opened (drawn hidden, the legend came back clipped)
+    runs_tab = next(b for b in demo.blocks.values() if isinstance(b, gr.Tab) and b.label == "Runs")
+    redraw = [fn for fn in demo.fns.values() if (runs_tab._id, "select") in [(getattr(b, "_id", b), e) for b, e in fn.targets]]
+    assert redraw and {type(o) for o in redraw[0].outputs} == {gr.Dataframe, gr.Plot}
 
 
 def _free_port():

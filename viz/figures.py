@@ -376,14 +376,14 @@ def pareto_figure(runs: list[dict]) -> go.Figure:
     """Perplexity (log y) vs parameters of many runs, with the Pareto front (lowest ppl per size)."""
     return _runs_figure(runs, "Perplexity vs size", "perplexity",
                         lambda r: _pick(r, "ppl", "ppl_compressed"), higher_is_better=False, log_y=True,
-                        empty="no run has a perplexity yet: compress with perplexity windows, or run Evaluate")
+                        empty="no run has a perplexity yet:<br>compress with perplexity windows, or run Evaluate")
 
 
 def accuracy_figure(runs: list[dict], key: str = "zero_shot_avg") -> go.Figure:
     """Zero-shot accuracy (``run[key]``) vs parameters, with the front (highest accuracy per size)."""
     return _runs_figure(runs, "Zero-shot accuracy vs size", key.replace("_", " "),
                         lambda r: r.get(key), higher_is_better=True, log_y=False,
-                        empty="no run has a zero-shot score yet: tick tasks in Evaluate and run it")
+                        empty="no run has a zero-shot score yet:<br>tick tasks in Evaluate and run it")
 
 
 def loss_figure(losses: list[float], tokens: list[int] | None = None) -> go.Figure:
