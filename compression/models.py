@@ -12,6 +12,7 @@ import inspect
 import os
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -58,10 +59,17 @@ class ModelError(ValueError):
     """Bad model name or unsupported model: raised before any long work."""
 
 
+@lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The KV-cache argument and output field of ``model_class``: transformers 5.24 renamed
+    ``past_key_values`` to ``cache``; remote-code models may still use the old name."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def cached_step(model, ids: torch.Tensor, cache=None):
-    """One forward with a KV cache: (logits, the cache to pass next). transformers 5.24 renamed the
-    argument and output field ``past_key_values`` to ``cache``; this speaks whichever the model uses."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    """One forward with a KV cache: (logits, the cache to pass next), in the model's own naming
+    (looked up once per class: this runs for every generated token)."""
+    name = _cache_argument(type(model))
     out = model(ids, use_cache=True, **({name: cache} if cache is not None else {}))
     return out.logits, getattr(out, name)
 

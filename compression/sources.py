@@ -79,7 +79,7 @@ def _cache_file(model_id: str, kind: str, prompts: list[str], settings) -> Path:
 
 
 class _EveryStep:
-    """A stopping criterion that never stops: it calls ``tick(steps)`` after every generated token, so
+    """A stopping criterion that never stops: it calls ``tick(tokens generated)`` after every token, so
     a caller's progress (which raises to cancel) is heard between tokens, not only between batches."""
 
     def __init__(self, tick, prompt_len: int):
@@ -95,7 +95,7 @@ def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                      temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
                      batch_size: int = 16, tick=None) -> list[str]:
     """The model's replies to ``prompts`` under its chat template, generated in left-padded batches;
-    ``tick(replies done, tokens of the current batch)`` after every token."""
+    ``tick(tokens of the current batch)`` after every token."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -105,7 +105,7 @@ def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         for start in range(0, len(prompts), batch_size):
             texts = [render(tokenizer, p) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            every = [_EveryStep(lambda n, done=len(replies): tick(done, n), batch["input_ids"].shape[1])] if tick else []
+            every = [_EveryStep(tick, batch["input_ids"].shape[1])] if tick else []
             torch.manual_seed(seed + start)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
@@ -138,10 +138,12 @@ def cached_replies(model_id: str, model, tokenizer, prompts: list[str], kind: st
             return data
     replies = []
     for start in range(0, len(prompts), settings.batch_size):
-        def tick(_, tokens, done=len(replies)):  # the fraction moves with the batch's tokens
+        batch = min(settings.batch_size, len(prompts) - start)
+
+        def tick(tokens, done=start, batch=batch):  # the fraction moves with the batch's tokens
             if progress:
-                progress(min(1.0, (done + tokens / settings.max_new_tokens * min(settings.batch_size, len(prompts) - done))
-                             / len(prompts)), f"replies {done}/{len(prompts)}, token {tokens}/{settings.max_new_tokens}")
+                progress((done + batch * tokens / settings.max_new_tokens) / len(prompts),
+                         f"replies {done}/{len(prompts)}, token {tokens}/{settings.max_new_tokens}")
 
         replies += generate_replies(model, tokenizer, prompts[start:start + settings.batch_size],
                                     settings.max_new_tokens, sample=sample, temperature=settings.temperature,
