@@ -21,6 +21,7 @@ from .hub import HubError, check_target, push_folder
 from .methods import METHODS, UnknownMethod, get
 from .models import DEFAULT_MODEL, ModelError
 from .report import ReportError
+from .timing import breakdown
 
 
 class UsageError(ValueError):
@@ -133,6 +134,9 @@ def parse(argv):
     c.add_argument("--stats-precision", choices=("auto", "float64", "mixed"), default="auto",
                    help="calibration statistics: float64 throughout, or float32 per batch accumulated in "
                         "float64 (mixed); auto: float64 on CPU and on GPUs with full-rate float64, mixed on others")
+    c.add_argument("--time-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time one plain dense forward over the calibration tokens, the unit the "
+                        "report's compress time is given in (timing.compress_per_forward)")
     c.add_argument("--out", required=True, type=Path, help="a new or empty folder")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     c.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -287,7 +291,8 @@ def cmd_compress(args) -> dict:
                 args.model, model, tokenizer, config, spec, eval_windows=eval_windows,
                 eval_len=args.eval_len, chat_eval=chat_eval, seed=args.seed,
                 cache=pipeline.default_cache(), progress=bar, offload=offload, offload_folder=spill,
-                precision=args.stats_precision, calibration=calibration, windows=windows)
+                precision=args.stats_precision, calibration=calibration, windows=windows,
+                time_forward=args.time_forward)
         del model
         if calibration is not None:
             report.calibration["text_seconds"] = calibration[2]["text_seconds"]
@@ -305,12 +310,14 @@ def cmd_compress(args) -> dict:
         summary.update(heal_tokens=report.heal["tokens"], heal_seconds=report.heal["seconds"],
                        ppl_healed=report.heal.get("ppl_after"))
     summary["warnings"] = report.warnings
+    summary["timing"] = report.timing
     summary["offload"] = offload
     summary["out"] = str(args.out)
     if args.push_to_hub:
         summary["hub_url"] = push_folder(args.out, args.push_to_hub)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    print(breakdown(report.timing), file=sys.stderr)
     return summary
 
 

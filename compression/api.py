@@ -33,6 +33,7 @@ from .evaluate import PeakMemory
 from .methods import method_for
 from .modeling_compressed import Shape
 from .report import Report
+from .timing import stage, stopwatch
 
 Progress = Callable[[float, str], None]
 
@@ -117,17 +118,20 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     stats = resolve_precision(precision, device)
     progress(0.0, "preparing the streamed copy" if offload else "copying the dense model")
     t0 = time.perf_counter()
-    with torch.no_grad(), statistics_precision(precision), PeakMemory(device) as peak:
-        if offload:
-            working = streaming.working_copy(model, device=device, folder=offload_folder,
-                                             compressed=method.name not in streaming.ORIGINAL_CLASS_METHODS)
-            work_store = streaming.store_of(working)
-        else:
-            working = copy.deepcopy(model)
+    with torch.no_grad(), statistics_precision(precision), PeakMemory(device) as peak, stopwatch() as watch:
+        with stage("copy"):
+            if offload:
+                working = streaming.working_copy(model, device=device, folder=offload_folder,
+                                                 compressed=method.name not in streaming.ORIGINAL_CLASS_METHODS)
+                work_store = streaming.store_of(working)
+            else:
+                working = copy.deepcopy(model)
         out, report = method.run(working, config, calibration, progress, held_out)
         if offload:
             streaming.finish(out, work_store)
     report.compress_seconds = time.perf_counter() - t0
+    report.timing = {"compress_s": round(report.compress_seconds, 3), "stages": watch.summary(),
+                     **report.timing}
     report.peak_memory_mb = peak.mb
     report.extra.update(offload={"streamed": offload, "device": str(device), "why": why,
                                  "spilled_to_disk": bool(offload and offload_folder)},

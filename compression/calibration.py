@@ -10,7 +10,9 @@ Statistics precision (:class:`Gram`): ``"float64"`` accumulates XᵀX in float64
 ``"mixed"`` forms each batch's XᵀX in float32 and adds the batches up in float64 (a batch is a few
 thousand rows, so the float32 part loses ~1e-6 relative; the float64 adds are O(d²) per batch). Float64
 matmuls run at 1/32–1/64 of the float32 rate on consumer GPUs, so ``"auto"`` picks by device
-(:func:`precision_for`): float64 on the CPU and on GPUs with full-rate float64, mixed elsewhere.
+(:func:`precision_for`): float64 on GPUs with full-rate float64, mixed elsewhere, the CPU included
+(there the float32 products run through BLAS syrk at 2× the float64 rate; MoDeGPT and Olica at 0.25
+on SmolLM2-135M, 64 × 512 tokens, gave the same wiki perplexity to 7 digits in both precisions).
 :func:`statistics_precision` sets the mode for the statistics taken inside it.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from .arch import ModelView
 from .ops import relative_error
+from .timing import stage
 
 CAPTURED_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 
@@ -118,9 +121,11 @@ def precision_for_gpu(capability: tuple[int, int], arch_name: str | None = None)
 
 
 def precision_for(device: torch.device | str) -> str:
-    """The statistics precision ``"auto"`` means on ``device``: float64 on the CPU (and any non-CUDA
-    device), by :func:`precision_for_gpu` on a GPU."""
+    """The statistics precision ``"auto"`` means on ``device``: mixed on the CPU, float64 on other
+    non-CUDA devices, by :func:`precision_for_gpu` on a GPU."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return "mixed"
     if device.type != "cuda":
         return "float64"
     props = torch.cuda.get_device_properties(device)
@@ -159,21 +164,48 @@ class Gram:
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.count = 0
         self.precision = resolve_precision(precision, self.xtx.device)
+        self._triangle = False  # the CPU float64 path accumulates one triangle (see add)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])                                  # (n, d)
-        if self.precision == "mixed":
-            x = x.to(self.xtx.device, torch.float32)
-            self.xtx += (x.T @ x).double()                              # (d, d) fp32 product
-        else:
-            x = x.to(self.xtx.device, torch.float64)
-            self.xtx.addmm_(x.T, x)                                     # in place: no (d, d) temporary
-        self.count += x.shape[0]
+        with stage("statistics"):
+            x = x.reshape(-1, x.shape[-1])                              # (n, d)
+            if self.xtx.device.type == "cpu":  # one triangle by BLAS syrk
+                _syrk_lower(self.xtx, x.to(torch.float32 if self.precision == "mixed" else torch.float64))
+                self._triangle = True
+            elif self.precision == "mixed":
+                x = x.to(self.xtx.device, torch.float32)
+                self.xtx += (x.T @ x).double()                          # (d, d) fp32 product
+            else:
+                x = x.to(self.xtx.device, torch.float64)
+                self.xtx.addmm_(x.T, x)                                 # in place: no (d, d) temporary
+            self.count += x.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
         """XᵀX / n: the uncentred correlation."""
+        if self._triangle:  # mirror the accumulated lower triangle once
+            self.xtx = self.xtx.tril() + self.xtx.tril(-1).T
+            self._triangle = False
         return self.xtx / max(self.count, 1)
+
+
+def _syrk_lower(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += xᵀx on its lower triangle only (BLAS syrk: half the flops of a matmul, 2× faster than
+    ``addmm_`` in float64 on the CPU). acc: (d, d) float64, C-contiguous; x: (n, d), float64 (added
+    in place) or float32 (the product in float32, then added in float64: the "mixed" precision).
+
+    In Fortran order the C-ordered acc is accᵀ and x is xᵀ, so syrk's upper triangle of (xᵀ)(xᵀ)ᵀ is
+    acc's lower triangle; the other triangle is left untouched (zero in a float32 product)."""
+    from scipy.linalg.blas import dsyrk, ssyrk
+
+    a = x.detach().contiguous().numpy()         # (n, d) C-order = (d, n) Fortran order
+    c = acc.numpy().T                           # (d, d) Fortran-order view of acc's memory
+    if x.dtype == torch.float32:
+        c += ssyrk(1.0, a.T, trans=0, lower=0)
+        return
+    out = dsyrk(1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+    if not (out.ctypes.data == c.ctypes.data):  # the binding copied: write the result back
+        acc.copy_(torch.from_numpy(out.T))
 
 
 @contextmanager
@@ -251,29 +283,35 @@ class Probe:
         self.mid: list[torch.Tensor] | None = None
         self.mlp_new: list[torch.Tensor] | None = None
         self.where = "calibration (in-sample)" if held_out is None else "held-out"
+        # Calibration batches whose dense outputs the methods must keep for in-sample errors.
+        self.dense_batches = IN_SAMPLE_BATCHES if held_out is None else 0
 
     def attention(self, layer) -> list[torch.Tensor] | None:
         if self.hidden is None:
             return None
         kwargs = self.inputs.kwargs_for(layer.self_attn.layer_idx)
-        return [layer.attention_out(h, k) for h, k in zip(self.hidden, kwargs)]
+        with stage("errors"):
+            return [layer.attention_out(h, k) for h, k in zip(self.hidden, kwargs)]
 
     def attention_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
-        if dense_probe is None:
-            return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
-        new = self.attention(layer)
-        self.mid = [h + a for h, a in zip(self.hidden, new)]
-        return _error(new, dense_probe)
+        with stage("errors"):
+            if dense_probe is None:
+                return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
+            new = self.attention(layer)
+            self.mid = [h + a for h, a in zip(self.hidden, new)]
+            return _error(new, dense_probe)
 
     def mlp(self, layer) -> list[torch.Tensor] | None:
-        return None if self.mid is None else [layer.mlp_out(x) for x in self.mid]
+        with stage("errors"):
+            return None if self.mid is None else [layer.mlp_out(x) for x in self.mid]
 
     def mlp_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
-        if dense_probe is None:
-            return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
-        self.mlp_new = self.mlp(layer)  # kept: Olica's residual moments reuse these outputs
-        self.hidden = [x + m for x, m in zip(self.mid, self.mlp_new)]
-        return _error(self.mlp_new, dense_probe)
+        with stage("errors"):
+            if dense_probe is None:
+                return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
+            self.mlp_new = self.mlp(layer)  # kept: Olica's residual moments reuse these outputs
+            self.hidden = [x + m for x, m in zip(self.mid, self.mlp_new)]
+            return _error(self.mlp_new, dense_probe)
 
 
 def _error(new: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
@@ -302,14 +340,16 @@ def prepare_sequential(model, config, calibration, held_out, progress) -> Sequen
     from .arch import view
     from .modeling import to_compressed
 
-    model = to_compressed(model)
+    with stage("copy"):
+        model = to_compressed(model)
     mv = view(model)
     t0 = time.perf_counter()
     progress(0.0, "calibration: capturing block inputs")
-    inputs = capture_block_inputs(mv, calibration, config.batch_size)
-    probe = Probe(None if held_out is None else capture_block_inputs(mv, held_out, config.batch_size))
-    influence = None
-    if config.allocation == "auto":
-        influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m))
+    with stage("capture"):
+        inputs = capture_block_inputs(mv, calibration, config.batch_size)
+        probe = Probe(None if held_out is None else capture_block_inputs(mv, held_out, config.batch_size))
+        influence = None
+        if config.allocation == "auto":
+            influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m))
     sparsity = config.sparsities(len(mv.layers), influence)
     return Sequential(model, mv, inputs, probe, influence, sparsity, time.perf_counter() - t0)

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import prepare_sequential, record_inputs
+from .calibration import Gram, prepare_sequential
 from . import knobs
 from .knobs import knob
 from .ops import nystrom_mlp, select_outputs, set_linear
 from .plan import LayerwiseConfig, Plan, inner_widths
 from .report import LayerReport, Report
 from .rewrite import compress_attention
+from .timing import stage
 
 
 @dataclass
@@ -59,24 +60,36 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None):
         p_attn = probe.attention(layer)
         # Attention: correlation of the normalised block input feeds both Type II and Type III.
         a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
-            layer, hidden, inputs.kwargs_for(i), spec["qk_dim"] // 2, spec["v_dim"])
+            layer, hidden, inputs.kwargs_for(i), spec["qk_dim"] // 2, spec["v_dim"], probe.dense_batches)
         mid = [h + a for h, a in zip(hidden, a_new)]
         errors = {"attn": probe.attention_error(layer, p_attn, a_new, a_dense)}
-        # MLP: correlation of the intermediate activations (input of down_proj).
+        # MLP: correlation of the intermediate activations z (input of down_proj). z is computed once:
+        # the cut MLP's output is the new down_proj applied to z's kept channels.
         p_mlp = probe.mlp(layer)
-        with record_inputs({"z": mlp.down_proj}) as grams:
-            m_dense = [layer.mlp_out(x) for x in mid]
-        c = grams["z"].mean
-        index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge)
+        with stage("forwards"):
+            h_mid = [layer.post_attention_layernorm(x) for x in mid]
+            z = [mlp.inner(h) for h in h_mid]
+        gram = Gram(z[0].shape[-1], z[0].device)
+        for zb in z:
+            gram.add(zb)
+        c = gram.mean
+        with stage("errors"):
+            m_dense = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid[:probe.dense_batches], z)]
+        with stage("decompositions"):
+            index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge)
         if spec["mlp_dim"] < mlp.gate_proj.out_features:
             select_outputs(mlp.gate_proj, index)
             select_outputs(mlp.up_proj, index)
             set_linear(mlp.down_proj, w_down)
-        m_new = [layer.mlp_out(x) for x in mid]
+            z = [zb[..., index.to(zb.device)] for zb in z]
+        with stage("forwards"):
+            m_new = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid, z)]
+        del z
         errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
         hidden = [x + m for x, m in zip(mid, m_new)]
-        spectra = {"mlp_corr": torch.linalg.eigvalsh(c.double()).flip(0).tolist(),
-                   "attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
+        with stage("decompositions"):
+            spectra = {"mlp_corr": torch.linalg.eigvalsh(c.double()).flip(0).tolist(),
+                       "attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
         layers.append(LayerReport(
             index=i, params_dense=params_dense,

@@ -284,7 +284,11 @@ class MLP(nn.Module):
         self.branch_out = nn.Linear(rank, spec["d_out"], bias=False) if rank else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
+        return self.down_proj(self.inner(h))
+
+    def inner(self, h: torch.Tensor) -> torch.Tensor:
+        """The intermediate activations act(h W_gate) ⊙ h W_up (what down_proj reads), (..., mlp_dim)."""
+        return self.act_fn(self.gate_proj(h)) * self.up_proj(h)
 
 
 class CompressedDecoderLayer(nn.Module):
@@ -328,7 +332,12 @@ class CompressedDecoderLayer(nn.Module):
     def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         """What the MLP adds to the stream for its block-internal input ``x``."""
         h = self.post_attention_layernorm(x)
-        m = self.mlp(h)
+        return self.mlp_finish(h, self.mlp.inner(h))
+
+    def mlp_finish(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The MLP's output from its normalised input ``h`` and intermediate activations ``z``
+        (calibration reuses ``z``: a cut MLP's output is the kept channels of the dense one's ``z``)."""
+        m = self.mlp.down_proj(z)
         if self.mlp_output_norm is not None:
             m = self.mlp_output_norm(m)
         if self.mlp.branch_in is not None:

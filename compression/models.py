@@ -30,6 +30,15 @@ class PackagedModel:
 
     parts: tuple[tuple[str, str], ...]
 
+    def identity(self) -> str:
+        """What identifies the weights on any machine: each part's package version, path and size
+        (the safetensors copy's path and mtime differ per machine; this does not, so results keyed by
+        it can ship with the project, e.g. the default model's self-chat replies in assets/)."""
+        from importlib.metadata import version
+
+        return "|".join(f"{package}=={version(package)}/{path}:{(package_folder(package) / path).stat().st_size}"
+                        for package, path in self.parts)
+
     def gguf_path(self, cache: Path) -> Path:
         files = [package_folder(package) / path for package, path in self.parts]
         if len(files) == 1:

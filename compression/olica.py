@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from . import knobs
-from .calibration import prepare_sequential, record_inputs
+from .calibration import Gram, prepare_sequential
 from .knobs import knob
 from .ops import select_inputs, select_outputs, sqrt_psd
 from .plan import LayerwiseConfig, Plan, inner_widths
 from .report import LayerReport, Report
 from .rewrite import compress_attention
+from .timing import stage
 
 
 @dataclass
@@ -133,22 +134,35 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
         params_dense = sum(p.numel() for p in layer.parameters())
         p_attn = probe.attention(layer)
         a_dense, a_new, g_attn, qk_scores, vo_spectra = compress_attention(
-            layer, hidden, kw, spec["qk_dim"] // 2, spec["v_dim"])
+            layer, hidden, kw, spec["qk_dim"] // 2, spec["v_dim"], probe.dense_batches)
         mid = [h + a for h, a in zip(hidden, a_new)]
         errors = {"attn": probe.attention_error(layer, p_attn, a_new, a_dense)}
         p_mlp = probe.mlp(layer)
-        with record_inputs({"x": mlp.gate_proj, "z": mlp.down_proj}) as grams:
-            m_dense = [layer.mlp_out(x) for x in mid]
-        g_x, z_sq = grams["x"].mean, grams["z"].mean.diagonal()
+        # The MLP runs once: the pruned MLP's output is down_proj on the kept channels of the same z.
+        with stage("forwards"):
+            h_mid = [layer.post_attention_layernorm(x) for x in mid]
+            z = [mlp.inner(h) for h in h_mid]
+            m_dense = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid, z)]
+        gram_x = Gram(h_mid[0].shape[-1], h_mid[0].device)
+        for h in h_mid:
+            gram_x.add(h)
+        g_x = gram_x.mean
+        with stage("statistics"):
+            z_sq = sum(zb.double().square().sum(dim=(0, 1)) for zb in z) / gram_x.count  # Σ z_j² / n
         scores = neuron_importance(z_sq, mlp.down_proj.weight)
         index = torch.sort(torch.topk(scores, min(spec["mlp_dim"], scores.numel())).indices).values
         if index.numel() < scores.numel():
             prune_mlp(mlp, index)
-        m_new = [layer.mlp_out(x) for x in mid]
+            z = [zb[..., index.to(zb.device)] for zb in z]
+        with stage("forwards"):
+            m_new = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid, z)]
+        del z
         norm = layer.post_attention_layernorm
-        fit = residual_moments([norm(x) for x in mid], m_dense, m_new, g_x)
-        fit["w"] = ridge_fit(fit["gram"], fit["cross"], config.ridge) if n_cal else None
-        fit["explained"] = explained(fit["gram"], fit["cross"], fit["r_sq"], fit["w"]) if n_cal else 0.0
+        with stage("statistics"):
+            fit = residual_moments(h_mid, m_dense, m_new, g_x)
+        with stage("decompositions"):
+            fit["w"] = ridge_fit(fit["gram"], fit["cross"], config.ridge) if n_cal else None
+            fit["explained"] = explained(fit["gram"], fit["cross"], fit["r_sq"], fit["w"]) if n_cal else 0.0
         fits.append(fit)
         if p_mlp is None:  # in-sample: the calibration moments themselves
             probe_fits.append(fit)
@@ -156,9 +170,12 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
         else:
             p_in = [norm(x) for x in probe.mid]
             errors["mlp"] = probe.mlp_error(layer, p_mlp, None, None)
-            probe_fits.append(residual_moments(p_in, p_mlp, probe.mlp_new))
+            with stage("errors"):
+                probe_fits.append(residual_moments(p_in, p_mlp, probe.mlp_new))
         hidden = [x + m for x, m in zip(mid, m_new)]
-        spectra = {"attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
+        del h_mid, m_dense, m_new
+        with stage("decompositions"):
+            spectra = {"attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
         layers.append(LayerReport(
             index=i, params_dense=params_dense, spectra=spectra,
@@ -169,7 +186,8 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
         progress(0.2 + 0.7 * (i + 1) / L, f"layer {i + 1}/{L}: attention and MLP pruning")
     chosen = sorted(range(L), key=lambda j: fits[j]["explained"], reverse=True)[:n_cal]
     for j in chosen:
-        a, b = weighted_low_rank(fits[j]["w"], fits[j]["gram"], rank)
+        with stage("decompositions"):
+            a, b = weighted_low_rank(fits[j]["w"], fits[j]["gram"], rank)
         add_branch(mv.layers[j].mlp, a, b)
         pf = probe_fits[j]
         after = residual_sq(pf["gram"], pf["cross"], pf["r_sq"], a @ b)

@@ -84,10 +84,12 @@ def fingerprint(tensor: torch.Tensor) -> str:
 
 
 def model_identity(name: str) -> str:
-    """What identifies the dense weights: the resolved folder's weight files (path, size, mtime), or
-    the name itself for a hub id."""
-    from .models import resolve_source
+    """What identifies the dense weights: a packaged model's packages (version, file, size), the
+    resolved folder's weight files (path, size, mtime), or the name itself for a hub id."""
+    from .models import PACKAGED_MODELS, resolve_source
 
+    if name in PACKAGED_MODELS:
+        return f"packaged:{name}:{PACKAGED_MODELS[name].identity()}"
     source = Path(resolve_source(name))
     weights = sorted(source.glob("*.safetensors")) if source.is_dir() else []
     if not weights:
@@ -104,6 +106,28 @@ class DenseCache:
     path: Path | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     references: dict[str, DenseReference] = field(default_factory=dict)  # in memory only (~100 MB)
+    forward_seconds: dict[str, float] = field(default_factory=dict)  # in memory only: machine state
+
+    def calibration_forward(self, name: str, model, tokens: torch.Tensor, batch_size: int = 8,
+                            progress: Progress = _noop) -> float:
+        """Seconds of one plain dense forward (logits included) over ``tokens`` in batches of
+        ``batch_size``: the unit a compression's time is measured in. Timed once per model, tokens,
+        device and thread count in this process (it describes this machine now, so not on disk)."""
+        device = next(model.parameters()).device
+        key = self.key(name, "forward", tokens=fingerprint(tokens), shape=list(tokens.shape),
+                       batch=batch_size, device=str(device), threads=torch.get_num_threads())
+        if key in self.forward_seconds:
+            progress(1.0, "cached")
+            return self.forward_seconds[key]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch_size):
+                model(tokens[start:start + batch_size].to(device), use_cache=False)
+                progress(min(1.0, (start + batch_size) / tokens.shape[0]), "plain dense forward")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.forward_seconds[key] = time.perf_counter() - t0
+        return self.forward_seconds[key]
 
     def key(self, name: str, metric: str, **settings) -> str:
         return json.dumps([model_identity(name), metric, settings], sort_keys=True)
@@ -188,7 +212,7 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
                          cache: DenseCache | None = None, progress: Progress = _noop,
                          calibration: tuple | None = None, windows: torch.Tensor | None = None,
                          offload: bool | None = None, offload_folder: str | Path | None = None,
-                         precision: str | None = None):
+                         precision: str | None = None, time_forward: bool = True):
     """Calibrate, compress a copy of ``dense`` and measure both models: wiki perplexity and agreement
     on ``eval_windows`` windows of ``eval_len`` tokens, and chat agreement on ``chat_eval`` held-out
     instructions (0 skips either). Returns (compressed model, Report).
@@ -197,10 +221,19 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     already cut (the app caches both). offload, offload_folder, precision: as in
     :func:`compression.compress`. A streamed result is measured by streaming too
     (:func:`compression.streaming.measure_against`: both models block by block, nothing of the dense
-    side cached, so no dense model is ever held whole)."""
+    side cached, so no dense model is ever held whole).
+
+    time_forward: time one plain dense forward over the calibration tokens (once per model and
+    tokens in ``cache``), the report's ``timing.calibration_forward_s``: the unit of its compress
+    time (skipped for streamed models, where a forward reads every block from disk)."""
     from .data import evaluation_windows
 
     weights = {"calibration text": 0.05 if spec.source != "self-chat" else 0.3, "compress": 1.0}
+    from .streaming import is_streamed
+
+    time_forward = time_forward and not is_streamed(dense)
+    if time_forward:
+        weights["plain forward (time unit)"] = 0.6
     if eval_windows:
         weights.update({"dense reference": 0.15, "compressed perplexity and agreement": 0.15})
     if chat_eval:
@@ -218,6 +251,13 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
                              offload=offload, offload_folder=offload_folder, precision=precision)
     report.model = name
     report.calibration.update(facts, seed=int(seed))
+    timing = {"calibration_text_s": facts["text_seconds"], "calibration_forward_s": None}
+    if time_forward:
+        unit = cache.calibration_forward(name, dense, fit, getattr(config, "batch_size", 8),
+                                         stages.stage("plain forward (time unit)"))
+        timing.update(calibration_forward_s=round(unit, 3),
+                      compress_per_forward=round(report.compress_seconds / max(unit, 1e-9), 3))
+    t0 = time.perf_counter()
     if eval_windows:
         if windows is None:
             windows = evaluation_windows(tokenizer, eval_windows, eval_len)
@@ -227,6 +267,7 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     if chat_eval:
         reference = cache.chat_reference(name, dense, tokenizer, chat_eval, stages.stage("dense chat reference"))
         report.agreement_chat = chat_agreement(model, reference, stages.stage("chat agreement"))
+    report.timing.update(timing, evaluation_s=round(time.perf_counter() - t0, 3))
     return model, report
 
 

@@ -33,6 +33,11 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
     with a 95% bootstrap interval (``*_ci``), and ``windows``.
 - ``agreement_chat``: the same on the dense model's greedy replies to held-out instructions, chat
     template applied, scored on the reply tokens only: ``kl``, ``top1``, ``conversations``, ``tokens``.
+- ``timing``: where the seconds went: ``compress_s`` (the :func:`compression.compress` call),
+    ``stages`` ({stage: seconds} inside it, see :mod:`compression.timing`), and from the pipeline
+    ``calibration_text_s``, ``evaluation_s`` and ``calibration_forward_s`` (one plain dense forward over
+    the same calibration tokens in the same process: the unit the compress time is measured in; null
+    when not measured) with ``compress_per_forward`` = compress_s / calibration_forward_s.
 - ``export``: how the saved folder stores the model (``format``: "native" or "remote_code", and why).
 
 :meth:`Report.from_dict` validates all of this (types, the method name, the layer entries) and
@@ -93,6 +98,7 @@ class Report:
     agreement: dict[str, Any] = field(default_factory=dict)
     agreement_chat: dict[str, Any] = field(default_factory=dict)
     peak_memory_mb: float | None = None
+    timing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio_achieved(self) -> float:
@@ -177,6 +183,8 @@ TOP_LEVEL = {  # field -> (check, what it must be)
     "agreement": (lambda x: isinstance(x, dict), "an object"),
     "agreement_chat": (lambda x: isinstance(x, dict), "an object"),
     "peak_memory_mb": (lambda x: x is None or _is_number(x), "a number or null"),
+    "timing": (lambda x: _table(x, lambda v: v is None or _is_number(v) or _table(v, _is_number)),
+               "an object of seconds (numbers, null, or an object of numbers)"),
     "ratio_achieved": (lambda x: x is None or _is_number(x), "a number or null"),
 }
 LAYER = {

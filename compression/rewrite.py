@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .timing import stage
 from .ops import head_columns, rotary_pair_scores, select_outputs, set_linear, vo_decomposition
 
 
@@ -91,19 +92,28 @@ def compress_value_output(attn, gram: torch.Tensor, keep: int) -> list[list[floa
     return spectra
 
 
-def compress_attention(layer, hidden: list, kwargs: list, qk_pairs: int, v_dim: int):
+def compress_attention(layer, hidden: list, kwargs: list, qk_pairs: int, v_dim: int, dense_batches: int = 0):
     """Cut one block's attention to ``qk_pairs`` rotary pairs and ``v_dim`` value dims per kv group,
     from the correlation of its normalised input over the calibration batches.
 
-    Returns (dense outputs, new outputs, input correlation, rotary-pair scores, VO spectra).
+    The correlation is taken from the input norm's output directly (what q/k/v read), so the dense
+    attention runs only on the first ``dense_batches`` batches (for in-sample errors; 0 with a
+    held-out probe). Returns (dense outputs of those batches, new outputs, input correlation,
+    rotary-pair scores, VO spectra).
     """
-    from .calibration import record_inputs
+    from .calibration import Gram
 
     attn = layer.self_attn
-    with record_inputs({"attn": attn.q_proj}) as grams:
-        dense = [layer.attention_out(h, k) for h, k in zip(hidden, kwargs)]
-    gram = grams["attn"].mean
-    qk_scores = keep_rotary_pairs(attn, gram, qk_pairs)
-    vo_spectra = compress_value_output(attn, gram, v_dim) if v_dim < attn.v_dim else []
-    new = [layer.attention_out(h, k) for h, k in zip(hidden, kwargs)]
+    with stage("statistics"):
+        grams = Gram(attn.q_proj.in_features, attn.q_proj.weight.device)
+        for h in hidden:
+            grams.add(layer.input_layernorm(h))
+        gram = grams.mean
+    with stage("errors"):
+        dense = [layer.attention_out(h, k) for h, k in zip(hidden[:dense_batches], kwargs)]
+    with stage("decompositions"):
+        qk_scores = keep_rotary_pairs(attn, gram, qk_pairs)
+        vo_spectra = compress_value_output(attn, gram, v_dim) if v_dim < attn.v_dim else []
+    with stage("forwards"):
+        new = [layer.attention_out(h, k) for h, k in zip(hidden, kwargs)]
     return dense, new, gram, qk_scores, vo_spectra

@@ -71,7 +71,13 @@ def parse(source: str) -> list[str]:
 
 # --- self-chat -----------------------------------------------------------------------------------
 
+SHIPPED_REPLIES = Path(__file__).resolve().parents[1] / "assets" / "self_chat"
+
+
 def _cache_file(model_id: str, kind: str, prompts: list[str], settings) -> Path:
+    """The user-cache file of these replies. ``assets/self_chat`` ships files of the same names for
+    the packaged default model (written by :func:`cached_replies`: ``python -m bench.self_chat_assets``),
+    read when the user cache has none, so a first run generates nothing."""
     from .models import cache_root
 
     key = json.dumps([model_id, kind, prompts, repr(settings)], sort_keys=True)
@@ -132,8 +138,8 @@ def cached_replies(model_id: str, model, tokenizer, prompts: list[str], kind: st
     from .files import read_json, write_json_atomic
 
     path = _cache_file(model_id, kind, prompts, settings)
-    if path.exists():
-        data = read_json(path)
+    for known in (path, SHIPPED_REPLIES / path.name):
+        data = read_json(known) if known.exists() else None
         if isinstance(data, list) and len(data) == len(prompts) and all(isinstance(r, str) for r in data):
             return data
     replies = []

@@ -180,7 +180,7 @@ def test_a_value_bias_costs_nothing_when_values_are_cut(tokens):
         inputs = capture_block_inputs(mv, tokens, 8)
         layer = copy.deepcopy(mv.layers[0])
         dense, new, *_ = compress_attention(layer, inputs.hidden, inputs.kwargs_for(0), attn.head_dim // 2,
-                                            attn.head_dim // 2)
+                                            attn.head_dim // 2, dense_batches=len(inputs.hidden))
         errors.append(torch.cat([n - d for n, d in zip(new, dense)]).norm().item())
     assert errors[1] == pytest.approx(errors[0], rel=1e-5) and errors[0] > 0
     assert layer.self_attn.o_proj.bias is not None and not layer.self_attn.v_proj.bias.any()

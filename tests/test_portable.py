@@ -94,7 +94,10 @@ def test_standard_results_save_as_the_original_class(kind, config, cls, tokens, 
     assert not (tmp_path / "model" / "modeling_compressed.py").exists()
     elsewhere = load_elsewhere(tmp_path / "model", tokens, tmp_path)
     assert elsewhere["cls"] == cls
-    assert torch.equal(elsewhere["logits"], ref)
+    if kind == "phi3":  # Phi-3 fuses gate and up into one matmul: equal up to float32 rounding only
+        torch.testing.assert_close(elsewhere["logits"], ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(elsewhere["logits"], ref)
     assert elsewhere["params"] == report.params_compressed
 
 
