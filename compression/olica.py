@@ -148,7 +148,7 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
             gram_x.add(h)
         g_x = gram_x.mean
         with stage("statistics"):
-            z_sq = sum(zb.double().square().sum(dim=(0, 1)) for zb in z) / gram_x.count  # Σ z_j² / n
+            z_sq = sum(zb.square().sum(dim=(0, 1), dtype=torch.float64) for zb in z) / gram_x.count  # Σ z_j² / n
         scores = neuron_importance(z_sq, mlp.down_proj.weight)
         index = torch.sort(torch.topk(scores, min(spec["mlp_dim"], scores.numel())).indices).values
         if index.numel() < scores.numel():
@@ -209,12 +209,17 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None):
 
 def residual_moments(inputs: list, dense: list, pruned: list, gram: torch.Tensor | None = None) -> dict:
     """Second moments of the pruned MLP's residual R = dense − pruned against its input X, per token:
-    gram XᵀX/n (or the one given), cross XᵀR/n, r_sq ‖R‖²/n and dense_sq ‖dense‖²/n (float64)."""
+    gram XᵀX/n (or the one given), cross XᵀR/n, r_sq ‖R‖²/n and dense_sq ‖dense‖²/n, summed in
+    float64 over batches; each batch's cross product in the statistics precision (float32 under
+    "mixed", as the Gram matrices; :mod:`compression.calibration`)."""
+    from .calibration import resolve_precision
+
     n = sum(x.shape[0] * x.shape[1] for x in inputs)
-    flat = lambda t: t.double().flatten(0, 1)  # noqa: E731  (b, T, d) -> (b·T, d)
+    mixed = resolve_precision(None, inputs[0].device) == "mixed"
+    flat = lambda t: (t.float() if mixed else t.double()).flatten(0, 1)  # noqa: E731  (b, T, d) -> (b·T, d)
     if gram is None:
-        gram = sum(flat(x).T @ flat(x) for x in inputs) / n
-    cross = sum(flat(x).T @ flat(d - p) for x, d, p in zip(inputs, dense, pruned)) / n
+        gram = sum((flat(x).T @ flat(x)).double() for x in inputs) / n
+    cross = sum((flat(x).T @ flat(d - p)).double() for x, d, p in zip(inputs, dense, pruned)) / n
     r_sq = sum(float((d - p).double().pow(2).sum()) for d, p in zip(dense, pruned)) / n
     dense_sq = sum(float(d.double().pow(2).sum()) for d in dense) / n
     return {"gram": gram, "cross": cross, "r_sq": r_sq, "dense_sq": dense_sq}

