@@ -20,8 +20,9 @@ from compression.models import DEFAULT_MODEL, PACKAGED_MODELS
 from ui import forms, jobs
 from ui.chat_tab import CHAT_EXAMPLES, COMPARE_MAX_TOKENS, MAX_RUNS, ChatTab
 from ui.common import ACCEL, Context, on_page
-from ui.compress_tab import (CALIBRATION_SOURCES, DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_RATIO,
-                             MAX_CALIB_CHARS, MAX_CHAT_EVAL, SOURCE_NOTES, CompressTab, with_option_params)
+from ui.compress_tab import (CALIBRATION_CPU, CALIBRATION_GPU, CALIBRATION_SOURCES, DEFAULT_ALLOCATION,
+                             DEFAULT_METHOD, DEFAULT_RATIO, MAX_CALIB_CHARS, MAX_CHAT_EVAL, SOURCE_NOTES,
+                             CompressTab, with_option_params)
 from ui.evaluate_tab import EvaluateTab
 from ui.inspect_tab import NO_OVERLAY, X_AXIS_CHOICES, InspectTab
 from ui.runs import Session, max_upload_bytes, runs_root
@@ -129,10 +130,11 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                         forecast_md = gr.Markdown("### Forecast")
                         with gr.Accordion("Calibration", open=True):
                             with gr.Row():
-                                calib_samples = gr.Number(64 if gpu else 16, precision=0, label="Samples",
+                                calib = CALIBRATION_GPU if gpu else CALIBRATION_CPU
+                                calib_samples = gr.Number(calib[0], precision=0, label="Samples",
                                                           info="paper: 64 × 512 tokens; smaller is faster on CPU",
                                                           elem_classes=hover)
-                                calib_len = gr.Number(512 if gpu else 256, precision=0, label="Tokens each",
+                                calib_len = gr.Number(calib[1], precision=0, label="Tokens each",
                                                       elem_classes=hover, info="sequence length")
                             with gr.Row():
                                 seed = gr.Number(0, precision=0, label="Seed")

@@ -357,4 +357,7 @@ Lowest perplexity at each target ratio (computed from the rows above):
     text += scale_section(sorted(results.parent.glob("headline*.json")),
                           sorted((results.parent / "qwen").glob("headline*.json")))
     text += ratio_section(rows, sorted((results.parent / "qwen").glob("headline*.json")))
+    from .latency import section as latency_section
+
+    text += latency_section(results.parent / "latency.json")
     markdown.write_text(text)

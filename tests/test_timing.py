@@ -115,3 +115,23 @@ def test_shipped_replies_are_read_when_the_user_cache_has_none(tmp_path, monkeyp
     (shipped / name).write_text(json.dumps(["only one"]))  # a malformed file is not trusted
     with pytest.raises(AttributeError):
         sources.cached_replies("m", None, None, prompts, "calibration", sources.SELF_CHAT, True)
+
+
+def test_latency_section_renders_results_and_replaces_itself(tmp_path):
+    from bench import latency
+
+    assert latency.section(tmp_path / "missing.json") == ""
+    timing = {"compress_s": 30.0, "calibration_forward_s": 20.0, "stages": {"forwards": 12.0, "statistics": 8.0}}
+    result = {"machine": {"device": "cpu", "threads": 2},
+              "settings": {"method": "modegpt", "allocation": "auto", "calibration": [32, 512, "wiki+self-chat"],
+                           "ppl_windows": 4, "chat_eval": 8, "first_ratio": 0.1, "second_ratio": 0.25},
+              "app_default": {"model_load_s": 3.0, "first_s": 95.5, "second_s": 50.25, "ppl_wiki_modegpt_025": 31.2,
+                              "ppl_wiki_dense": 13.9, "ppl_windows": 32, "first_timing": timing,
+                              "second_timing": timing, "ppl_run_timing": timing}}
+    md = tmp_path / "B.md"
+    md.write_text("# title\n")
+    latency.write_section(md, result)
+    latency.write_section(md, {**result, "app_default": {**result["app_default"], "first_s": 88.0}})
+    text = md.read_text()
+    assert text.count(latency.SECTION[0]) == 1 and "| 88.0 s | ≤ 120 s |" in text and "95.5" not in text
+    assert "1.50 × a plain forward" in text and "31.20" in text

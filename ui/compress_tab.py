@@ -23,6 +23,10 @@ DEFAULT_ALLOCATION = "auto"
 # MoDeGPT at 0.1 scores chat KL 0.26 / top-1 0.79 against the dense replies, at 0.25 KL 0.87 / 0.61
 # (32 × 512 tokens); at the app's defaults (wiki+self-chat, 16 × 256) 0.1 measured KL 0.63 / top-1 0.65.
 DEFAULT_RATIO = 0.1
+# Calibration (samples, tokens each) the page starts from: the papers' 64 × 512 on a GPU; 32 × 512 on a
+# CPU, which the one-pass path compresses in about 1.5 plain forwards (bench/latency.json). 16 × 256,
+# the earlier CPU default, cost MoDeGPT 0.25 1.68× the perplexity of 64 × 512 (50.29 vs 29.97).
+CALIBRATION_GPU, CALIBRATION_CPU = (64, 512), (32, 512)
 MAX_CALIB_TOKENS = 1 << 20  # samples × length cap, so one request cannot hold the slot for hours
 MAX_CALIB_CHARS = 2_000_000  # custom text kept (a million tokens is about 4 MB of prose)
 MAX_CALIB_FILE_BYTES = 8 << 20

@@ -1,0 +1,159 @@
+"""How long the app's default run takes, through the app's own code path, and what it gives.
+
+``python -m bench.latency [--out bench/latency.json]``:
+
+- cold: a fresh cache folder (``COMPRESSION_CACHE``), so only shipped assets help (the default model's
+  self-chat and chat-reference replies in ``assets/self_chat``); the model is loaded first, as the
+  app does at start-up, and its load time is reported apart (``model_load_s``, GGUF conversion
+  included);
+- ``first_s``: the Compress tab's handler (:meth:`ui.compress_tab.CompressTab.compress`) at the page's
+  defaults, from the call to the result; ``second_s``: the same handler at another ratio on the same
+  model (session caches warm);
+- ``ppl_wiki_modegpt_025``: MoDeGPT 0.25 at the app's default calibration and allocation, measured on
+  32 × 1024 wiki evaluation windows (as the 64 × 512 reference row in BENCHMARKS.md);
+- each run's stage breakdown (``report.timing``).
+
+Results go to the JSON file and to BENCHMARKS.md's "Latency of the app's default run" section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SECTION = ("<!-- latency:start -->", "<!-- latency:end -->")
+
+
+def last(generator):
+    out = None
+    for out in generator:
+        pass
+    return out
+
+
+def app_run(tab, session, ratio: float) -> tuple[float, dict]:
+    """Seconds of one Compress click at the page's CPU defaults, and the run's report."""
+    from compression.methods import METHODS
+    from ui.compress_tab import (CALIBRATION_CPU, CALIBRATION_GPU, DEFAULT_ALLOCATION, DEFAULT_METHOD)
+
+    samples, length = CALIBRATION_GPU if torch.cuda.is_available() else CALIBRATION_CPU
+    t0 = time.perf_counter()
+    out = last(tab.compress(session, "smollm2-135m", DEFAULT_METHOD, ratio, DEFAULT_ALLOCATION, "", False,
+                            samples, length, 0, 8, 0.1, "", 4, None,
+                            calib_source=METHODS[DEFAULT_METHOD].calibration, chat_eval=8))
+    seconds = time.perf_counter() - t0
+    run = session.runs[out[2]["run"]] if isinstance(out[2], dict) and "run" in out[2] else None
+    if run is None:
+        raise RuntimeError(f"the app's run failed: {out[1]}")
+    return seconds, run.report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/latency.json"))
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--second-ratio", type=float, default=0.25)
+    args = parser.parse_args(argv)
+    os.environ["COMPRESSION_CACHE"] = tempfile.mkdtemp(prefix="latency-cache-")  # cold: shipped assets only
+
+    import app
+    from compression.data import TextSpec
+    from compression.methods import METHODS
+    from compression.pipeline import compress_and_measure
+    from ui.compress_tab import (CALIBRATION_CPU, CALIBRATION_GPU, DEFAULT_ALLOCATION, DEFAULT_METHOD,
+                                 DEFAULT_RATIO)
+    from ui.runs import Session
+    from ui.store import ModelStore
+
+    store = ModelStore()
+    t0 = time.perf_counter()
+    dense, tokenizer = store.get("smollm2-135m")
+    load_s = time.perf_counter() - t0
+    ctx = app.Context(store)
+    tab, session = app.CompressTab(ctx), Session()
+    first_s, first = app_run(tab, session, DEFAULT_RATIO)
+    second_s, second = app_run(tab, session, args.second_ratio)
+
+    samples, length = CALIBRATION_GPU if torch.cuda.is_available() else CALIBRATION_CPU
+    spec = TextSpec(samples, length, source=METHODS[DEFAULT_METHOD].calibration)
+    config = METHODS[DEFAULT_METHOD].make_config({"ratio": 0.25, "allocation": DEFAULT_ALLOCATION})
+    _, ppl_report = compress_and_measure("smollm2-135m", dense, tokenizer, config, spec, eval_windows=32,
+                                         cache=store.dense, calibration=store.calibration("smollm2-135m", spec))
+    result = {
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "settings": {"method": DEFAULT_METHOD, "allocation": DEFAULT_ALLOCATION,
+                     "calibration": [samples, length, spec.source], "ppl_windows": 4, "chat_eval": 8,
+                     "first_ratio": DEFAULT_RATIO, "second_ratio": args.second_ratio},
+        "app_default": {
+            "model_load_s": round(load_s, 1), "first_s": round(first_s, 1), "second_s": round(second_s, 1),
+            "ppl_wiki_modegpt_025": ppl_report.ppl_compressed, "ppl_wiki_dense": ppl_report.ppl_dense,
+            "ppl_windows": 32, "first_timing": first.get("timing"), "second_timing": second.get("timing"),
+            "ppl_run_timing": ppl_report.timing,
+        },
+        "targets": {"first_s": 120, "second_s": 60, "ppl_wiki_modegpt_025": 34.5},
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_section(args.markdown, result)
+    print(json.dumps({k: v for k, v in result["app_default"].items() if not k.endswith("timing")}))
+
+
+def _stages(timing: dict | None) -> str:
+    from compression.timing import breakdown
+
+    return breakdown(timing or {}).removeprefix("timing: ")
+
+
+def markdown(result: dict) -> str:
+    a, s = result["app_default"], result["settings"]
+    cal = s["calibration"]
+    rows = [
+        f"| first run (cold caches, shipped assets only), ratio {s['first_ratio']} | {a['first_s']:.1f} s | ≤ 120 s |",
+        f"| second run, ratio {s['second_ratio']}, same model | {a['second_s']:.1f} s | ≤ 60 s |",
+        f"| wiki ppl, MoDeGPT 0.25 at this calibration ({a['ppl_windows']} windows; dense "
+        f"{a['ppl_wiki_dense']:.2f}) | {a['ppl_wiki_modegpt_025']:.2f} | ≤ 34.5 |",
+    ]
+    return "\n".join([
+        "## Latency of the app's default run",
+        "",
+        f"`python -m bench.latency` ({result['machine']['device']}, {result['machine']['threads']} threads): "
+        f"the Compress tab's handler at the page's defaults ({s['method']}, {s['allocation']} allocation, "
+        f"{cal[2]}, {cal[0]} × {cal[1]} tokens, {s['ppl_windows']} perplexity windows, {s['chat_eval']} chat "
+        f"conversations), click to result. Model load ({a['model_load_s']:.1f} s, at app start) not included.",
+        "",
+        "| what | measured | target |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"- first run: {_stages(a['first_timing'])}",
+        f"- second run: {_stages(a['second_timing'])}",
+        f"- ppl run: {_stages(a['ppl_run_timing'])}",
+        "",
+    ])
+
+
+def section(results: Path) -> str:
+    """BENCHMARKS.md's latency section from ``results`` (bench/latency.json); "" when absent."""
+    if not results.exists():
+        return ""
+    return f"\n{SECTION[0]}\n{markdown(json.loads(results.read_text()))}{SECTION[1]}\n"
+
+
+def write_section(path: Path, result: dict) -> None:
+    text = path.read_text() if path.exists() else ""
+    block = f"{SECTION[0]}\n{markdown(result)}{SECTION[1]}"
+    pattern = re.compile(re.escape(SECTION[0]) + ".*?" + re.escape(SECTION[1]), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
