@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import time
 from typing import Callable, NamedTuple
 
@@ -84,7 +85,7 @@ def check_tokens(tokens: torch.Tensor | None, vocab_size: int, what: str) -> Non
 def compress(model, config, calibration: torch.Tensor | None, progress: Progress | None = None,
              held_out: torch.Tensor | None = None, *, offload: bool | None = None,
              offload_folder: str | None = None, device: str | torch.device | None = None,
-             precision: str | None = None) -> Compressed:
+             precision: str | None = None, influence: list[float] | None = None) -> Compressed:
     """Compress a copy of ``model`` with the method that ``config``'s type names.
 
     calibration: token ids (N, T) (methods that need no statistics accept None). held_out: token ids
@@ -95,7 +96,9 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
     :func:`compression.pipeline.save`). offload_folder: where a streamed run spills rewritten blocks
     (None: CPU memory); it must outlive the result. device: execution device of a streamed run (default:
     a streamed model's own, else the model's). precision: statistics precision, "auto" (None), "float64"
-    or "mixed" (:mod:`compression.calibration`).
+    or "mixed" (:mod:`compression.calibration`). influence: the dense model's Block Influence on these
+    calibration tokens (the report of an earlier run with automatic allocation has it), so a method
+    that allocates by it skips that dense pass; methods that measure their own ignore it.
     """
     method = method_for(config)
     mv = view(model)  # unsupported architectures fail here, before any work
@@ -126,7 +129,9 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
                 work_store = streaming.store_of(working)
             else:
                 working = copy.deepcopy(model)
-        out, report = method.run(working, config, calibration, progress, held_out)
+        reuse = {"influence": influence} if influence is not None and \
+            "influence" in inspect.signature(method.run).parameters else {}
+        out, report = method.run(working, config, calibration, progress, held_out, **reuse)
         if offload:
             streaming.finish(out, work_store)
     report.compress_seconds = time.perf_counter() - t0

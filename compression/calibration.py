@@ -331,10 +331,12 @@ class Sequential:
     seconds: float
 
 
-def prepare_sequential(model, config, calibration, held_out, progress) -> Sequential:
+def prepare_sequential(model, config, calibration, held_out, progress,
+                       influence: list[float] | None = None) -> Sequential:
     """Shared set-up of the per-block methods (MoDeGPT, Olica): convert to the compressed format,
     capture the first block's inputs for the calibration and held-out tokens and plan per-layer
-    sparsity (Block Influence only when the allocation needs it)."""
+    sparsity (Block Influence only when the allocation needs it; ``influence``: the dense model's,
+    already measured on these calibration tokens, saves that dense pass)."""
     import time
 
     from .arch import view
@@ -348,8 +350,11 @@ def prepare_sequential(model, config, calibration, held_out, progress) -> Sequen
     with stage("capture"):
         inputs = capture_block_inputs(mv, calibration, config.batch_size)
         probe = Probe(None if held_out is None else capture_block_inputs(mv, held_out, config.batch_size))
-        influence = None
-        if config.allocation == "auto":
+        if config.allocation != "auto":
+            influence = None
+        elif influence is None or len(influence) != len(mv.layers):
             influence = block_influence(mv, inputs, lambda f, m: progress(0.2 * f, m))
+        else:
+            influence = list(influence)
     sparsity = config.sparsities(len(mv.layers), influence)
     return Sequential(model, mv, inputs, probe, influence, sparsity, time.perf_counter() - t0)

@@ -40,7 +40,7 @@ def plan(config: MoDeGPTConfig, base, influence: list[float] | None = None) -> P
     return Plan([inner_widths(base, s) for s in config.sparsities(base.num_hidden_layers, influence)])
 
 
-def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None):
+def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, influence=None):
     """Compress ``model`` (a private copy) block by block; returns (model, Report).
 
     held_out: token ids (n, T) on which the per-layer errors are measured; without them the first
@@ -48,7 +48,7 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None):
     """
     if calibration is None:
         raise ValueError("MoDeGPT needs calibration tokens")
-    s = prepare_sequential(model, config, calibration, held_out, progress)
+    s = prepare_sequential(model, config, calibration, held_out, progress, influence)
     model, mv, inputs, probe = s.model, s.view, s.inputs, s.probe
     specs = plan(config, mv.config, s.influence).specs
     L = len(mv.layers)

@@ -116,14 +116,14 @@ def add_branch(mlp, a: torch.Tensor, b: torch.Tensor) -> None:
     mlp.branch_out = new_linear(b.T, like)  # (d_out, r)
 
 
-def run(model, config: OlicaConfig, calibration, progress, held_out=None):
+def run(model, config: OlicaConfig, calibration, progress, held_out=None, influence=None):
     """Compress ``model`` (a private copy) block by block; returns (model, Report).
 
     held_out: token ids (n, T) on which the per-layer errors are measured (see MoDeGPT's ``run``).
     """
     if calibration is None:
         raise ValueError("Olica needs calibration tokens")
-    s = prepare_sequential(model, config, calibration, held_out, progress)
+    s = prepare_sequential(model, config, calibration, held_out, progress, influence)
     model, mv, inputs, probe = s.model, s.view, s.inputs, s.probe
     specs = plan(config, mv.config, s.influence).specs
     n_cal, _, _ = branch_cost(config, mv.config)

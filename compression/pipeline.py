@@ -107,6 +107,7 @@ class DenseCache:
     memory: dict[str, Any] = field(default_factory=dict)
     references: dict[str, DenseReference] = field(default_factory=dict)  # in memory only (~100 MB)
     forward_seconds: dict[str, float] = field(default_factory=dict)  # in memory only: machine state
+    influence: dict[str, list[float]] = field(default_factory=dict)  # Block Influence per model and tokens
 
     def calibration_forward(self, name: str, model, tokens: torch.Tensor, batch_size: int = 8,
                             progress: Progress = _noop) -> float:
@@ -247,8 +248,12 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     facts = {**facts, "text_seconds": round(time.perf_counter() - t0, 3)}
     step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
     torch.manual_seed(int(seed))
+    influence_key = cache.key(name, "block influence", tokens=fingerprint(fit), shape=list(fit.shape))
     model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out,
-                             offload=offload, offload_folder=offload_folder, precision=precision)
+                             offload=offload, offload_folder=offload_folder, precision=precision,
+                             influence=cache.influence.get(influence_key))
+    if report.block_influence is not None and getattr(config, "allocation", None) == "auto":
+        cache.influence[influence_key] = list(report.block_influence)  # the dense model's: reused
     report.model = name
     report.calibration.update(facts, seed=int(seed))
     timing = {"calibration_text_s": facts["text_seconds"], "calibration_forward_s": None}

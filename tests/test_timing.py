@@ -135,3 +135,23 @@ def test_latency_section_renders_results_and_replaces_itself(tmp_path):
     text = md.read_text()
     assert text.count(latency.SECTION[0]) == 1 and "| 88.0 s | ≤ 120 s |" in text and "95.5" not in text
     assert "1.50 × a plain forward" in text and "31.20" in text
+
+
+def test_block_influence_is_measured_once_per_tokens_and_reused(tokens, monkeypatch):
+    from compression import calibration
+
+    model = tiny_model("llama")
+    cache = DenseCache()
+    spec = TextSpec(num_samples=8, seq_len=32, text="unused: tokens are given")
+    calls = []
+    real = calibration.block_influence
+    monkeypatch.setattr(calibration, "block_influence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = [compress_and_measure("tiny", model, None, MoDeGPTConfig(ratio=r, allocation="auto"), spec, cache=cache,
+                                 calibration=(tokens, None, {"source": "text"}), time_forward=False)
+            for r in (0.3, 0.2)]
+    assert len(calls) == 1
+    assert runs[0][1].block_influence == runs[1][1].block_influence
+    fresh = compress(model, MoDeGPTConfig(ratio=0.2, allocation="auto"), tokens)
+    assert len(calls) == 2  # compress() without a known influence measures it
+    assert fresh.report.config["layer_sparsity"] == runs[1][1].config["layer_sparsity"]
+    assert torch.equal(fresh.model(tokens).logits, runs[1][0](tokens).logits)
