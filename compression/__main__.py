@@ -133,7 +133,7 @@ def parse(argv):
                         "2.2 × the weights' bytes exceed the free memory of the device")
     c.add_argument("--stats-precision", choices=("auto", "float64", "mixed"), default="auto",
                    help="calibration statistics: float64 throughout, or float32 per batch accumulated in "
-                        "float64 (mixed); auto: float64 on CPU and on GPUs with full-rate float64, mixed on others")
+                        "float64 (mixed); auto: float64 on GPUs with full-rate float64, mixed on the CPU and other GPUs")
     c.add_argument("--time-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="also time one plain dense forward over the calibration tokens, the unit the "
                         "report's compress time is given in (timing.compress_per_forward)")

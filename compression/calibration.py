@@ -164,7 +164,7 @@ class Gram:
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.count = 0
         self.precision = resolve_precision(precision, self.xtx.device)
-        self._triangle = False  # the CPU float64 path accumulates one triangle (see add)
+        self._triangle = False  # on the CPU only the lower triangle is accumulated (see add)
 
     def add(self, x: torch.Tensor) -> None:
         with stage("statistics"):
@@ -179,6 +179,14 @@ class Gram:
                 x = x.to(self.xtx.device, torch.float64)
                 self.xtx.addmm_(x.T, x)                                 # in place: no (d, d) temporary
             self.count += x.shape[0]
+
+    @classmethod
+    def of(cls, batches: list[torch.Tensor]) -> "Gram":
+        """The Gram matrix of all rows of ``batches`` (each (..., d)), on the first batch's device."""
+        gram = cls(batches[0].shape[-1], batches[0].device)
+        for x in batches:
+            gram.add(x)
+        return gram
 
     @property
     def mean(self) -> torch.Tensor:
@@ -312,6 +320,24 @@ class Probe:
             self.mlp_new = self.mlp(layer)  # kept: Olica's residual moments reuse these outputs
             self.hidden = [x + m for x, m in zip(self.mid, self.mlp_new)]
             return _error(self.mlp_new, dense_probe)
+
+
+def mlp_activations(layer, mid: list[torch.Tensor]) -> tuple[list, list]:
+    """(normalised MLP inputs h, intermediate activations z) of ``layer`` for every calibration batch:
+    the MoDeGPT and Olica statistics come from these, and a cut MLP's output from z's kept channels
+    (:func:`mlp_outputs`), so gate/up run once per block."""
+    with stage("forwards"):
+        h = [layer.post_attention_layernorm(x) for x in mid]
+        return h, [layer.mlp.inner(x) for x in h]
+
+
+def mlp_outputs(layer, h: list, z: list, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """What ``layer``'s MLP adds to the stream, from :func:`mlp_activations`' (h, z); ``index``: the
+    channels the MLP was cut to (z's other channels are skipped)."""
+    with stage("forwards"):
+        if index is not None:
+            z = [b[..., index.to(b.device)] for b in z]
+        return [layer.mlp_finish(a, b) for a, b in zip(h, z)]
 
 
 def _error(new: list[torch.Tensor], dense: list[torch.Tensor]) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import Gram, prepare_sequential
+from .calibration import Gram, mlp_activations, mlp_outputs, prepare_sequential
 from . import knobs
 from .knobs import knob
 from .ops import nystrom_mlp, select_outputs, set_linear
@@ -66,25 +66,19 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
         # MLP: correlation of the intermediate activations z (input of down_proj). z is computed once:
         # the cut MLP's output is the new down_proj applied to z's kept channels.
         p_mlp = probe.mlp(layer)
-        with stage("forwards"):
-            h_mid = [layer.post_attention_layernorm(x) for x in mid]
-            z = [mlp.inner(h) for h in h_mid]
-        gram = Gram(z[0].shape[-1], z[0].device)
-        for zb in z:
-            gram.add(zb)
-        c = gram.mean
+        h_mid, z = mlp_activations(layer, mid)
+        c = Gram.of(z).mean
         with stage("errors"):
-            m_dense = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid[:probe.dense_batches], z)]
+            m_dense = mlp_outputs(layer, h_mid[:probe.dense_batches], z)
         with stage("decompositions"):
             index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge)
-        if spec["mlp_dim"] < mlp.gate_proj.out_features:
+        cut = spec["mlp_dim"] < mlp.gate_proj.out_features
+        if cut:
             select_outputs(mlp.gate_proj, index)
             select_outputs(mlp.up_proj, index)
             set_linear(mlp.down_proj, w_down)
-            z = [zb[..., index.to(zb.device)] for zb in z]
-        with stage("forwards"):
-            m_new = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid, z)]
-        del z
+        m_new = mlp_outputs(layer, h_mid, z, index if cut else None)
+        del z, h_mid
         errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
         hidden = [x + m for x, m in zip(mid, m_new)]
         with stage("decompositions"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import knobs
-from .calibration import Gram, prepare_sequential
+from .calibration import Gram, mlp_activations, mlp_outputs, prepare_sequential
 from .knobs import knob
 from .ops import select_inputs, select_outputs, sqrt_psd
 from .plan import LayerwiseConfig, Plan, inner_widths
@@ -139,23 +139,18 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None, influe
         errors = {"attn": probe.attention_error(layer, p_attn, a_new, a_dense)}
         p_mlp = probe.mlp(layer)
         # The MLP runs once: the pruned MLP's output is down_proj on the kept channels of the same z.
-        with stage("forwards"):
-            h_mid = [layer.post_attention_layernorm(x) for x in mid]
-            z = [mlp.inner(h) for h in h_mid]
-            m_dense = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid, z)]
-        gram_x = Gram(h_mid[0].shape[-1], h_mid[0].device)
-        for h in h_mid:
-            gram_x.add(h)
+        h_mid, z = mlp_activations(layer, mid)
+        m_dense = mlp_outputs(layer, h_mid, z)
+        gram_x = Gram.of(h_mid)
         g_x = gram_x.mean
         with stage("statistics"):
             z_sq = sum(zb.square().sum(dim=(0, 1), dtype=torch.float64) for zb in z) / gram_x.count  # Σ z_j² / n
         scores = neuron_importance(z_sq, mlp.down_proj.weight)
         index = torch.sort(torch.topk(scores, min(spec["mlp_dim"], scores.numel())).indices).values
-        if index.numel() < scores.numel():
+        cut = index.numel() < scores.numel()
+        if cut:
             prune_mlp(mlp, index)
-            z = [zb[..., index.to(zb.device)] for zb in z]
-        with stage("forwards"):
-            m_new = [layer.mlp_finish(h, zb) for h, zb in zip(h_mid, z)]
+        m_new = mlp_outputs(layer, h_mid, z, index if cut else None)
         del z
         norm = layer.post_attention_layernorm
         with stage("statistics"):

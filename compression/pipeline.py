@@ -228,10 +228,9 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     tokens in ``cache``), the report's ``timing.calibration_forward_s``: the unit of its compress
     time (skipped for streamed models, where a forward reads every block from disk)."""
     from .data import evaluation_windows
-
-    weights = {"calibration text": 0.05 if spec.source != "self-chat" else 0.3, "compress": 1.0}
     from .streaming import is_streamed
 
+    weights = {"calibration text": 0.05 if spec.source != "self-chat" else 0.3, "compress": 1.0}
     time_forward = time_forward and not is_streamed(dense)
     if time_forward:
         weights["plain forward (time unit)"] = 0.6

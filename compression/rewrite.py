@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .timing import stage
 from .ops import head_columns, rotary_pair_scores, select_outputs, set_linear, vo_decomposition
+from .timing import stage
 
 
 def _column_scale(norm, heads: int, hd: int) -> torch.Tensor | None:
@@ -105,10 +105,7 @@ def compress_attention(layer, hidden: list, kwargs: list, qk_pairs: int, v_dim: 
 
     attn = layer.self_attn
     with stage("statistics"):
-        grams = Gram(attn.q_proj.in_features, attn.q_proj.weight.device)
-        for h in hidden:
-            grams.add(layer.input_layernorm(h))
-        gram = grams.mean
+        gram = Gram.of([layer.input_layernorm(h) for h in hidden]).mean
     with stage("errors"):
         dense = [layer.attention_out(h, k) for h, k in zip(hidden[:dense_batches], kwargs)]
     with stage("decompositions"):
