@@ -11,7 +11,11 @@
   model (session caches warm);
 - ``ppl_wiki_modegpt_025``: MoDeGPT 0.25 at the app's default calibration and allocation, measured on
   32 × 1024 wiki evaluation windows (as the 64 × 512 reference row in BENCHMARKS.md);
-- each run's stage breakdown (``report.timing``).
+- each run's stage breakdown (``report.timing``);
+- ``inference``: prefill and decode tokens/s of the four methods at 0.25 (each compressed at the app's
+  default calibration and its own default allocation) against the dense model, at batch 1 and batch
+  16, all models alternating in one process (:func:`compression.evaluate.speed_side_by_side`);
+  ``--no-inference`` skips it.
 
 Results go to the JSON file and to BENCHMARKS.md's "Latency of the app's default run" section.
 """
@@ -55,11 +59,52 @@ def app_run(tab, session, ratio: float) -> tuple[float, dict]:
     return seconds, run.report
 
 
+INFERENCE_METHODS = ("slicegpt", "modegpt", "olica", "layerdrop")
+# (batch, prompt tokens, new tokens, rounds): batch 1 is the chat case; batch 16 the throughput case
+# the MoDeGPT paper's "+46% throughput" speaks of (shorter prompts keep it to minutes on 2 cores).
+INFERENCE_SETTINGS = ((1, 256, 64, 5), (16, 128, 32, 3))
+
+
+def inference(store, dense, tokenizer, spec, ratio: float = 0.25) -> dict:
+    """Prefill/decode tokens/s of each method at ``ratio`` vs dense, per batch setting; each rate also
+    as a multiple of the dense model's in the same rounds."""
+    from compression.methods import METHODS
+    from compression.evaluate import sizes, speed_side_by_side
+    from compression.pipeline import compress_and_measure
+
+    models, params = {"dense": dense}, {"dense": sizes(dense)["params"]}
+    calibration = store.calibration("smollm2-135m", spec)
+    for name in INFERENCE_METHODS:
+        config = METHODS[name].make_config({"ratio": ratio})
+        model, _ = compress_and_measure("smollm2-135m", dense, tokenizer, config, spec, cache=store.dense,
+                                        calibration=calibration, time_forward=False)
+        models[name], params[name] = model.eval(), sizes(model)["params"]
+        print(f"compressed {name}: {params[name]:,} params", flush=True)
+    out = {"ratio": ratio, "params": params, "settings": []}
+    for batch, prompt_len, new_tokens, rounds in INFERENCE_SETTINGS:
+        speeds = speed_side_by_side(models, prompt_len, new_tokens, rounds, batch=batch, memory=False)
+        dense_rates = speeds["dense"]
+        rows = {name: {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
+                       "prefill_vs_dense": r["prefill_tok_s"] / dense_rates["prefill_tok_s"],
+                       "decode_vs_dense": r["decode_tok_s"] / dense_rates["decode_tok_s"],
+                       "prefill_rounds": r["prefill_tok_s_rounds"], "decode_rounds": r["decode_tok_s_rounds"]}
+                for name, r in speeds.items()}
+        out["settings"].append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                                "rounds": rounds, "models": rows})
+        print(json.dumps({"batch": batch, **{n: [round(r["prefill_vs_dense"], 3), round(r["decode_vs_dense"], 3)]
+                                             for n, r in rows.items()}}), flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/latency.json"))
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--second-ratio", type=float, default=0.25)
+    parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure prefill/decode speed of the four methods at 0.25 (minutes)")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="measure only the inference speed and add it to an existing --out file")
     args = parser.parse_args(argv)
     os.environ["COMPRESSION_CACHE"] = tempfile.mkdtemp(prefix="latency-cache-")  # cold: shipped assets only
 
@@ -76,13 +121,19 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     dense, tokenizer = store.get("smollm2-135m")
     load_s = time.perf_counter() - t0
+    samples, length = CALIBRATION_GPU if torch.cuda.is_available() else CALIBRATION_CPU
+    spec = TextSpec(samples, length, source=METHODS[DEFAULT_METHOD].calibration)
+    if args.inference_only:
+        result = json.loads(args.out.read_text())
+        result["inference"] = inference(store, dense, tokenizer, spec)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_section(args.markdown, result)
+        return
     ctx = app.Context(store)
     tab, session = app.CompressTab(ctx), Session()
     first_s, first = app_run(tab, session, DEFAULT_RATIO)
     second_s, second = app_run(tab, session, args.second_ratio)
 
-    samples, length = CALIBRATION_GPU if torch.cuda.is_available() else CALIBRATION_CPU
-    spec = TextSpec(samples, length, source=METHODS[DEFAULT_METHOD].calibration)
     config = METHODS[DEFAULT_METHOD].make_config({"ratio": 0.25, "allocation": DEFAULT_ALLOCATION})
     _, ppl_report = compress_and_measure("smollm2-135m", dense, tokenizer, config, spec, eval_windows=32,
                                          cache=store.dense, calibration=store.calibration("smollm2-135m", spec))
@@ -99,8 +150,11 @@ def main(argv=None) -> None:
             "ppl_windows": 32, "first_timing": first.get("timing"), "second_timing": second.get("timing"),
             "ppl_run_timing": ppl_report.timing,
         },
-        "targets": {"first_s": 120, "second_s": 60, "ppl_wiki_modegpt_025": 34.5},
+        "targets": {"first_s": 120, "second_s": 60, "ppl_wiki_modegpt_025": 34.5,
+                    "batch16_vs_dense": 1.15},
     }
+    if args.inference:
+        result["inference"] = inference(store, dense, tokenizer, spec)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     write_section(args.markdown, result)
     print(json.dumps({k: v for k, v in result["app_default"].items() if not k.endswith("timing")}))
@@ -137,7 +191,30 @@ def markdown(result: dict) -> str:
         f"- second run: {_stages(a['second_timing'])}",
         f"- ppl run: {_stages(a['ppl_run_timing'])}",
         "",
+        *inference_markdown(result.get("inference")),
     ])
+
+
+def inference_markdown(inf: dict | None) -> list[str]:
+    """The inference-speed table: tokens/s and × dense per method, batch setting and phase."""
+    if not inf:
+        return []
+    head = ["method", "params"]
+    for st in inf["settings"]:
+        head += [f"prefill b{st['batch']}", f"decode b{st['batch']}"]
+    lines = [f"### Inference speed at {inf['ratio']}", "",
+             "Tokens/s of the whole batch (median over rounds; × dense in the same rounds). Settings: "
+             + "; ".join(f"batch {st['batch']}: {st['prompt_len']}-token prompts, {st['new_tokens']} greedy "
+                         f"tokens, {st['rounds']} rounds" for st in inf["settings"]) + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, params in inf["params"].items():
+        cells = [name, f"{params / 1e6:.1f} M"]
+        for st in inf["settings"]:
+            r = st["models"][name]
+            cells += [f"{r['prefill_tok_s']:.0f} ({r['prefill_vs_dense']:.2f}×)",
+                      f"{r['decode_tok_s']:.1f} ({r['decode_vs_dense']:.2f}×)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def section(results: Path) -> str:

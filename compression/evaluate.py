@@ -245,9 +245,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prompt(model, prompt_len: int, seed: int) -> torch.Tensor:
+def _prompt(model, prompt_len: int, seed: int, batch: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen)
     return ids.to(next(model.parameters()).device)
 
 
@@ -277,26 +277,31 @@ def speed(model, prompt_len: int = 512, new_tokens: int = 128, repeats: int = 3,
 
 @torch.no_grad()
 def speed_side_by_side(models: dict, prompt_len: int = 512, new_tokens: int = 128, rounds: int = 3,
-                       seed: int = 0) -> dict[str, dict[str, float]]:
+                       seed: int = 0, batch: int = 1, memory: bool = True) -> dict[str, dict[str, float]]:
     """:func:`speed` for several models in one process, rounds alternating between them (A B A B …)
     so that drift on a shared machine hits every model alike; same prompt and thread count for all.
 
-    Per model: ``prefill_tok_s`` and ``decode_tok_s`` are medians over rounds; their spread comes
-    with them: ``<metric>_rounds`` (every round's rate, in order), ``<metric>_min`` and ``<metric>_max``."""
-    prompts = {name: _prompt(m, prompt_len, seed) for name, m in models.items()}
+    ``batch`` sequences of ``prompt_len`` tokens are prefilled together and decoded together; rates
+    count the tokens of the whole batch. Per model: ``prefill_tok_s`` and ``decode_tok_s`` are medians
+    over rounds; their spread comes with them: ``<metric>_rounds`` (every round's rate, in order),
+    ``<metric>_min`` and ``<metric>_max``; ``peak_mem_mb`` unless ``memory`` is False."""
+    prompts = {name: _prompt(m, prompt_len, seed, batch) for name, m in models.items()}
     for name, m in models.items():
         m(prompts[name][:, :16], use_cache=False)  # warm-up
     samples = {name: {"prefill_tok_s": [], "decode_tok_s": []} for name in models}
     for _ in range(rounds):
         for name, m in models.items():
             prefill_s, decode_s = _greedy(m, prompts[name], new_tokens)
-            samples[name]["prefill_tok_s"].append(prompt_len / prefill_s)
-            samples[name]["decode_tok_s"].append(new_tokens / decode_s)
-    return {name: {**_spread("prefill_tok_s", samples[name]["prefill_tok_s"]),
-                   **_spread("decode_tok_s", samples[name]["decode_tok_s"]),
-                   "threads": torch.get_num_threads(),
-                   "peak_mem_mb": inference_memory_mb(m, prompts[name])}
-            for name, m in models.items()}
+            samples[name]["prefill_tok_s"].append(batch * prompt_len / prefill_s)
+            samples[name]["decode_tok_s"].append(batch * new_tokens / decode_s)
+    out = {name: {**_spread("prefill_tok_s", samples[name]["prefill_tok_s"]),
+                  **_spread("decode_tok_s", samples[name]["decode_tok_s"]),
+                  "threads": torch.get_num_threads(), "batch": batch}
+           for name in models}
+    if memory:
+        for name, m in models.items():
+            out[name]["peak_mem_mb"] = inference_memory_mb(m, prompts[name])
+    return out
 
 
 def _spread(metric: str, rates: list[float]) -> dict:

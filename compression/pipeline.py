@@ -37,7 +37,11 @@ def _noop(fraction: float, message: str) -> None:
 
 class Stages:
     """Named stages with weights; ``stage(name)`` returns a progress callback for that stage that
-    reports ``(overall fraction, "name: message")`` to ``progress``."""
+    reports ``(overall fraction, "name: message")`` to ``progress``.
+
+    Where ``progress`` has an ``enter_stage(name, begin, end)`` method (the app's job), it is told
+    each stage's span of the overall fraction, so a time estimate can use each stage's own rate
+    (generating calibration text and compressing go at very different speeds)."""
 
     def __init__(self, progress: Progress, weights: dict[str, float]):
         self.progress, self.names = progress, list(weights)
@@ -50,6 +54,9 @@ class Stages:
     def stage(self, name: str) -> Progress:
         begin, width = self.start[name]
         label = f"[{self.names.index(name) + 1}/{len(self.names)}] {name}"
+        enter = getattr(self.progress, "enter_stage", None)
+        if enter is not None:
+            enter(name, begin, begin + width)
 
         def callback(fraction: float, message: str = "") -> None:
             fraction = min(max(float(fraction), 0.0), 1.0)

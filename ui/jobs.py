@@ -20,12 +20,15 @@ LOST_AFTER = 5.0  # seconds without a pull after which the client is taken to be
 
 
 class Job:
-    """One call of ``fn(progress)`` in a thread, with the state the page shows."""
+    """One call of ``fn(progress)`` in a thread, with the state the page shows. The job itself is the
+    progress callable ``fn`` receives (``job(fraction, message)``), so :class:`compression.pipeline.Stages`
+    can tell it where each stage begins and ends (:meth:`enter_stage`)."""
 
     def __init__(self, fn: Callable, stop: threading.Event, lock: threading.Lock):
         self.fn, self.stop, self.lock = fn, stop, lock
         self.fraction, self.message = 0.0, "waiting for the model slot"
         self.started = self.pulled = time.monotonic()
+        self.stage: tuple[str, float, float, float] | None = None  # (name, begin, end, started)
         self.result = self.error = None
         self.done = threading.Event()
 
@@ -37,23 +40,44 @@ class Job:
             raise Stopped("the client went away")
         self.fraction, self.message = min(max(float(fraction), 0.0), 1.0), message
 
+    __call__ = progress
+
+    def enter_stage(self, name: str, begin: float, end: float) -> None:
+        """The job's overall fraction runs from ``begin`` to ``end`` during stage ``name``, from now."""
+        self.stage = (name, begin, end, time.monotonic())
+
     def _run(self) -> None:
         try:
             with self.lock:  # one model job at a time, whatever gradio's queue thinks
                 self.started = time.monotonic()
                 self.progress(0.0, "starting")
-                self.result = self.fn(self.progress)
+                self.result = self.fn(self)
         except BaseException as err:  # noqa: BLE001  handed to the generator, which re-raises it
             self.error = err
         finally:
             self.done.set()
 
-    def eta(self) -> float | None:
-        """Seconds left from the rate so far; None until enough of the job has run to tell."""
-        elapsed = time.monotonic() - self.started
+    def eta(self) -> tuple[float, str | None] | None:
+        """(seconds left, stage) from the rate so far; None until enough has run to tell.
+
+        Inside a stage that is not the last one, the estimate is that stage's time left at its own
+        rate, and the stage's name comes with it: one stage's rate says nothing about the next one's
+        (self-chat generation runs ~100× slower per unit of progress than compression), so
+        extrapolating it over the whole job is what made the estimate run away. In the last stage, or
+        without stages, it is the whole job's time left (stage None)."""
+        now = time.monotonic()
+        if self.stage is not None:
+            name, begin, end, started = self.stage
+            local = (self.fraction - begin) / (end - begin) if end > begin else 1.0
+            elapsed = now - started
+            if local < 0.03 or elapsed < 2:
+                return None
+            left = elapsed * (1 - local) / local
+            return (left, None) if end >= 1.0 - 1e-9 else (left, name)
+        elapsed = now - self.started
         if self.fraction < 0.03 or elapsed < 2:
             return None
-        return elapsed * (1 - self.fraction) / self.fraction
+        return elapsed * (1 - self.fraction) / self.fraction, None
 
 
 def watch(fn: Callable, session, lock: threading.Lock) -> Iterator[Job]:
@@ -87,7 +111,10 @@ def progress_html(job: Job | None, title: str = "") -> str:
         return ""
     elapsed = time.monotonic() - job.started
     eta = job.eta()
-    left = f" · about {_clock(eta)} left" if eta is not None and not job.done.is_set() else ""
+    left = ""
+    if eta is not None and not job.done.is_set():
+        seconds, stage = eta
+        left = f" · about {_clock(seconds)} left" + (f" in {stage}" if stage else "")
     pct = 100 * (1.0 if job.done.is_set() and job.error is None else job.fraction)
     return (f'<div class="job-progress" role="progressbar" aria-valuenow="{pct:.0f}" aria-valuemin="0" '
             f'aria-valuemax="100"><div class="job-bar"><div class="job-fill" style="width:{pct:.1f}%">'
