@@ -17,15 +17,10 @@ from pathlib import Path
 from compression import pipeline
 from compression.data import TextSpec, code_split, evaluation_windows
 from compression.files import read_json, write_json_atomic
-from compression.methods import get
+from compression.methods import METHODS, get
 from compression.models import DEFAULT_MODEL, load_model
 
-VARIANTS = {  # the best variant of each method in BENCHMARKS.md at 0.25
-    "modegpt": {"allocation": "auto"},
-    "olica": {},
-    "slicegpt": {},
-    "layerdrop": {},
-}
+VARIANTS = {name: m.headline for name, m in METHODS.items()}  # the best variant of each at 0.25
 
 
 def main() -> None:

@@ -28,18 +28,14 @@ from compression import pipeline
 from compression.data import TextSpec, code_split, evaluation_windows
 from compression.evaluate import sizes
 from compression.files import read_json, write_json_atomic
-from compression.methods import get
+from compression.methods import METHODS, get
 from compression.models import DEFAULT_MODEL, load_model
 from compression.zeroshot import HEADLINE_TASKS, zero_shot
 
 # The best variant of each method at 0.25 in the limit-50 sweep (lowest wiki perplexity among the rows
-# that remove 25% of the block parameters; SliceGPT's slicing-fraction rows remove far fewer).
-VARIANTS = {
-    "modegpt": {"allocation": "auto"},
-    "olica": {},
-    "slicegpt": {},
-    "layerdrop": {},
-}
+# that remove 25% of the block parameters; SliceGPT's slicing-fraction rows remove far fewer): each
+# method's ``headline`` entry.
+VARIANTS = {name: m.headline for name, m in METHODS.items()}
 
 
 def zero_shot_fields(model, tokenizer, tasks, limit: int, threads) -> dict:

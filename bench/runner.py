@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from compression import LayerDropConfig, MoDeGPTConfig, OlicaConfig, SliceGPTConfig, compress
+from compression import SliceGPTConfig, compress
 from compression.data import TextSpec, evaluation_windows
 from compression.evaluate import perplexity, sizes, speed, speed_side_by_side
 from compression.files import read_json, write_json_atomic
+from compression.methods import METHODS
 from compression.models import load_model
 
 RATIOS = (0.10, 0.20, 0.25, 0.30)
@@ -27,14 +28,13 @@ BENCH_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "
 
 def method_configs(ratios=RATIOS, slicing=SLICING, allocation: str = "uniform") -> list[tuple[str, float, object]]:
     """(method label, ratio or slicing, config) for every benchmark row except dense."""
-    alloc = allocation
     tag = "" if allocation == "uniform" else f"-{allocation}"
     rows = []
     for r in ratios:
-        rows += [("layerdrop", r, LayerDropConfig(ratio=r)),
-                 ("slicegpt", r, SliceGPTConfig(ratio=r)),
-                 (f"modegpt{tag}", r, MoDeGPTConfig(ratio=r, allocation=alloc)),
-                 (f"olica{tag}", r, OlicaConfig(ratio=r, allocation=alloc))]
+        for m in METHODS.values():  # methods with an allocation knob take the sweep's, tagged
+            spread = m.has_knob("allocation")
+            rows.append((m.name + (tag if spread else ""), r,
+                         m.make_config({"ratio": r, "allocation": allocation if spread else None})))
     rows += [("slicegpt-slicing", s, SliceGPTConfig(slicing=s)) for s in slicing]
     return rows
 

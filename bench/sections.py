@@ -48,7 +48,7 @@ def headline_rows(paths: list[Path]) -> tuple[list[dict], dict]:
         data = read_json(path)
         rows += data["rows"]
         settings = settings or data["settings"]
-    order = ("dense", "modegpt", "olica", "slicegpt", "layerdrop")
+    order = ("dense", *METHODS)
     rows.sort(key=lambda r: (r["ratio"], order.index(r["method"]) if r["method"] in order else 9))
     return rows, settings
 
@@ -127,7 +127,7 @@ calibration tokens, {sa['wiki_windows']} windows; big: {sb['calibration'][0]} ×
 
 
 # The sweep's label (bench/results.json) for each headline method: the variant the headline runs.
-SWEEP_LABEL = {"modegpt": "modegpt-auto", "olica": "olica", "slicegpt": "slicegpt", "layerdrop": "layerdrop"}
+SWEEP_LABEL = {name: m.headline_label for name, m in METHODS.items()}
 
 
 def ratio_section(sweep: list[dict], big: list[Path]) -> str:
@@ -202,7 +202,7 @@ def calibration_section(path: Path) -> str:
     head = ["method", "ratio", "calibration", "wiki ppl [95%]", "code ppl [95%]", "chat KL [95%]",
             "chat top-1 [95%]", "compress + measure s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = ("modegpt", "olica", "slicegpt", "layerdrop")
+    order = tuple(METHODS)
     rows = sorted(data["rows"], key=lambda r: (-r["ratio"], order.index(r["method"]) if r["method"] in order
                                                else 9, r["source"]))
     dense = rows[0]["ppl_wiki"]["dense"] if rows else None

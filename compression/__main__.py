@@ -52,36 +52,41 @@ def tqdm_progress(desc: str):
 # --- arguments ----------------------------------------------------------------------------------
 
 def knob_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per knob name over all methods (read as text, converted by the method's knob)."""
-    by_name: dict[str, list] = {}
+    """One flag per meaning: knobs of several methods share a flag only when they share its name
+    (``--ratio``); a knob whose meaning differs per method declares its own flag (MoDeGPT's
+    ``--leverage-ridge``, Olica's ``--calibration-ridge``). Read as text, converted by the knob."""
+    by_flag: dict[str, list] = {}
     for method in METHODS.values():
         for k in method.knobs():
-            by_name.setdefault(k.name, []).append((method.name, k))
+            by_flag.setdefault(k.cli, []).append((method.name, k))
     group = parser.add_argument_group("method options (each applies to the methods named)")
-    for name, entries in by_name.items():
+    for flag, entries in by_flag.items():
         k = entries[0][1]
         if len({kk.help for _, kk in entries}) == 1:
             text = f"{k.help} ({', '.join(m for m, _ in entries)})"
         else:
             text = "; ".join(f"{m}: {kk.help} (default {kk.default})" for m, kk in entries)
-        group.add_argument(k.cli, dest=f"knob_{name}", default=None, metavar=k.kind.upper(),
+        group.add_argument(flag, dest=_dest(flag), default=None, metavar=k.kind.upper(),
                            help=text.replace("%", "%%"))
+
+
+def _dest(flag: str) -> str:
+    return "knob_" + flag.lstrip("-").replace("-", "_")
 
 
 def method_values(args) -> dict:
     """The knob values given on the command line, converted and checked for ``args.method``."""
     method = get(args.method)
-    mine = {k.name: k for k in method.knobs()}
+    mine = {_dest(k.cli): k for k in method.knobs()}
     values = {}
     for dest, text in vars(args).items():
         if not dest.startswith("knob_") or text is None:
             continue
-        name = dest[len("knob_"):]
-        if name not in mine:
+        if dest not in mine:
             options = " ".join(k.cli for k in mine.values())
-            raise UsageError(f"--{name.replace('_', '-')} does not apply to {args.method} "
+            raise UsageError(f"--{dest[len('knob_'):].replace('_', '-')} does not apply to {args.method} "
                              f"(its options: {options})")
-        k = mine[name]
+        k = mine[dest]
         if k.kind in ("float", "int"):
             try:
                 value = float(text)
@@ -89,7 +94,7 @@ def method_values(args) -> dict:
                 raise UsageError(f"{k.cli} must be a number, got {text!r}") from None
         else:
             value = text
-        values[name] = K.coerce(k, value)
+        values[k.name] = K.coerce(k, value)
     return values
 
 
@@ -276,7 +281,8 @@ def cmd_compress(args) -> dict:
         print(f"calibration: wiki, not the method's default {args.calibration} (self-chat replies would be "
               "generated block by block under --offload; pass --calibration to insist)", file=sys.stderr)
         args.calibration = "wiki"
-    chat_eval = 0 if args.no_eval else (args.chat_eval if args.chat_eval is not None else 0 if offload else 16)
+    default_chat = 0 if offload else pipeline.CHAT_CONVERSATIONS
+    chat_eval = 0 if args.no_eval else (args.chat_eval if args.chat_eval is not None else default_chat)
     if offload:
         from .streaming import return_large_frees
 

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import time
 from typing import Callable, NamedTuple
 
 import torch
 
 from . import streaming
-from .arch import block_params, count_params, refusal, view
+from .arch import block_params, count_params, view
 from .calibration import resolve_precision, statistics_precision
 from .evaluate import PeakMemory
-from .methods import method_for
+from .methods import method_for, refusal
 from .modeling_compressed import Shape
 from .report import Report
 from .timing import stage, stopwatch
@@ -125,12 +124,11 @@ def compress(model, config, calibration: torch.Tensor | None, progress: Progress
         with stage("copy"):
             if offload:
                 working = streaming.working_copy(model, device=device, folder=offload_folder,
-                                                 compressed=method.name not in streaming.ORIGINAL_CLASS_METHODS)
+                                                 compressed=not method.keeps_class)
                 work_store = streaming.store_of(working)
             else:
                 working = copy.deepcopy(model)
-        reuse = {"influence": influence} if influence is not None and \
-            "influence" in inspect.signature(method.run).parameters else {}
+        reuse = {"influence": influence} if influence is not None and method.takes_influence else {}
         out, report = method.run(working, config, calibration, progress, held_out, **reuse)
         if offload:
             streaming.finish(out, work_store)

@@ -14,8 +14,9 @@ decoder is one more :class:`Arch` row. What a row records (checked against trans
 - biases the config does not announce (Qwen2's q/k/v).
 
 Gemma's embedding scale (× sqrt(hidden)), rotary tables and sliding-window masks are computed by the
-original base model, which the compressed format keeps, so no row needs them. :func:`refusal` says which
-method cannot be exact on which architecture, and why.
+original base model, which the compressed format keeps, so no row needs them. Which method cannot be
+exact on which architecture, and why, each method says itself (``Method.refusal``, asked through
+:func:`compression.methods.refusal`).
 """
 from __future__ import annotations
 
@@ -99,38 +100,11 @@ def arch_for(config) -> Arch:
     return ARCHITECTURES[model_type]
 
 
-def _partial_rotary(config) -> bool:
+def partial_rotary(config) -> bool:
+    """Whether a config rotates only part of each head (Phi-3's partial_rotary_factor < 1)."""
     rope = getattr(config, "rope_parameters", None) or {}
     factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     return factor is not None and factor < 1.0
-
-
-def refusal(config_or_model_type, method: str) -> str | None:
-    """Why ``method`` ("layerdrop", "slicegpt", "modegpt", "olica") cannot be exact on this
-    architecture, as one line; None when it can. Takes a config (preferred: some reasons depend on
-    its values) or a model_type string.
-
-    - SliceGPT needs every read of the residual stream to go through a pre-norm RMSNorm whose scale
-      folds into the next linear layers (paper, §3). Gemma 2/3 and OLMo 2 normalise the sub-block
-      *outputs* in the original basis before the residual add, so a rotated, sliced stream would need
-      a full D×D map after every such norm: refused.
-    - MoDeGPT and Olica cut q/k by whole rotary pairs; with partial rotary embeddings (Phi-3 configs
-      with partial_rotary_factor < 1) the unrotated dims are not pairs: refused.
-    """
-    config = config_or_model_type
-    if getattr(config, "model_type", None) == "compressed_decoder":
-        config = config.build_base()  # a compressed model answers for its original architecture
-    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        return None  # arch_for reports unsupported architectures
-    arch = ARCHITECTURES[model_type]
-    if method == "slicegpt" and (arch.attn_post_norm is not None or arch.attn_norm is None):
-        return (f"SliceGPT needs pre-norm blocks; {model_type} normalises each sub-block's output before "
-                "the residual add, so the rotation cannot be folded through those norms")
-    if method in ("modegpt", "olica") and not isinstance(config, str) and _partial_rotary(config):
-        return (f"{method} keeps whole rotary pairs of q/k; this {model_type} config rotates only part of "
-                "each head (partial_rotary_factor < 1)")
-    return None
 
 
 def get_path(root: nn.Module, path: str | None) -> nn.Module | None:

@@ -50,9 +50,6 @@ class BlockInputs:
     def kwargs_for(self, layer: int) -> list[dict]:
         return self.layer_kwargs[layer] if layer < len(self.layer_kwargs) else self.layer_kwargs[0]
 
-    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.layer_kwargs)
-
     def head(self, batches: int) -> "BlockInputs":
         """The first ``batches`` batches (hidden states cloned)."""
         return BlockInputs([h.clone() for h in self.hidden[:batches]],

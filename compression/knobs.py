@@ -2,7 +2,7 @@
 
 A method's config is a dataclass whose tunable fields are declared with :func:`knob`::
 
-    ridge: float = knob(1.0, label="Leverage ridge λ", help="...", low=0, low_open=True)
+    ridge: float = knob(1.0, kind="float", label="Leverage ridge λ", help="...", low=0, low_open=True)
 
 :func:`check` (called from every config's ``__post_init__``) rejects wrong types, NaN/inf and values
 out of range with one readable line; :func:`knobs` lists the metadata for the CLI (``__main__``) and
@@ -124,6 +124,12 @@ def check(config) -> None:
     """Validate and normalise every knob of a config instance in place (call from __post_init__)."""
     for k in knobs(type(config)):
         object.__setattr__(config, k.name, coerce(k, getattr(config, k.name)))
+
+
+def build(config_cls, values: dict[str, Any]):
+    """``config_cls(**values)`` after dropping keys that are not its knobs and Nones (defaults apply)."""
+    names = {k.name for k in knobs(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
 def values(config) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from torch import nn
 
 from .arch import ModelView, count_params, view
 from .calibration import block_influence, capture_block_inputs
-from .knobs import check, knob, values
+from .knobs import build, check, knob, values
 from .modeling import spec_params
-from .plan import Plan
+from .plan import FormInput, Plan
 from .report import LayerReport, Report
 
 
@@ -83,6 +83,17 @@ def drop_layers(mv: ModelView, drop: list[int]) -> None:
 
 def block_sizes(mv: ModelView) -> list[int]:
     return [count_params(block) for block in mv.layers]
+
+
+def from_form(form: FormInput) -> LayerDropConfig:
+    """Manual allocation: exactly the blocks in ``form.per_layer``; otherwise the target ratio."""
+    if form.allocation == "manual":
+        if not form.per_layer:
+            raise ValueError("manual layer dropping: pick at least one block to drop")
+        config = build(LayerDropConfig, {**form.options, "layers": tuple(form.per_layer)})
+        config.validate_for(form.num_layers)
+        return config
+    return build(LayerDropConfig, {**form.options, "ratio": form.ratio})
 
 
 def plan(config: LayerDropConfig, base, influence: list[float] | None = None) -> Plan:

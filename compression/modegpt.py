@@ -31,6 +31,7 @@ class MoDeGPTConfig(LayerwiseConfig):
     """``ratio`` of decoder-block parameters removed, spread over layers by ``allocation``."""
 
     ridge: float = knob(1.0, kind="float", label="Leverage ridge λ", low=0.0, low_open=True, advanced=True,
+                        flag="--leverage-ridge",
                         help="λ of the ridge leverage scores, relative to the mean eigenvalue of the "
                              "MLP correlation; larger → scores closer to the channels' energy")
 

@@ -42,6 +42,7 @@ class OlicaConfig(LayerwiseConfig):
     calibrate_rank: int = knob(64, kind="int", label="Calibration rank", low=1, high=65536, advanced=True,
                                help="rank of each calibration branch")
     ridge: float = knob(1e-3, kind="float", label="Calibration ridge", low=0.0, low_open=True, advanced=True,
+                        flag="--calibration-ridge",
                         help="ridge of the calibration regression, relative to the mean eigenvalue "
                              "of the MLP input correlation")
 

@@ -1,8 +1,9 @@
 """One pipeline for the CLI, the app and the benchmark: calibrate → compress → evaluate → heal → save.
 
-Each step is a function of plain inputs, so the app can run them one at a time (with its own model
-cache) and the CLI all at once (:func:`run`). Progress goes through :class:`Stages`, which labels every
-stage and maps its own 0..1 onto the whole job's bar.
+Each step is a function of plain inputs (:func:`calibration_tokens`, :func:`compress_and_measure`,
+:func:`heal_and_measure`, :func:`save`), so the app runs them with its own model and reference caches
+and the CLI (``compression.__main__``) one after the other. Progress goes through :class:`Stages`, which
+labels every stage and maps its own 0..1 onto the whole job's bar.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .knobs import check, knob
+from .knobs import build, check, knob
 
 
 @dataclass
@@ -47,10 +47,6 @@ class Allocation:
             raise ValueError("epsilon must be positive")
         if not 0 < self.max_layer < 1:
             raise ValueError("max_layer must be in (0, 1)")
-
-    @property
-    def needs_influence(self) -> bool:
-        return self.kind == "auto"
 
     def sparsities(self, target: float, num_layers: int,
                    influence: list[float] | None = None) -> list[float]:
@@ -130,6 +126,33 @@ class LayerwiseConfig:
         if self.allocation == "auto" and influence is None:
             return [self.ratio] * num_layers
         return self.spread.sparsities(self.ratio, num_layers, influence)
+
+
+@dataclass(frozen=True)
+class FormInput:
+    """What a form (the app's Compress tab) gives a method, for its ``from_form`` to make a config.
+
+    options: the method's other knob values by name. allocation: one of the method's allocations.
+    per_layer: under manual allocation, what the method's per-layer editor holds (``Method.per_layer``:
+    one fraction per layer, or the indices of the blocks to drop); None otherwise. slicing: the target
+    is SliceGPT's slicing fraction rather than a parameter ratio. hidden_size, num_layers: the model's.
+    """
+
+    options: dict
+    ratio: float
+    allocation: str
+    per_layer: tuple | None = None
+    slicing: bool = False
+    epsilon: float = 0.1
+    hidden_size: int = 0
+    num_layers: int = 0
+
+
+def layerwise_from_form(config_cls, form: FormInput):
+    """A :class:`LayerwiseConfig` subclass from form values: the target, its allocation and, under
+    manual allocation, one sparsity per layer."""
+    return build(config_cls, {**form.options, "ratio": form.ratio, "allocation": form.allocation,
+                              "epsilon": form.epsilon, "layer_sparsity": form.per_layer})
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .arch import partial_rotary
 from .ops import head_columns, rotary_pair_scores, select_outputs, set_linear, vo_decomposition
 from .timing import stage
+
+
+def rotary_pairs_refusal(arch, config, model_type: str) -> str | None:
+    """MoDeGPT and Olica cut q/k by whole rotary pairs; with partial rotary embeddings (Phi-3 configs
+    with partial_rotary_factor < 1) the unrotated dims are not pairs: refused."""
+    if config is not None and partial_rotary(config):
+        return (f"cutting q/k by whole rotary pairs needs every head dim rotated; this {model_type} config "
+                "rotates only part of each head (partial_rotary_factor < 1)")
+    return None
 
 
 def _column_scale(norm, heads: int, hd: int) -> torch.Tensor | None:

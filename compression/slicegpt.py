@@ -25,8 +25,8 @@ from .calibration import IN_SAMPLE_BATCHES, Gram, capture_block_inputs
 from .modeling import spec_params, to_compressed
 from .ops import (new_linear, pca, relative_error, rotate_inputs, rotate_outputs, round_down,
                   scale_inputs)
-from .knobs import check, knob, values
-from .plan import Plan
+from .knobs import build, check, knob, values
+from .plan import FormInput, Plan
 from .report import LayerReport, Report
 
 
@@ -143,6 +143,34 @@ def slice_layer(layer, inputs: list[torch.Tensor], kwargs: list[dict], q_in: tor
     rotate_outputs(mlp.down_proj, q_out)
     outputs = [(ui @ q_out).to(like.dtype) for ui in u]
     return outputs, q_out, {"mlp_input": vals_mid.tolist(), "block_output": vals_out.tolist()}
+
+
+def refusal(arch, config, model_type: str) -> str | None:
+    """SliceGPT needs every read of the residual stream to go through a pre-norm RMSNorm whose scale
+    folds into the next linear layers (paper, §3). Gemma 2/3 and OLMo 2 normalise the sub-block
+    *outputs* in the original basis before the residual add, so a rotated, sliced stream would need a
+    full D×D map after every such norm: refused."""
+    if arch.attn_post_norm is not None or arch.attn_norm is None:
+        return (f"SliceGPT needs pre-norm blocks; {model_type} normalises each sub-block's output before "
+                "the residual add, so the rotation cannot be folded through those norms")
+    return None
+
+
+def widths_for_fractions(fractions, hidden_size: int, round_to: int) -> list[int]:
+    """Kept widths for per-layer slicing fractions, rounded down as the slicing knob is."""
+    if not all(0.0 <= v < 1.0 for v in fractions):
+        raise ValueError("per-layer slicing fractions must be in [0, 1)")
+    return [round_down((1 - v) * hidden_size, round_to) for v in fractions]
+
+
+def from_form(form: FormInput) -> SliceGPTConfig:
+    """Manual allocation: one slicing fraction per layer, kept widths as the slicing knob rounds them;
+    otherwise the target as a parameter ratio or, with ``form.slicing``, as the slicing fraction."""
+    if form.allocation == "manual":
+        round_to = int(form.options.get("round_to") or SliceGPTConfig.round_to)
+        return build(SliceGPTConfig, {**form.options,
+                                      "widths": widths_for_fractions(form.per_layer, form.hidden_size, round_to)})
+    return build(SliceGPTConfig, {**form.options, ("slicing" if form.slicing else "ratio"): form.ratio})
 
 
 def plan(config: SliceGPTConfig, base, influence=None) -> Plan:

@@ -12,7 +12,8 @@ from conftest import NEW_ARCHS, logits, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from compression import LayerDropConfig, compress
-from compression.arch import count_params, refusal, view
+from compression.arch import count_params, view
+from compression.methods import refusal
 from compression.modegpt import MoDeGPTConfig
 from compression.modeling import CompressedForCausalLM, spec_params, to_compressed
 from compression.olica import OlicaConfig

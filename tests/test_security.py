@@ -293,10 +293,11 @@ def cli(*args):
 
 @pytest.mark.parametrize("extra,message", [
     (["--calib-batch", "-1"], "batch_size must be in"),
-    (["--method", "olica", "--ridge", "nan"], "ridge must be a finite number"),
+    (["--method", "olica", "--calibration-ridge", "nan"], "ridge must be a finite number"),
     (["--method", "modegpt", "--epsilon", "nan", "--allocation", "auto"], "epsilon must be a finite number"),
-    (["--method", "modegpt", "--ridge", "0"], "ridge must be in"),
-    (["--method", "slicegpt", "--ridge", "1"], "--ridge does not apply to slicegpt"),
+    (["--method", "modegpt", "--leverage-ridge", "0"], "ridge must be in"),
+    (["--method", "modegpt", "--calibration-ridge", "1"], "--calibration-ridge does not apply to modegpt"),
+    (["--method", "slicegpt", "--leverage-ridge", "1"], "--leverage-ridge does not apply to slicegpt"),
     (["--calib-samples", "0"], "--calib-samples must be at least 1"),
     (["--calib-samples", "100000"], "the limit is 16,777,216"),
     (["--method", "layerdrop", "--calib-samples", "40000", "--calib-len", "512"], "the limit is"),

@@ -58,6 +58,11 @@ def _same(value, shown) -> bool:
         return False
 
 
+def _edits_blocks(method: str) -> bool:
+    """Whether the method's manual editor picks blocks to drop (checkboxes) rather than per-layer values."""
+    return method in METHODS and METHODS[method].per_layer == "blocks"
+
+
 def with_option_params(fn):
     """A generator function calling ``fn(..., options={...}, request=...)`` whose signature lists one
     parameter per method option (``<method>_<knob>``): gradio reads it for the inputs' order and the
@@ -108,9 +113,9 @@ class CompressTab:
         allocation = forms.allocation_value(allocation)
         value = allocation if allocation in m.allocations else m.allocations[0]
         return (gr.update(value=value) if value != allocation else gr.update(), m.summary,
-                gr.update(visible=method == "slicegpt"), gr.update(visible=value == "manual"),
+                gr.update(visible=m.has_knob("slicing")), gr.update(visible=value == "manual"),
                 gr.update(visible=value == "manual"),
-                gr.update(visible=value == "auto" and "auto" in m.allocations and method != "layerdrop"),
+                gr.update(visible=value == "auto" and m.has_knob("epsilon")),
                 *(gr.update(visible=method == name) for name in METHODS))
 
     def default_per_layer(self, method, allocation, ratio, num_layers, per_layer):
@@ -118,12 +123,12 @@ class CompressTab:
         num_layers = int(num_layers or 0)
         if forms.allocation_value(allocation) != "manual" or not num_layers:
             return gr.update()
-        kind = int if method == "layerdrop" else float
+        blocks = _edits_blocks(method)
         try:
-            values = forms.parse_list(per_layer or "", kind, "values")
+            values = forms.parse_list(per_layer or "", int if blocks else float, "values")
         except ValueError:
             values = ()
-        if method == "layerdrop":
+        if blocks:
             ok = values and all(0 <= v < num_layers for v in values) and all(float(v).is_integer() for v in values)
             return gr.update() if ok and "." not in (per_layer or "") else ""
         ok = len(values) == num_layers and all(0 <= v <= 0.95 for v in values)
@@ -135,7 +140,7 @@ class CompressTab:
         model's layers (checkboxes for layer dropping; no sliders past forms.MAX_SLIDERS layers)."""
         num = int(num_layers or 0)
         manual = forms.allocation_value(allocation) == "manual" and num > 0
-        drops = manual and method == "layerdrop"
+        drops = manual and _edits_blocks(method)
         show = manual and not drops and num <= forms.MAX_SLIDERS
         return (gr.update(visible=show), gr.update(visible=drops, choices=list(range(num))),
                 *(gr.update(visible=show and i < num) for i in range(forms.MAX_SLIDERS)))
@@ -149,7 +154,7 @@ class CompressTab:
         a value the user has typed into a slider since."""
         num = int(num_layers or 0)
         keep = [gr.update()] * forms.MAX_SLIDERS
-        if method == "layerdrop":
+        if _edits_blocks(method):
             return forms.drop_indices(text, num), *keep
         values = forms.slider_values(text, num)
         if values is None or num > forms.MAX_SLIDERS:
@@ -173,10 +178,11 @@ class CompressTab:
                 if not 0.0 <= mean <= 0.9 or not 0 < epsilon <= 10:
                     raise ValueError("the preset's mean must be in [0, 0.9] and ε in (0, 10]")
                 influence = None
-                if preset != "uniform" and (method == "layerdrop" or preset.startswith("automatic")):
+                blocks = _edits_blocks(method)
+                if preset != "uniform" and (blocks or preset.startswith("automatic")):
                     with self.ctx.slot:
                         influence = self.ctx.store.block_influence(info.name)
-                if method == "layerdrop":
+                if blocks:
                     drops = forms.preset_drops(preset, mean, k, influence, self.ctx.store.block_sizes(info.name))
                     return forms.indices_text(drops), f"{OK} {preset}: dropping blocks {forms.indices_text(drops)}"
                 values = forms.preset_values(preset, info.num_layers, mean, k, influence, epsilon)
@@ -208,7 +214,7 @@ class CompressTab:
 
     def achieved_target(self, method, allocation, per_layer, ratio):
         """In manual mode the target slider shows the mean of the per-layer values, read-only."""
-        if forms.allocation_value(allocation) != "manual" or method == "layerdrop":
+        if forms.allocation_value(allocation) != "manual" or _edits_blocks(method):
             return gr.update(interactive=True)
         try:
             values = forms.parse_list(per_layer or "", float, "values")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from compression.knobs import Knob, parse_list
 from compression.methods import METHODS, get
+from compression.plan import FormInput
 
 # Knobs with their own hand-made controls in the Compress tab.
 CORE = ("ratio", "allocation", "epsilon", "layer_sparsity", "widths", "layers", "slicing", "batch_size")
@@ -35,9 +36,10 @@ def make_config(method: str, ratio: float, allocation: str, per_layer, *, num_la
                 options: dict | None = None):
     """The method config for form values; ValueError with a readable message on bad input.
 
-    per_layer (manual allocation): the indices of the blocks to drop (layer dropping), or one value per
-    layer: the sparsity (MoDeGPT, Olica) or the fraction of hidden dims deleted (SliceGPT).
-    options: ``{"<method>_<knob>": value}`` from the option controls (others' options are ignored).
+    per_layer (manual allocation): what the method's per-layer editor holds (``Method.per_layer``): the
+    indices of the blocks to drop, or one fraction per layer. The method's own ``from_form`` turns the
+    values into its config. options: ``{"<method>_<knob>": value}`` from the option controls (others'
+    options are ignored).
     """
     m = get(method)
     allocation = allocation_value(allocation)
@@ -46,28 +48,16 @@ def make_config(method: str, ratio: float, allocation: str, per_layer, *, num_la
         raise ValueError(f"{m.label} supports allocation {shown}, not {allocation!r}")
     values = {k.name: (options or {}).get(option_param(method, k)) for k in m.knobs() if k.name not in CORE}
     values["batch_size"] = batch_size
-    manual = allocation == "manual"
-    if method == "layerdrop":
-        if manual:
-            layers = parse_list(per_layer or "", int, "the blocks to drop") if isinstance(per_layer, str) \
-                else tuple(per_layer or ())
-            if not layers:
-                raise ValueError("manual layer dropping: pick at least one block to drop")
-            config = m.make_config({**values, "layers": layers})
-            config.validate_for(num_layers)
-            return config
-        return m.make_config({**values, "ratio": ratio})
-    per = _per_layer_values(per_layer, num_layers) if manual else None
-    if method == "slicegpt":
-        if manual:
-            if not all(0.0 <= v < 1.0 for v in per):
-                raise ValueError("per-layer slicing fractions must be in [0, 1)")
-            step = int(values.get("round_to") or m.config.round_to)
-            widths = [max(step, int((1 - v) * hidden_size) // step * step) for v in per]
-            return m.make_config({**values, "widths": widths})
-        return m.make_config({**values, ("slicing" if slicing else "ratio"): ratio})
-    return m.make_config({**values, "ratio": ratio, "allocation": allocation, "epsilon": epsilon,
-                          "layer_sparsity": per})
+    per = None
+    if allocation == "manual":
+        per = _block_indices(per_layer) if m.per_layer == "blocks" else _per_layer_values(per_layer, num_layers)
+    return m.from_form(FormInput(values, ratio, allocation, per, slicing=slicing, epsilon=epsilon,
+                                 hidden_size=hidden_size, num_layers=num_layers))
+
+
+def _block_indices(per_layer) -> tuple[int, ...]:
+    return parse_list(per_layer or "", int, "the blocks to drop") if isinstance(per_layer, str) \
+        else tuple(per_layer or ())
 
 
 def _per_layer_values(per_layer, num_layers: int) -> tuple[float, ...]:
