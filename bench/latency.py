@@ -45,7 +45,8 @@ def last(generator):
 def app_run(tab, session, ratio: float) -> tuple[float, dict]:
     """Seconds of one Compress click at the page's CPU defaults, and the run's report."""
     from compression.methods import METHODS
-    from ui.compress_tab import (CALIBRATION_CPU, CALIBRATION_GPU, DEFAULT_ALLOCATION, DEFAULT_METHOD)
+    from ui.calibration_form import CALIBRATION_CPU, CALIBRATION_GPU
+    from ui.compress_tab import DEFAULT_ALLOCATION, DEFAULT_METHOD
 
     samples, length = CALIBRATION_GPU if torch.cuda.is_available() else CALIBRATION_CPU
     t0 = time.perf_counter()
@@ -112,8 +113,8 @@ def main(argv=None) -> None:
     from compression.data import TextSpec
     from compression.methods import METHODS
     from compression.pipeline import compress_and_measure
-    from ui.compress_tab import (CALIBRATION_CPU, CALIBRATION_GPU, DEFAULT_ALLOCATION, DEFAULT_METHOD,
-                                 DEFAULT_RATIO)
+    from ui.calibration_form import CALIBRATION_CPU, CALIBRATION_GPU
+    from ui.compress_tab import DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_RATIO
     from ui.runs import Session
     from ui.store import ModelStore
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from .knobs import build, check, knob
 
 
+MAX_LAYER_SPARSITY = 0.95  # no layer or module loses more than this (the per-layer knob's ceiling)
+
+
 @dataclass
 class Allocation:
     """How a global target is spread over layers.
@@ -41,8 +44,8 @@ class Allocation:
             if not self.per_layer:
                 raise ValueError("manual allocation needs per_layer sparsities")
             self.per_layer = tuple(float(x) for x in self.per_layer)
-            if not all(0.0 <= x <= 0.95 for x in self.per_layer):
-                raise ValueError("per-layer sparsities must be in [0, 0.95]")
+            if not all(0.0 <= x <= MAX_LAYER_SPARSITY for x in self.per_layer):
+                raise ValueError(f"per-layer sparsities must be in [0, {MAX_LAYER_SPARSITY}]")
         if self.epsilon <= 0:
             raise ValueError("epsilon must be positive")
         if not 0 < self.max_layer < 1:
@@ -105,7 +108,7 @@ class LayerwiseConfig:
                           help="auto allocation: φ_i ∝ softmax(−BI_i/ε); small ε prunes "
                                "low-influence layers harder", advanced=True)
     layer_sparsity: tuple[float, ...] | None = knob(
-        None, kind="floats", label="Per-layer sparsity", low=0.0, high=0.95, optional=True,
+        None, kind="floats", label="Per-layer sparsity", low=0.0, high=MAX_LAYER_SPARSITY, optional=True,
         help="manual allocation: one sparsity per layer, comma-separated")
     batch_size: int = knob(8, kind="int", label="Calibration batch", low=1, high=4096, flag="--calib-batch",
                            help="calibration sequences per forward pass", advanced=True)
@@ -180,8 +183,8 @@ def inner_widths(base, sparsity: float, attn_share: float | None = None, extra_m
     else:
         p_attn = D * (H + Hkv) * hd + D * Hkv * hd + H * hd * D
         p_mlp = 3 * D * m
-        s_attn = min(0.95, attn_share * sparsity)
-        s_mlp = min(max((sparsity * (p_attn + p_mlp) - s_attn * p_attn) / p_mlp, 0.0), 0.95)
+        s_attn = min(MAX_LAYER_SPARSITY, attn_share * sparsity)
+        s_mlp = min(max((sparsity * (p_attn + p_mlp) - s_attn * p_attn) / p_mlp, 0.0), MAX_LAYER_SPARSITY)
     keep = 1.0 - s_attn
     spec.update(qk_dim=2 * max(1, round(keep * hd / 2)), v_dim=max(1, round(keep * hd)),
                 mlp_dim=max(1, round((1 - s_mlp) * m) - extra_mlp_cut))

@@ -1,21 +1,28 @@
 """The Compress tab: model, method, target and allocation (with a per-layer editor), calibration,
-method options (generated from the configs' knobs), a live forecast, and the job with its progress."""
+method options (generated from the configs' knobs), a live forecast, the job with its progress, and
+recovery training (heal) of the selected run. :meth:`CompressTab.build` lays it out, :meth:`CompressTab.wire`
+connects it; the handlers are the tab's other methods."""
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import gradio as gr
 
 import viz
-from compression.data import TextSpec
 from compression.heal import HealConfig
 from compression.methods import METHODS
+from compression.models import PACKAGED_MODELS
 from compression.pipeline import Stages, compress_and_measure, heal_and_measure
 
-from . import forms
+from . import calibration_form, forms
+from .calibration_form import (CALIBRATION_CPU, CALIBRATION_GPU, CALIBRATION_SOURCES, CUSTOM,  # noqa: F401
+                               MAX_CALIB_CHARS, MAX_CHAT_EVAL, SOURCE_NOTES, calibration_line, calibration_spec)
 from .common import OK, STOP, WARN, Context, millions, user_errors
 from .jobs import progress_html, watch
-from .runs import Run, Stopped, read_text_upload
+from .page import HIDDEN, HOVER, JOB, LAST, knob_info, knob_slider, option_control
+from .runs import Run, Stopped
+from .space import cpu_notice
 
 DEFAULT_METHOD = "modegpt"  # leads BENCHMARKS.md at ratio 0.25 (with automatic allocation)
 DEFAULT_ALLOCATION = "auto"
@@ -23,33 +30,6 @@ DEFAULT_ALLOCATION = "auto"
 # MoDeGPT at 0.1 scores chat KL 0.26 / top-1 0.79 against the dense replies, at 0.25 KL 0.87 / 0.61
 # (32 × 512 tokens); at the app's defaults (wiki+self-chat, 16 × 256) 0.1 measured KL 0.63 / top-1 0.65.
 DEFAULT_RATIO = 0.1
-# Calibration (samples, tokens each) the page starts from: the papers' 64 × 512 on a GPU; 32 × 512 on a
-# CPU, which the one-pass path compresses in about 1.5 plain forwards (bench/latency.json). 16 × 256,
-# the earlier CPU default, cost MoDeGPT 0.25 1.68× the perplexity of 64 × 512 (50.29 vs 29.97).
-CALIBRATION_GPU, CALIBRATION_CPU = (64, 512), (32, 512)
-MAX_CALIB_TOKENS = 1 << 20  # samples × length cap, so one request cannot hold the slot for hours
-MAX_CALIB_CHARS = 2_000_000  # custom text kept (a million tokens is about 4 MB of prose)
-MAX_CALIB_FILE_BYTES = 8 << 20
-MAX_CHAT_EVAL = 32  # the shipped held-out instructions
-CUSTOM = "custom"
-# only these: the library's text:FILE and hf:NAME sources would read server files or the network
-CALIBRATION_SOURCES = [("Wikipedia (offline split)", "wiki"),
-                       ("self-chat: the model's own replies, chat template applied", "self-chat"),
-                       ("source code (pinned package)", "code"),
-                       ("wiki + self-chat, half each", "wiki+self-chat"),
-                       ("custom text (typed or a .txt upload)", CUSTOM)]
-SOURCE_NOTES = {
-    "wiki": "Offline Wikipedia summaries (the calibration split; evaluation never reads it).",
-    "self-chat": "The model's own sampled replies to 220 shipped instructions under its chat template. "
-                 "**The first use on a model generates them (minutes on CPU)**; they are cached after.",
-    "code": "Source files of a pinned package: for code models.",
-    "wiki+self-chat": "Half the sequences from each. **The first use on a model generates its self-chat "
-                      "replies (minutes on CPU)**; they are cached after.",
-    CUSTOM: "Your text: type it below or upload a UTF-8 .txt file "
-            f"(up to {MAX_CALIB_FILE_BYTES >> 20} MB; an upload takes precedence).",
-}
-
-
 def _same(value, shown) -> bool:
     """Whether a slider that shows ``shown`` already shows ``value`` (to its 0.01 step)."""
     try:
@@ -131,7 +111,7 @@ class CompressTab:
         if blocks:
             ok = values and all(0 <= v < num_layers for v in values) and all(float(v).is_integer() for v in values)
             return gr.update() if ok and "." not in (per_layer or "") else ""
-        ok = len(values) == num_layers and all(0 <= v <= 0.95 for v in values)
+        ok = len(values) == num_layers and all(0 <= v <= forms.MAX_LAYER_VALUE for v in values)
         return gr.update() if ok else ",".join([f"{float(ratio):.2f}"] * num_layers)
 
     @staticmethod
@@ -175,8 +155,9 @@ class CompressTab:
             with user_errors():
                 info = self.ctx.store.info((name or "").strip())
                 k, mean, epsilon = int(k or 0), float(mean), float(epsilon or 0.1)
-                if not 0.0 <= mean <= 0.9 or not 0 < epsilon <= 10:
-                    raise ValueError("the preset's mean must be in [0, 0.9] and ε in (0, 10]")
+                if not forms.RATIO.low <= mean <= forms.RATIO.high or not 0 < epsilon <= 10:
+                    raise ValueError(f"the preset's mean must be in [{forms.RATIO.low:g}, {forms.RATIO.high:g}] "
+                                     "and ε in (0, 10]")
                 influence = None
                 blocks = _edits_blocks(method)
                 if preset != "uniform" and (blocks or preset.startswith("automatic")):
@@ -220,7 +201,7 @@ class CompressTab:
             values = forms.parse_list(per_layer or "", float, "values")
         except ValueError:
             return gr.update(interactive=False)
-        mean = round(min(max(sum(values) / len(values), 0.0), 0.9), 2) if values else ratio
+        mean = round(min(max(sum(values) / len(values), forms.RATIO.low), forms.RATIO.high), 2) if values else ratio
         update = dict(interactive=False, label="Target ratio (manual: mean of the per-layer values)")
         return gr.update(**update) if _same(mean, ratio) else gr.update(value=mean, **update)
 
@@ -229,12 +210,6 @@ class CompressTab:
     def default_source(method):
         """The calibration picker's value when the method changes: the method's default source."""
         return METHODS[method].calibration if method in METHODS else gr.update()
-
-    @staticmethod
-    def calibration_layout(source):
-        """(note on the source, custom-text box, upload): the box and upload only for custom text."""
-        custom = source == CUSTOM
-        return SOURCE_NOTES.get(source, ""), gr.update(visible=custom), gr.update(visible=custom)
 
     def compress(self, session, model_name, method, ratio, allocation="auto", per_layer="", slicing=False,
                  calib_samples=16, calib_len=256, seed=0, batch_size=8, epsilon=0.1, calib_text="",
@@ -326,6 +301,152 @@ class CompressTab:
         value = value or (choices[-1][1] if choices else None)
         return gr.update(choices=choices, value=value)
 
+    # --- layout and wiring ---------------------------------------------------------------------
+    def build(self, default_model: str) -> SimpleNamespace:
+        """Lay out the tab (inside ``gr.Tab``); returns its components by name."""
+        gpu = self.ctx.on_gpu
+        info_md, n0 = self.model_info(default_model)
+        c = SimpleNamespace()
+        notice = cpu_notice(gpu)
+        if notice:
+            gr.Markdown(notice)
+        with gr.Row():
+            with gr.Column(scale=3):
+                c.model = gr.Dropdown(list(dict.fromkeys([default_model, *PACKAGED_MODELS])), value=default_model,
+                                      allow_custom_value=True, label="Model",
+                                      info="packaged name, Hugging Face id or local folder")
+                c.model_md = gr.Markdown(info_md)
+                c.n_layers = gr.Number(n0, visible=False, precision=0)
+                c.method = gr.Radio([(m.label, m.name) for m in METHODS.values()], value=DEFAULT_METHOD,
+                                    label="Method")
+                c.method_md = gr.Markdown(METHODS[DEFAULT_METHOD].summary)
+                c.ratio = knob_slider(forms.RATIO, DEFAULT_RATIO, label=forms.RATIO.label, info=forms.RATIO.help,
+                                      elem_classes=HOVER)
+                c.allocation = gr.Radio([(forms.ALLOCATION_LABELS[a], a) for a in forms.ALLOCATION_LABELS],
+                                        value=DEFAULT_ALLOCATION, label="Allocation over layers", elem_classes=HOVER,
+                                        info="uniform: same everywhere; automatic: by Block Influence (layer "
+                                             "dropping: the blocks it drops); manual: per layer")
+                c.slicing = gr.Checkbox(False, label="Target is the slicing fraction (paper's knob)",
+                                        info="fraction of hidden dimensions deleted instead of parameters removed",
+                                        elem_classes=HOVER, visible=False)
+                c.per_layer = gr.Textbox("", label="Per-layer values", elem_classes=HOVER, visible=False,
+                                         info="manual allocation: block indices to drop (layer dropping) or one "
+                                              "value per layer, comma-separated; press Enter to update the sliders")
+                self._build_editor(c)
+            with gr.Column(scale=2):
+                c.forecast_md = gr.Markdown("### Forecast")
+                c.calib = calibration_form.build(gpu, METHODS[DEFAULT_METHOD].calibration)
+                with gr.Accordion("Method options", open=False):
+                    c.epsilon = gr.Number(forms.EPSILON.default, label=forms.EPSILON.label, elem_classes=HOVER,
+                                          info=knob_info(forms.EPSILON))
+                    c.groups, c.options = {}, {}
+                    for name in METHODS:
+                        with gr.Group(visible=name == DEFAULT_METHOD) as c.groups[name]:
+                            mine = [k for m, k in forms.option_knobs() if m == name]
+                            if not mine:
+                                gr.Markdown(f"{METHODS[name].label} has no further options.")
+                            for k in mine:
+                                c.options[forms.option_param(name, k)] = option_control(k)
+                with gr.Row():
+                    c.go_btn = gr.Button("Compress", variant="primary")
+                    c.stop_btn = gr.Button("Stop", variant="stop")
+                c.progress = gr.HTML("")
+                c.status = gr.Markdown("")
+                with gr.Accordion("Run summary", open=False):
+                    c.summary = gr.JSON(label="report")
+        self._build_heal(c, gpu)
+        return c
+
+    @staticmethod
+    def _build_editor(c: SimpleNamespace) -> None:
+        """Presets and the per-layer editor: fixed components shown as needed (components made by
+        gr.render orphan their listeners when it redraws while an update is on its way)."""
+        with gr.Row(visible=False, equal_height=True) as c.preset_row:
+            c.preset = gr.Dropdown(list(forms.PRESETS), value=forms.PRESETS[1], label="Preset", elem_classes=HOVER,
+                                   info="Block Influence: the dense model's, computed once")
+            c.preset_k = gr.Number(2, precision=0, minimum=0, maximum=64, label="k", elem_classes=HOVER,
+                                   info="layers spared at each end")
+            c.preset_mean = knob_slider(forms.RATIO, 0.25, label="Mean ratio")
+            c.preset_btn = gr.Button("Apply preset", scale=0, min_width=120)
+        c.preset_md = gr.Markdown("")
+        with gr.Row(equal_height=True, visible=False) as c.slider_row:
+            c.sliders = [gr.Slider(forms.PER_LAYER.low, forms.MAX_LAYER_VALUE, value=0.25, step=0.01,
+                                   label=f"layer {i}", min_width=110, interactive=True, visible=False)
+                         for i in range(forms.MAX_SLIDERS)]
+        c.drop_box = gr.CheckboxGroup([], label="Blocks to drop", interactive=True, visible=False)
+
+    @staticmethod
+    def _build_heal(c: SimpleNamespace, gpu: bool) -> None:
+        with gr.Accordion("Recovery training (heal) of the selected run", open=False):
+            gr.Markdown("A short causal-LM fine-tune of the compressed model on calibration text (after the "
+                        "tokens it was calibrated on), LoRA merged back, or every parameter with rank 0. It "
+                        "changes the run's model in place.")
+            with gr.Row():
+                c.heal_tokens = gr.Number(1_000_000 if gpu else 16_384, precision=0, label="Tokens",
+                                          elem_classes=HOVER, info="training budget; LayerChop uses far more")
+                c.heal_rank = gr.Number(8, precision=0, label="LoRA rank", elem_classes=HOVER,
+                                        info="0 trains every parameter")
+                c.heal_len = gr.Number(256, precision=0, label="Sequence length")
+                c.heal_windows = gr.Number(32 if gpu else 4, precision=0, label="Perplexity windows",
+                                           elem_classes=HOVER, info="held-out windows measured before and after (0: skip)")
+            with gr.Row():
+                c.heal_btn = gr.Button("Heal")
+                c.heal_stop = gr.Button("Stop healing", variant="stop")
+            c.heal_progress = gr.HTML("")
+            c.heal_md = gr.Markdown("")
+            c.heal_plot = gr.Plot(label="loss")
+
+    def wire(self, page, c: SimpleNamespace, demo, state, run_dd) -> tuple:
+        """Connect the tab's events; returns the (compress, heal) events for the runs view to follow."""
+        cal = c.calib
+        c.model.change(self.model_info, c.model, [c.model_md, c.n_layers], **HIDDEN)
+        gr.on([demo.load, c.method.change, c.allocation.change], self.layout, [c.method, c.allocation],
+              [c.allocation, c.method_md, c.slicing, c.per_layer, c.preset_row, c.epsilon, *c.groups.values()],
+              **HIDDEN, **LAST)
+
+        # The per-layer text drives the sliders, the read-only target and the forecast: they are chained
+        # after the user's typing (`input`) and after each handler that writes the text. Not the textbox's
+        # `change`: on a busy server it kept firing for one edit and set back a value typed in a slider.
+        def follow_text(event, sliders_too=True):
+            if sliders_too:
+                event = event.then(self.editor_values, [c.per_layer, c.method, c.n_layers, *c.sliders],
+                                   [c.drop_box, *c.sliders], **HIDDEN)
+            event = event.then(self.achieved_target, [c.method, c.allocation, c.per_layer, c.ratio], c.ratio, **HIDDEN)
+            return event.then(self.forecast, [c.model, c.method, c.ratio, c.allocation, c.per_layer, c.slicing],
+                              c.forecast_md, **HIDDEN)
+
+        follow_text(c.preset_btn.click(self.preset, [c.model, c.method, c.preset, c.preset_k, c.preset_mean,
+                                                     c.epsilon], [c.per_layer, c.preset_md], **HIDDEN, **JOB))
+        follow_text(gr.on([c.allocation.change, c.method.change, c.n_layers.change], self.default_per_layer,
+                          [c.method, c.allocation, c.ratio, c.n_layers, c.per_layer], c.per_layer, **HIDDEN, **LAST))
+        gr.on([demo.load, c.n_layers.change, c.method.change, c.allocation.change], self.editor_layout,
+              [c.n_layers, c.method, c.allocation], [c.slider_row, c.drop_box, *c.sliders], **HIDDEN, **LAST)
+        follow_text(c.per_layer.input(self.editor_values, [c.per_layer, c.method, c.n_layers, *c.sliders],
+                                      [c.drop_box, *c.sliders], **HIDDEN, **LAST), sliders_too=False)
+        follow_text(gr.on([s.release for s in c.sliders], self.slider_text, [c.n_layers, *c.sliders], c.per_layer,
+                          **HIDDEN, **LAST), sliders_too=False)
+        follow_text(c.drop_box.input(forms.indices_text, c.drop_box, c.per_layer, **HIDDEN, **LAST),
+                    sliders_too=False)
+        # method, allocation and layer-count changes reach the target and forecast through the chain above
+        gr.on([demo.load, c.model.change, c.ratio.change, c.slicing.change], self.forecast,
+              [c.model, c.method, c.ratio, c.allocation, c.per_layer, c.slicing], c.forecast_md, **HIDDEN, **LAST)
+        c.method.change(self.default_source, c.method, cal.calib_source, **HIDDEN)
+        cal.calib_source.change(calibration_form.calibration_layout, cal.calib_source,
+                                [cal.calib_note, cal.calib_text, cal.calib_file], **HIDDEN)
+        inputs = [state, c.model, c.method, c.ratio, c.allocation, c.per_layer, c.slicing, cal.calib_samples,
+                  cal.calib_len, cal.seed, cal.batch_size, c.epsilon, cal.calib_text, cal.ppl_windows,
+                  *c.options.values(), cal.calib_source, cal.calib_file, cal.chat_eval]
+        compress_evt = page.endpoint([c.go_btn.click], with_option_params(self.compress), inputs,
+                                     [c.progress, c.status, c.summary, run_dd, state], c.status, clear=[c.progress],
+                                     api_name="compress", trigger_mode="once", show_progress="hidden", **JOB)
+        c.stop_btn.click(self.stop, state, c.status, cancels=[compress_evt], queue=False, **HIDDEN)
+        heal_evt = page.endpoint([c.heal_btn.click], self.heal, [state, run_dd, c.heal_tokens, c.heal_rank,
+                                                                 c.heal_len, c.heal_windows],
+                                 [c.heal_progress, c.heal_md, c.heal_plot], c.heal_md, clear=[c.heal_progress],
+                                 api_name="heal", show_progress="hidden", **JOB)
+        c.heal_stop.click(self.stop, state, c.heal_md, cancels=[heal_evt], queue=False, **HIDDEN)
+        return compress_evt, heal_evt
+
     # --- healing -------------------------------------------------------------------------------
     def heal(self, session, run_id, tokens=16384, lora_rank=8, seq_len=256, ppl_windows=4):
         """Recovery-train the run's compressed model in place; yields (progress, status, loss figure)."""
@@ -363,37 +484,3 @@ class CompressTab:
         status = (f"{OK} healed **{run.id}** on {rec['tokens']:,} tokens in {rec['seconds']:.0f} s · loss "
                   f"{rec['loss'][0]:.3f} → {rec['loss'][-1]:.3f}{ppl}")
         yield progress_html(state, "Heal"), status, viz.loss_figure(rec["loss"], rec.get("tokens_seen"))
-
-
-# --- calibration -----------------------------------------------------------------------------------
-
-def calibration_spec(samples, length, source, text, upload) -> TextSpec:
-    """The TextSpec of the form's calibration fields (ValueError / RunError on bad input). Custom text
-    stays in memory: an upload is read from gradio's upload folder and never written anywhere."""
-    samples, length = int(samples), int(length)
-    if samples < 1 or length < 2 or samples * length > MAX_CALIB_TOKENS:
-        raise ValueError(f"calibration must be 1 to {MAX_CALIB_TOKENS:,} tokens (samples ≥ 1, length ≥ 2)")
-    source, text = (source or "").strip(), (text or "").strip()
-    if not source:  # API callers from before the source picker
-        source = CUSTOM if text or upload else "wiki"
-    if source not in {v for _, v in CALIBRATION_SOURCES}:
-        raise ValueError(f"calibration source must be one of {', '.join(v for _, v in CALIBRATION_SOURCES)}")
-    if source != CUSTOM:
-        return TextSpec(samples, length, source=source)
-    if isinstance(upload, dict):  # the API may send gradio's FileData dict
-        upload = upload.get("path")
-    if upload:
-        text = read_text_upload(upload, MAX_CALIB_FILE_BYTES).strip()
-    if not text:
-        raise ValueError("custom calibration: type the text or upload a .txt file")
-    return TextSpec(samples, length, text[:MAX_CALIB_CHARS])
-
-
-def calibration_line(report: dict) -> str:
-    """The report's calibration record in one line: ``wiki · 16 × 256 = 4,096 tokens · fingerprint …``."""
-    cal = report.get("calibration") or {}
-    source = {"text": "custom text"}.get(cal.get("source"), cal.get("source") or "?")
-    shape = (f" · {cal['samples']} × {cal['seq_len']}" if cal.get("samples") and cal.get("seq_len") else "")
-    tokens = f" = {cal['tokens']:,} tokens" if isinstance(cal.get("tokens"), int) else ""
-    digest = f" · fingerprint {str(cal['fingerprint'])[:8]}" if cal.get("fingerprint") else ""
-    return f"{source}{shape}{tokens}{digest}"

@@ -1,20 +1,30 @@
 """Form values -> method configs, and the controls for every method option, from the knob metadata.
 
-The Compress tab has hand-made controls for what every method shares (the target, the allocation over
-layers with its per-layer editor, the calibration batch); every other knob of a method's config
-becomes a control in that method's option group automatically (:func:`option_knobs`), and reaches
-the handler as ``<method>_<knob>``. Adding a knob to a method is one field in its config.
+The Compress tab lays out its own controls for what every method shares (the target, the allocation
+over layers with its per-layer editor, ε, the calibration batch), their ranges and help read from the
+shared knobs' declarations (:data:`RATIO`, :data:`PER_LAYER`, ...); every other knob of a method's config
+becomes a control in that method's option group automatically (:func:`option_knobs`), and reaches the
+handler as ``<method>_<knob>``. Each method turns the values into its config (``Method.from_form``).
+Adding a knob to a method is one field in its config.
 """
 from __future__ import annotations
 
-from compression.knobs import Knob, parse_list
+from compression.knobs import Knob, knobs, parse_list
 from compression.methods import METHODS, get
-from compression.plan import FormInput
+from compression.plan import FormInput, LayerwiseConfig
 
 # Knobs with their own hand-made controls in the Compress tab.
 CORE = ("ratio", "allocation", "epsilon", "layer_sparsity", "widths", "layers", "slicing", "batch_size")
 ALLOCATION_LABELS = {"uniform": "uniform", "auto": "automatic", "manual": "manual"}
 REACH_TOLERANCE = 0.02  # a plan removing this much less than the target counts as unreachable
+
+
+def core_knob(name: str) -> Knob:
+    """The declaration behind one of the shared controls (its range, label and help)."""
+    return next(k for k in knobs(LayerwiseConfig) if k.name == name)
+
+
+RATIO, PER_LAYER, EPSILON, BATCH = (core_knob(n) for n in ("ratio", "layer_sparsity", "epsilon", "batch_size"))
 
 
 def option_knobs() -> list[tuple[str, Knob]]:
@@ -100,7 +110,7 @@ def get_label(config) -> str:
 
 
 # --- the per-layer editor: sliders (or checkboxes) <-> the text field, and presets ---------------
-MAX_LAYER_VALUE = 0.95  # the library's ceiling for one layer's sparsity (and slicing fraction)
+MAX_LAYER_VALUE = PER_LAYER.high  # the library's ceiling for one layer's sparsity (and slicing fraction)
 MAX_SLIDERS = 64  # deeper models are edited in the text field alone
 PRESETS = ("uniform", "automatic (Block Influence)", "spare first/last k")
 

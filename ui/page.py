@@ -1,0 +1,73 @@
+"""What every tab's layout and wiring share: event settings, the named-endpoint plumbing, knob controls.
+
+Each tab module lays out its own components (``build``) and wires its own events (``wire``); app.py only
+assembles the tabs and the few events that cross them. Import this inside a ``gr.Blocks`` context only
+for :class:`Page` (it places a hidden button).
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from compression.knobs import Knob
+
+from . import jobs
+from .common import ACCEL, on_page
+
+HOVER = ["hover-info"]                           # controls whose help shows under the label, marked "?"
+HIDDEN = dict(api_visibility="private")         # page-only events: no API endpoint of their own
+LAST = dict(trigger_mode="always_last")         # a change while the previous update runs is not lost
+JOB = dict(concurrency_id=ACCEL, concurrency_limit=1)  # runs a model: one at a time, whoever asks
+
+CSS = jobs.CSS + """
+.hover-info {overflow: visible !important;}
+.hover-info label {position: relative;}
+.hover-info [data-testid="block-info"]::after {content: "?"; display: inline-block; width: 1.2em;
+  height: 1.2em; margin-left: 0.4em; border: 1px solid currentColor; border-radius: 50%; font-size: 0.75em;
+  line-height: 1.1em; text-align: center; opacity: 0.55;}
+.chat-panes .bubble-wrap {margin-top: 2.25rem; height: calc(100% - 2.25rem); padding-top: 0.25rem;}
+.compare-table .cell-wrap {font-family: var(--font); font-size: var(--text-sm);}
+"""  # knobs show their help under the label; the "?" marks that they have some. Chat panes: gradio's
+# Chatbot floats its label and buttons (absolute, top 0) over the scrolling message list, whose top
+# padding scrolls away with the messages, so a scrolled user message slid under the pane's header;
+# the list now starts below the header, which clips it there.
+
+
+class Page:
+    """The page's event plumbing: :meth:`endpoint` registers a page event and, with ``api_name``, the
+    named endpoint for scripts on a hidden button that is never clicked."""
+
+    def __init__(self):
+        self.api_only = gr.Button(visible=False)
+
+    def endpoint(self, triggers, fn, inputs, outputs, status, clear=(), api_name=None, **kwargs):
+        """The page's event, where user errors show as text in ``status`` (added to the outputs when
+        it is not one of them), and with ``api_name`` the named endpoint for scripts, where they
+        still raise (gradio_client gets an exception)."""
+        if api_name:  # registered first, so it gets the name itself
+            self.api_only.click(fn, inputs, outputs, api_name=api_name, **kwargs)
+        shown = outputs if status in outputs else [*outputs, status]
+        page = on_page(fn, len(outputs), shown.index(status), tuple(outputs.index(c) for c in clear))
+        return gr.on(triggers, page, inputs, shown, **HIDDEN, **kwargs)
+
+
+def knob_info(k: Knob) -> str:
+    return k.help + (f" · range {k.range_text()}" if k.range_text() else "")
+
+
+def option_control(k: Knob):
+    """A gradio control for one method knob (from its metadata)."""
+    info = knob_info(k)
+    if k.kind == "bool":
+        return gr.Checkbox(k.default, label=k.label, info=info, elem_classes=HOVER)
+    if k.kind in ("float", "int"):
+        return gr.Number(k.default, label=k.label, info=info, elem_classes=HOVER,
+                         precision=0 if k.kind == "int" else None)
+    if k.choices:
+        return gr.Dropdown(list(k.choices), value=k.default, label=k.label, info=info, elem_classes=HOVER)
+    return gr.Textbox("" if k.default is None else str(k.default), label=k.label, info=info,
+                      elem_classes=HOVER)
+
+
+def knob_slider(k: Knob, value: float, step: float = 0.01, **kwargs):
+    """A slider over a knob's declared range (so the range is written once, in the config)."""
+    return gr.Slider(k.low, k.high, value=value, step=step, **kwargs)
