@@ -12,10 +12,10 @@
 - ``ppl_wiki_modegpt_025``: MoDeGPT 0.25 at the app's default calibration and allocation, measured on
   32 × 1024 wiki evaluation windows (as the 64 × 512 reference row in BENCHMARKS.md);
 - each run's stage breakdown (``report.timing``);
-- ``inference``: prefill and decode tokens/s of the four methods at 0.25 (each compressed at the app's
-  default calibration and its own default allocation) against the dense model, at batch 1 and batch
+- ``inference``: prefill and decode tokens/s of the four methods at 0.25 (each method's headline
+  variant, compressed at the app's default calibration) against the dense model, at batch 1 and batch
   16, all models alternating in one process (:func:`compression.evaluate.speed_side_by_side`);
-  ``--no-inference`` skips it.
+  ``--no-inference`` skips it, ``--inference-only`` adds it to an existing results file.
 
 Results go to the JSON file and to BENCHMARKS.md's "Latency of the app's default run" section.
 """
@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,34 +61,43 @@ def app_run(tab, session, ratio: float) -> tuple[float, dict]:
     return seconds, run.report
 
 
-INFERENCE_METHODS = ("slicegpt", "modegpt", "olica", "layerdrop")
-# (batch, prompt tokens, new tokens, rounds): batch 1 is the chat case; batch 16 the throughput case
-# the MoDeGPT paper's "+46% throughput" speaks of (shorter prompts keep it to minutes on 2 cores).
-INFERENCE_SETTINGS = ((1, 256, 64, 5), (16, 128, 32, 3))
+# (batch, prompt tokens, new tokens, rounds): batch 1 is the chat case (the Evaluate tab's 512-token
+# prompt); batch 16 the throughput case the MoDeGPT paper's "+46% throughput" speaks of (shorter
+# prompts keep it to minutes on 2 cores).
+INFERENCE_SETTINGS = ((1, 512, 64, 5), (16, 128, 32, 5))
+
+
+def paired_ratio(rates: list[float], dense_rates: list[float]) -> float:
+    """Median over rounds of (model's rate ÷ the dense rate of the same round): the rounds alternate,
+    so the ratio within a round cancels the machine's drift between rounds."""
+    return statistics.median(r / d for r, d in zip(rates, dense_rates))
 
 
 def inference(store, dense, tokenizer, spec, ratio: float = 0.25) -> dict:
-    """Prefill/decode tokens/s of each method at ``ratio`` vs dense, per batch setting; each rate also
-    as a multiple of the dense model's in the same rounds."""
-    from compression.methods import METHODS
+    """Prefill/decode tokens/s of each method's headline variant at ``ratio`` (MoDeGPT with automatic
+    allocation, as the app starts) against dense, per batch setting, with × dense per round."""
     from compression.evaluate import sizes, speed_side_by_side
+    from compression.methods import METHODS
     from compression.pipeline import compress_and_measure
 
-    models, params = {"dense": dense}, {"dense": sizes(dense)["params"]}
+    models, params, unequal = {"dense": dense}, {"dense": sizes(dense)["params"]}, {}
     calibration = store.calibration("smollm2-135m", spec)
-    for name in INFERENCE_METHODS:
-        config = METHODS[name].make_config({"ratio": ratio})
+    for name, m in METHODS.items():
+        config = m.make_config({**m.headline, "ratio": ratio})
         model, _ = compress_and_measure("smollm2-135m", dense, tokenizer, config, spec, cache=store.dense,
                                         calibration=calibration, time_forward=False)
         models[name], params[name] = model.eval(), sizes(model)["params"]
+        attns = [getattr(layer, "self_attn", None) for layer in model.model.layers]
+        unequal[name] = sum(getattr(a, "qk_dim", 0) != getattr(a, "v_dim", 0) for a in attns if a is not None)
         print(f"compressed {name}: {params[name]:,} params", flush=True)
-    out = {"ratio": ratio, "params": params, "settings": []}
+    out = {"ratio": ratio, "params": params, "variants": {n: m.headline for n, m in METHODS.items()},
+           "layers_with_unequal_qk_v": unequal, "settings": []}
     for batch, prompt_len, new_tokens, rounds in INFERENCE_SETTINGS:
         speeds = speed_side_by_side(models, prompt_len, new_tokens, rounds, batch=batch, memory=False)
-        dense_rates = speeds["dense"]
+        base = speeds["dense"]
         rows = {name: {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
-                       "prefill_vs_dense": r["prefill_tok_s"] / dense_rates["prefill_tok_s"],
-                       "decode_vs_dense": r["decode_tok_s"] / dense_rates["decode_tok_s"],
+                       "prefill_vs_dense": paired_ratio(r["prefill_tok_s_rounds"], base["prefill_tok_s_rounds"]),
+                       "decode_vs_dense": paired_ratio(r["decode_tok_s_rounds"], base["decode_tok_s_rounds"]),
                        "prefill_rounds": r["prefill_tok_s_rounds"], "decode_rounds": r["decode_tok_s_rounds"]}
                 for name, r in speeds.items()}
         out["settings"].append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -204,7 +214,9 @@ def inference_markdown(inf: dict | None) -> list[str]:
     for st in inf["settings"]:
         head += [f"prefill b{st['batch']}", f"decode b{st['batch']}"]
     lines = [f"### Inference speed at {inf['ratio']}", "",
-             "Tokens/s of the whole batch (median over rounds; × dense in the same rounds). Settings: "
+             "Tokens/s of the whole batch (median over rounds; × dense: the median of each round's ratio to "
+             "the dense model, rounds alternating between all models in one process). Each method's headline "
+             "variant (MoDeGPT with automatic allocation, as the app starts). Settings: "
              + "; ".join(f"batch {st['batch']}: {st['prompt_len']}-token prompts, {st['new_tokens']} greedy "
                          f"tokens, {st['rounds']} rounds" for st in inf["settings"]) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -192,3 +192,27 @@ def test_qwen2_plan_counts_the_folded_bias():
     model = tiny_model("qwen2", layers=2)
     compressed, report = compress(model, MoDeGPTConfig(ratio=0.4), torch.randint(0, 100, (4, 32)))
     assert forecast(model, MoDeGPTConfig(ratio=0.4))["params"] == count_params(compressed) == report.params_compressed
+
+
+def test_unequal_qk_and_v_widths_reach_the_fused_kernel_with_the_same_logits(tokens, monkeypatch):
+    """Uniform 0.3 on head_dim 16 keeps 6 rotary pairs (q/k 12) and 11 value dims: SDPA gets q, k and
+    v padded to one width (its fused CPU kernel needs that) and answers as eager attention does, in a
+    full forward and in cached greedy decoding."""
+    out, _ = compress(tiny_model("llama"), MoDeGPTConfig(ratio=0.3), tokens)
+    attn = out.model.layers[0].self_attn
+    assert (attn.qk_dim, attn.v_dim) == (12, 11)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    ids = tokens[:2, :12]
+    assert out.model.config._attn_implementation == "sdpa"
+    fused, fused_gen = logits(out, ids), out.generate(ids[:, :6], max_new_tokens=6, do_sample=False)
+    assert seen and all(len(set(dims)) == 1 for dims in seen)
+    out.model.config._attn_implementation = "eager"
+    assert torch.allclose(fused, logits(out, ids), atol=1e-5)
+    assert torch.equal(fused_gen, out.generate(ids[:, :6], max_new_tokens=6, do_sample=False))
