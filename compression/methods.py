@@ -44,6 +44,8 @@ class Method:
     refusal: Callable | None = None
     # The variant the benchmarks' headline rows run (knob values besides the ratio).
     headline: dict = field(default_factory=dict)
+    # Shown with the forecast when the per-layer values are not parameter fractions (markdown).
+    per_layer_note: str = ""
 
     def knobs(self) -> list[Knob]:
         return knobs(self.config)
@@ -78,7 +80,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
            slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run, slicegpt.from_form, calibration="wiki+self-chat",
-           refusal=slicegpt.refusal),
+           refusal=slicegpt.refusal,
+           per_layer_note="SliceGPT's per-layer values (and the slicing-fraction target) are fractions of "
+                          "the **hidden size** deleted, the paper's knob, not of the parameters: the skip "
+                          "matrices it adds between layers give some back, so a fraction removes fewer block "
+                          "parameters than it says; the forecast above counts them."),
     Method("layerdrop", "Layer dropping (ShortGPT / LayerChop)", "Deletes whole decoder blocks, those "
            "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
            "optional recovery training heals the model (arXiv 2305.14864).",

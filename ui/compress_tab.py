@@ -187,11 +187,14 @@ class CompressTab:
             return f"### Forecast\n{WARN} {err}"
         mb = 2 ** 20
         dtype = str(self.ctx.store.dtype).split(".")[-1]
+        m = METHODS.get(method)
+        fractions = forms.allocation_value(allocation) == "manual" or bool(slicing)
+        note = f"\n\n{m.per_layer_note}" if m is not None and m.per_layer_note and fractions else ""
         return (f"### Forecast\n| | dense | compressed |\n|---|---:|---:|\n"
                 f"| parameters | {millions(fc['params_dense'])} | **{millions(fc['params'])}** |\n"
                 f"| weights ({dtype}) | {fc['bytes_dense'] / mb:,.1f} MB | **{fc['bytes'] / mb:,.1f} MB** |"
                 f"\n\nBlocks lose **{fc['ratio']:.1%}** of their parameters; the whole model "
-                f"{1 - fc['params'] / fc['params_dense']:.1%}.")
+                f"{1 - fc['params'] / fc['params_dense']:.1%}.{note}")
 
     def achieved_target(self, method, allocation, per_layer, ratio):
         """In manual mode the target slider shows the mean of the per-layer values, read-only."""
