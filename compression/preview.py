@@ -1,0 +1,488 @@
+"""The trade-off explorer: what a setting will cost, forecast from one pass over the dense model.
+
+:func:`collect` runs the calibration tokens through the dense model once (block inputs captured once,
+each dense block run once on the dense stream) and keeps per layer the statistics every method's
+choices are made from: the Gram of the attention input (the input norm's output, D × D), the Gram of
+the MLP's intermediate activations z = act(h W_gateᵀ) ⊙ h W_upᵀ (m × m), Block Influence, the energy of
+each module's output and of the stream, and 1-D error curves derived from them (one value per kept
+width). :func:`predict` then answers any config of any method from those curves alone: the method's
+own :meth:`~compression.methods.Method.plan` (automatic allocation from the statistics' Block
+Influence, the same scores the method measures on the same tokens) sets the widths, and each layer's
+errors are looked up at them — milliseconds per setting, no model.
+
+What the curves are, module by module (``f`` is a relative *squared* error; the reported errors are
+relative Frobenius errors, √f, as in every report's ``layers[i].errors``):
+
+- MoDeGPT's MLP — **exact** on the calibration tokens: the channels are kept by ridge leverage
+  (:func:`compression.ops.nystrom_mlp`) and down_proj is refitted by least squares. With P the
+  leverage order and L the Cholesky factor of P C Pᵀ, the refit error of the first k channels is
+  Σ_{j≥k} ‖(W_down Pᵀ L)[:, j]‖² (one factorisation gives every k), divided by tr(W_down C W_downᵀ).
+- Olica's MLP — **exact** on the calibration tokens: neurons kept by ‖z_j‖·‖W_down[:, j]‖ with no
+  refit, so the error is the dropped part of the output energy, Σ_{i,j dropped} (W_downᵀW_down)_ij C_ij.
+  Its linear calibration branches (added afterwards on the layers whose residual a linear map predicts
+  best) are **not** forecast: on those layers the measured error is lower than forecast.
+- Value-output per kv group — exact in the correlation-weighted norm the decomposition minimises (the
+  discarded squared singular values of :func:`compression.ops.vo_decomposition`), a **proxy** for the
+  attention output's error: softmax mixing between tokens is not in that norm.
+- Query-key rotary-pair cuts — a **proxy**: the discarded share of the squared pair scores
+  (:func:`compression.ops.rotary_pair_scores`, the CR scores the pairs are kept by), i.e. of the
+  attention logits' energy were pairs uncorrelated; how a logit error becomes an output error is not
+  modelled. The attention error is √(f_vo + f_qk).
+- SliceGPT — a **proxy**: the discarded eigenvalue mass of the residual stream's PCA entering the MLP
+  and leaving the block, relative to the stream (the real run slices in a rotated basis built from the
+  already-sliced stream, and its per-layer "block" error accumulates over layers).
+- Layer dropping — **exact** on dense inputs: dropping block i leaves its input, so the stream loses
+  ‖x_out − x_in‖² / ‖x_out‖²; which blocks go comes from the same Block Influence the method uses.
+
+The real runs are sequential: each block is calibrated, and its error measured, on the outputs of the
+already-compressed blocks before it, while the forecast sees the dense stream everywhere; the real
+errors are also measured on held-out sequences, the curves on the calibration tokens (so MoDeGPT's
+refit, fitted in-sample, is forecast too well, more so with few tokens per MLP channel). Per layer,
+``predicted_error`` is relative to what the layer's measured errors are relative to (the block's update,
+attention + MLP outputs, for the per-block methods; the stream for SliceGPT and layer dropping), and
+``stream`` is the error energy the layer injects relative to the stream leaving it, comparable across
+methods; a setting's ``total`` is √Σ stream², the forecast the trade-off curve plots.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .arch import ARCHITECTURES, BlockView, count_params, view
+from .calibration import Gram, capture_block_inputs, cosine_influence, mlp_activations, mlp_outputs
+from .methods import Method, get, method_for
+from .modeling import CompressedDecoderLayer, block_math, dense_spec, spec_params
+from .modeling_compressed import BlockMath, Shape
+from .ops import ridge_leverage, vo_decomposition
+from .plan import MAX_LAYER_SPARSITY
+from .rewrite import keep_rotary_pairs
+
+Progress = Callable[[float, str], None]
+DEFAULT_RIDGE = 1.0  # MoDeGPT's default leverage ridge: its curve is built by collect
+
+
+@dataclass
+class LayerStatistics:
+    """One block's statistics on the dense stream (plain tensors and lists).
+
+    attn_gram: Gram of the attention input (D × D, float32; None once dropped); mlp_gram: of the MLP's
+    intermediate activations (m × m, float32; None once dropped). energy: per-token mean squared norms
+    of the block input ``stream_in``, attention output ``attn``, MLP input stream ``mid``, MLP output
+    ``mlp``, block output
+    ``stream_out`` and update ``update`` (= stream_out − stream_in). drop: relative squared error of the
+    stream when the block is dropped. Curves (index = kept width, value = relative squared error):
+    ``qk`` (kept rotary pairs per head), ``vo`` (kept value dims per kv group), ``mlp`` ({rule: curve
+    over kept channels}: ``"olica"``, ``"modegpt:<ridge>"``), ``slice_mid`` / ``slice_out`` (kept
+    directions of the stream entering the MLP / leaving the block).
+    """
+
+    index: int
+    influence: float
+    energy: dict[str, float]
+    drop: float
+    qk: list[float]
+    vo: list[float]
+    mlp: dict[str, list[float]]
+    slice_mid: list[float]
+    slice_out: list[float]
+    attn_gram: torch.Tensor | None = None
+    mlp_gram: torch.Tensor | None = None
+    z_sq: torch.Tensor | None = None       # Σ z_j² / n per channel (Olica's ranking), float64
+    w_down: torch.Tensor | None = None     # a reference to down_proj's weight (D × m), for other ridges
+
+
+@dataclass
+class Statistics:
+    """What :func:`predict` needs, from one pass over the dense model (see :func:`collect`)."""
+
+    layers: list[LayerStatistics]
+    influence: list[float]
+    params_total: int
+    params_blocks: int
+    tokens: tuple[int, int]
+    fingerprint: str
+    seconds: float
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def nbytes(self) -> int:
+        """Bytes held by the Gram matrices (the rest is a few curves per layer)."""
+        return sum(g.numel() * g.element_size() for lay in self.layers
+                   for g in (lay.attn_gram, lay.mlp_gram) if g is not None)
+
+    def drop_grams(self) -> None:
+        """Free the Gram matrices (MoDeGPT curves at a leverage ridge not built yet then fail)."""
+        for lay in self.layers:
+            lay.attn_gram = lay.mlp_gram = None
+
+    def mlp_curve(self, layer: int, rule: str, ridge: float = DEFAULT_RIDGE) -> list[float]:
+        """The MLP curve of ``layer`` for ``rule`` ("olica" or "modegpt"), built on first use for a
+        MoDeGPT leverage ridge other than the default (seconds: one Cholesky per layer)."""
+        lay = self.layers[layer]
+        key = rule if rule == "olica" else f"modegpt:{float(ridge):g}"
+        if key not in lay.mlp:
+            if lay.mlp_gram is None or lay.w_down is None:
+                raise ValueError(f"no MoDeGPT curve at leverage ridge {ridge:g}: the statistics' Gram "
+                                 "matrices were dropped; collect again")
+            lay.mlp[key] = nystrom_curve(lay.mlp_gram.double(), lay.w_down, ridge)
+        return lay.mlp[key]
+
+
+# --- the curves -----------------------------------------------------------------------------------
+
+def _cholesky(g: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a PSD matrix, with a growing diagonal jitter if it is singular."""
+    factor, info = torch.linalg.cholesky_ex(g)
+    jitter = float(g.diagonal().mean().clamp_min(1e-30)) * 1e-12
+    while int(info):
+        shifted = g.clone()
+        shifted.diagonal().add_(jitter)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        jitter *= 100
+    return factor
+
+
+def _fractions(tail: torch.Tensor) -> list[float]:
+    """A tail-energy vector (index k: what is lost keeping the first k) as fractions of the whole."""
+    total = float(tail[0])
+    return (tail / total).clamp(0.0, 1.0).tolist() if total > 0 else [0.0] * tail.numel()
+
+
+def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """[Σ_{j≥0} x_j, Σ_{j≥1} x_j, ..., x_{n-1}, 0] (n + 1 values)."""
+    return torch.cat([x.flip(0).cumsum(0).flip(0), x.new_zeros(1)])
+
+
+def nystrom_curve(c: torch.Tensor, w_down: torch.Tensor, ridge: float) -> list[float]:
+    """MoDeGPT's MLP: relative squared refit error for every number of kept channels k = 0..m.
+
+    Channels are kept in ridge-leverage order P (as :func:`compression.ops.nystrom_mlp`, λ = ridge ·
+    mean diag C) and down_proj is refitted by least squares. With G = P C Pᵀ = L Lᵀ the first k
+    columns of Z Pᵀ span the first k columns of its orthogonal factor, so the refit leaves
+    Σ_{j≥k} ‖(W_down Pᵀ L)[:, j]‖², exactly; the whole, tr(W_down C W_downᵀ), is the k = 0 value."""
+    c = c.double()
+    scores = ridge_leverage(c, float(ridge * c.diagonal().mean()))
+    order = torch.argsort(scores, descending=True, stable=True)
+    factor = _cholesky(c[order][:, order])
+    b = w_down.double()[:, order] @ factor                        # (D, m)
+    return _fractions(_reverse_cumsum(b.square().sum(0)))
+
+
+def pruning_curve(c: torch.Tensor, w_down: torch.Tensor, z_sq: torch.Tensor) -> list[float]:
+    """Olica's MLP: relative squared error for every number of kept neurons k = 0..m.
+
+    Neurons are kept by ‖z_j‖·‖W_down[:, j]‖ (:func:`compression.olica.neuron_importance`) and
+    nothing is refitted, so dropping the tail T loses Σ_{i,j∈T} (WᵀW)_ij C_ij of the output energy:
+    with H = (WᵀW) ⊙ C in that order, the tail sums Σ_{i≥k} (H_ii + 2 Σ_{j>i} H_ij), exactly."""
+    from .olica import neuron_importance
+
+    w = w_down.double()
+    order = torch.argsort(neuron_importance(z_sq, w), descending=True, stable=True)
+    wo = w[:, order]
+    h = (wo.T @ wo) * c.double()[order][:, order]
+    per_row = h.diagonal() + 2 * torch.triu(h, diagonal=1).sum(1)
+    return _fractions(_reverse_cumsum(per_row))
+
+
+def vo_curve(attn, gram: torch.Tensor) -> list[float]:
+    """Value-output: relative squared error for every number of kept value dims v = 0..head_dim, all
+    kv groups together: the discarded squared singular values of each group's correlation-weighted
+    W_V W_O (:func:`compression.ops.vo_decomposition`, the error it minimises)."""
+    H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
+    wv = attn.v_proj.weight.double().view(Hkv, hd, -1)
+    wo = attn.o_proj.weight.double().view(-1, H, hd)
+    lost = torch.zeros(hd + 1, dtype=torch.float64)
+    for g in range(Hkv):
+        w_o = torch.cat([wo[:, h, :].T for h in range(g * G, (g + 1) * G)], dim=1)
+        _, _, s2 = vo_decomposition(wv[g].T, w_o, gram, hd)
+        energy = s2.square()
+        lost[: energy.numel() + 1] += _reverse_cumsum(energy)
+    return _fractions(lost)
+
+
+def qk_curve(scores: torch.Tensor) -> list[float]:
+    """Query-key (proxy): for every number of kept rotary pairs r = 0..hd/2, the share of Σ score²
+    in the pairs each kv group drops (the lowest-scored, as :func:`compression.rewrite.keep_rotary_pairs`
+    keeps the highest). Were pairs uncorrelated, a pair's share of the logits' energy is about its
+    score²; this is the relative squared logit error, not the output's."""
+    energy = scores.double().square().sort(dim=-1, descending=True).values  # (Hkv, hd/2)
+    return _fractions(_reverse_cumsum(energy.sum(0)))
+
+
+def eigen_curve(gram: torch.Tensor) -> list[float]:
+    """The share of a Gram matrix's eigenvalue mass outside its top d directions, d = 0..D."""
+    vals = torch.linalg.eigvalsh(gram.double()).flip(0).clamp_min(0)
+    return _fractions(_reverse_cumsum(vals))
+
+
+# --- collecting ---------------------------------------------------------------------------------
+
+def compressed_view(block: BlockView, base, math: BlockMath, shape: Shape):
+    """A dense :class:`CompressedDecoderLayer` reading ``block``'s own modules (nothing copied but a
+    fused projection's parts), so the methods' helpers (``attention_out``, ``mlp.inner``) run on it;
+    the model is left untouched. (:func:`compression.modeling.to_compressed` does this for every block
+    in place.)"""
+    if isinstance(block.module, CompressedDecoderLayer):
+        return block.module
+    with torch.device("meta"):
+        layer = CompressedDecoderLayer(base, dense_spec(base, block.index), block.index, math)
+    target = BlockView(block.index, layer, ARCHITECTURES["compressed_decoder"])
+    for part, linear in block.projections(shape).items():
+        target.set(part, linear)
+    for part in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm"):
+        source = block.get(part)
+        if source is not None:
+            target.get(part).weight = source.weight
+    return layer.eval()
+
+
+def _energy(batches: list[torch.Tensor]) -> tuple[float, int]:
+    """Σ ‖row‖² over every token of ``batches`` (float64) and the token count."""
+    total = sum(float(b.double().square().sum()) for b in batches)
+    return total, sum(b.numel() // b.shape[-1] for b in batches)
+
+
+def fingerprint(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progress: Progress | None = None,
+            keep_grams: bool = True) -> Statistics:
+    """One pass over the dense ``model`` on ``calibration_tokens`` (N, T): per layer the Gram matrices,
+    Block Influence, energies and error curves :func:`predict` reads (see the module docstring).
+
+    The model is not changed. keep_grams: keep the two Gram matrices per layer (float32; SmolLM2-135M:
+    about 320 MB) so MoDeGPT curves at other leverage ridges can be built later; without them only the
+    default ridge is forecast. A streamed (offloaded) model is not supported."""
+    progress = progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    mv = view(model)
+    base, shape = mv.config, mv.shape
+    math_ = BlockMath.of(base, block_math(base, mv.arch))
+    progress(0.0, "capturing block inputs")
+    inputs = capture_block_inputs(mv, calibration_tokens, batch_size)
+    hidden, layers, L = inputs.hidden, [], len(mv.layers)
+    for i, block in enumerate(mv.blocks):
+        layer = compressed_view(block, base, math_, shape)
+        attn = layer.self_attn
+        x = [layer.input_layernorm(h) for h in hidden]
+        g_attn = Gram.of(x).mean
+        del x
+        a = [layer.attention_out(h, kw) for h, kw in zip(hidden, inputs.kwargs_for(i))]
+        mid = [h + y for h, y in zip(hidden, a)]
+        h_mid, z = mlp_activations(layer, mid)
+        gram_z = Gram.of(z)
+        c = gram_z.mean
+        z_sq = sum(zb.square().sum(dim=(0, 1), dtype=torch.float64) for zb in z) / gram_z.count
+        m = mlp_outputs(layer, h_mid, z)
+        del h_mid, z
+        out = [y + w for y, w in zip(mid, m)]
+        e_in, n = _energy(hidden)
+        e_attn, e_mid, e_mlp, e_out = _energy(a)[0], _energy(mid)[0], _energy(m)[0], _energy(out)[0]
+        e_update = _energy([o - h for o, h in zip(out, hidden)])[0]
+        bi = sum(cosine_influence(h, o)[0] for h, o in zip(hidden, out)) / n
+        slice_mid, slice_out = eigen_curve(Gram.of(mid).mean), eigen_curve(Gram.of(out).mean)
+        del a, m, mid
+        w_down = layer.mlp.down_proj.weight.detach()
+        scores = keep_rotary_pairs(attn, g_attn, attn.head_dim // 2)  # every pair kept: scores only
+        layers.append(LayerStatistics(
+            index=i, influence=bi,
+            energy={"stream_in": e_in / n, "attn": e_attn / n, "mid": e_mid / n, "mlp": e_mlp / n,
+                    "stream_out": e_out / n,
+                    "update": e_update / n},
+            drop=e_update / max(e_out, 1e-30), qk=qk_curve(scores), vo=vo_curve(attn, g_attn),
+            mlp={"olica": pruning_curve(c, w_down, z_sq),
+                 f"modegpt:{DEFAULT_RIDGE:g}": nystrom_curve(c, w_down, DEFAULT_RIDGE)},
+            slice_mid=slice_mid, slice_out=slice_out,
+            attn_gram=g_attn.float() if keep_grams else None, mlp_gram=c.float() if keep_grams else None,
+            z_sq=z_sq, w_down=w_down if keep_grams else None))
+        hidden = out
+        progress((i + 1) / L, f"layer {i + 1}/{L}: statistics and error curves")
+    return Statistics(layers=layers, influence=[lay.influence for lay in layers],
+                      params_total=count_params(model), params_blocks=count_params(mv.layers),
+                      tokens=tuple(calibration_tokens.shape), fingerprint=fingerprint(calibration_tokens),
+                      seconds=time.perf_counter() - t0)
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+@dataclass
+class StatisticsCache:
+    """Statistics kept in memory per (model identity, calibration source, samples, length), at most
+    ``size`` of them (the oldest goes first). No global state: the app holds one per process."""
+
+    size: int = 2
+    entries: dict = field(default_factory=dict)
+
+    @staticmethod
+    def key(name: str, spec) -> tuple:
+        """The key of model ``name`` calibrated by ``spec`` (a :class:`compression.data.TextSpec`)."""
+        from .pipeline import model_identity
+
+        text = None if spec.text is None else hashlib.sha256(spec.text.encode()).hexdigest()[:16]
+        return (model_identity(name), spec.source if text is None else f"text:{text}",
+                int(spec.num_samples), int(spec.seq_len))
+
+    def get(self, name: str, spec) -> Statistics | None:
+        return self.entries.get(self.key(name, spec))
+
+    def put(self, name: str, spec, statistics: Statistics) -> Statistics:
+        key = self.key(name, spec)
+        self.entries.pop(key, None)
+        self.entries[key] = statistics
+        while len(self.entries) > self.size:
+            self.entries.pop(next(iter(self.entries)))
+        return statistics
+
+    def get_or_collect(self, name: str, model, spec, tokens: Callable[[], torch.Tensor] | torch.Tensor,
+                       batch_size: int = 8, progress: Progress | None = None) -> Statistics:
+        """The cached statistics, or :func:`collect` on ``tokens`` (the tensor, or a function giving
+        it, called only on a miss) and remembered."""
+        found = self.get(name, spec)
+        if found is not None:
+            (progress or (lambda f, m: None))(1.0, "cached")
+            return found
+        fit = tokens() if callable(tokens) else tokens
+        return self.put(name, spec, collect(model, fit, batch_size, progress))
+
+
+# --- predicting -----------------------------------------------------------------------------------
+
+def _at(curve: list[float], kept: int) -> float:
+    return curve[min(max(int(kept), 0), len(curve) - 1)]
+
+
+def _mlp_rule(config) -> tuple[str, float] | None:
+    """Which channel rule a per-block config's MLP follows: ("modegpt", ridge) keeps channels by ridge
+    leverage and refits; ("olica", 0) prunes by importance. Keyed by config type (the methods' own)."""
+    from .modegpt import MoDeGPTConfig
+    from .olica import OlicaConfig
+
+    if isinstance(config, MoDeGPTConfig):
+        return "modegpt", float(config.ridge)
+    if isinstance(config, OlicaConfig):
+        return "olica", 0.0
+    return None
+
+
+def _combine(attn_f: float, mlp_f: float, energy: dict) -> tuple[float, float]:
+    """(relative squared error of the block's update, error energy over the stream leaving the block)
+    from the modules' relative squared errors, weighted by their output energies."""
+    lost = attn_f * energy["attn"] + mlp_f * energy["mlp"]
+    return lost / max(energy["attn"] + energy["mlp"], 1e-30), lost / max(energy["stream_out"], 1e-30)
+
+
+def predict(statistics: Statistics, config, base_config) -> dict:
+    """Forecast of ``config`` (any method's) from ``statistics``: ``params``, ``block_params``, ``ratio``
+    (as :func:`compression.forecast.forecast`), per layer ``predicted_error``, ``attn``, ``mlp`` and
+    ``stream`` (relative errors, 0 for an untouched module; see the module docstring), ``total``
+    (√Σ stream²), ``sizes`` (the planned widths; None for a dropped block) and ``sparsity`` (the
+    per-layer sparsity of the per-block methods' plans). Widths come from ``method.plan(config,
+    base_config, statistics.influence)``, the one place widths are set."""
+    method = method_for(config)
+    L = statistics.num_layers
+    if base_config.num_hidden_layers != L:
+        raise ValueError(f"statistics have {L} layers, the model {base_config.num_hidden_layers}")
+    plan = method.plan(config, base_config, statistics.influence)
+    blocks = sum(spec_params(s, base_config) for s in plan.specs if s is not None) + plan.extra_params
+    rule = _mlp_rule(config)
+    attn, mlp, per_layer, stream, sizes = [], [], [], [], []
+    for i, (lay, spec) in enumerate(zip(statistics.layers, plan.specs)):
+        if spec is None:  # dropped: the stream keeps the block's input
+            attn.append(1.0), mlp.append(1.0), per_layer.append(math.sqrt(lay.drop)), stream.append(lay.drop)
+            sizes.append(None)
+            continue
+        sizes.append({k: spec[k] for k in ("d_mid", "d_out", "qk_dim", "v_dim", "mlp_dim")})
+        if spec.get("attn_skip"):  # sliced residual stream (SliceGPT)
+            e = lay.energy
+            lost = _at(lay.slice_mid, spec["d_mid"]) * e["mid"] \
+                + _at(lay.slice_out, spec["d_out"]) * e["stream_out"]
+            s = lost / max(e["stream_out"], 1e-30)
+            attn.append(math.sqrt(_at(lay.slice_mid, spec["d_mid"])))
+            mlp.append(math.sqrt(_at(lay.slice_out, spec["d_out"])))
+            per_layer.append(math.sqrt(min(s, 1.0))), stream.append(s)
+            continue
+        attn_f = min(_at(lay.vo, spec["v_dim"]) + _at(lay.qk, spec["qk_dim"] // 2), 1.0)
+        mlp_f = 0.0
+        if rule is not None:
+            mlp_f = _at(statistics.mlp_curve(i, *rule), spec["mlp_dim"])
+        update, s = _combine(attn_f, mlp_f, lay.energy)
+        attn.append(math.sqrt(attn_f)), mlp.append(math.sqrt(mlp_f))
+        per_layer.append(math.sqrt(update)), stream.append(s)
+    sparsity = config.sparsities(L, statistics.influence) if hasattr(config, "sparsities") else None
+    return {"params": statistics.params_total - statistics.params_blocks + blocks, "block_params": blocks,
+            "ratio": 1 - blocks / statistics.params_blocks if statistics.params_blocks else 0.0,
+            "predicted_error": per_layer, "attn": attn, "mlp": mlp, "stream": [math.sqrt(s) for s in stream],
+            "total": math.sqrt(sum(stream)), "sizes": sizes, "sparsity": sparsity}
+
+
+def measured_errors(report: dict, statistics: Statistics | None = None) -> dict:
+    """A report's measured per-layer errors in :func:`predict`'s layout: ``attn``, ``mlp`` and
+    ``predicted_error``'s counterpart ``per_layer`` (the block update's error from attn and mlp weighted
+    by the dense output energies of ``statistics``, equal weights without them; the report's "block"
+    error for SliceGPT). None where the report has no value (dropped blocks, methods without errors)."""
+    layers = report.get("layers") or []
+    attn, mlp, per_layer = [], [], []
+    for i, lay in enumerate(layers):
+        errors = lay.get("errors") or {}
+        a, m = errors.get("attn"), errors.get("mlp")
+        attn.append(a), mlp.append(m)
+        if "block" in errors:
+            per_layer.append(errors["block"])
+        elif a is not None and m is not None:
+            e = statistics.layers[i].energy if statistics is not None else {"attn": 1.0, "mlp": 1.0}
+            per_layer.append(math.sqrt((a * a * e["attn"] + m * m * e["mlp"]) / max(e["attn"] + e["mlp"], 1e-30)))
+        else:
+            per_layer.append(None)
+    return {"attn": attn, "mlp": mlp, "per_layer": per_layer}
+
+
+# --- ranking allocations by forecast ----------------------------------------------------------------
+
+def _method(method) -> Method:
+    return method if isinstance(method, Method) else get(method)
+
+
+def allocation_candidates(method, ratio: float, num_layers: int, options: dict | None = None,
+                          epsilons=(0.02, 0.05, 0.1, 0.2, 0.5), spare=(1, 2, 3, 4)) -> list[tuple[str, object]]:
+    """(label, config) of the allocations :func:`best_allocation` compares at ``ratio``: uniform,
+    automatic at each ε, and manual plans that spare the first or last k layers (sparsity 0 there, the
+    rest raised to keep the mean). ``options``: the method's other knob values."""
+    m = _method(method)
+    if "auto" not in m.allocations or not m.has_knob("layer_sparsity"):
+        raise ValueError(f"{m.label} has no per-layer allocation to rank")
+    base = {**(options or {}), "ratio": ratio}
+    out = [("uniform", m.make_config({**base, "allocation": "uniform"}))]
+    out += [(f"auto ε={e:g}", m.make_config({**base, "allocation": "auto", "epsilon": e})) for e in epsilons]
+    for k in spare:
+        rest = ratio * num_layers / (num_layers - k) if k < num_layers else math.inf
+        if rest > MAX_LAYER_SPARSITY:
+            continue
+        for side, spared in (("first", range(k)), ("last", range(num_layers - k, num_layers))):
+            values = tuple(0.0 if i in spared else rest for i in range(num_layers))
+            out.append((f"spare {side} {k}", m.make_config({**base, "allocation": "manual",
+                                                            "layer_sparsity": values})))
+    return out
+
+
+def best_allocation(statistics: Statistics, method, ratio: float, base_config, options: dict | None = None,
+                    **candidates) -> tuple[object, list[dict]]:
+    """The allocation with the lowest forecast ``total`` among :func:`allocation_candidates` at
+    ``ratio``: (its config, every candidate as {"label", "total", "params", "config"} sorted best
+    first). Candidates whose parameters exceed uniform's by more than 0.5 % of the blocks are skipped,
+    so a cheaper forecast error is never bought with parameters."""
+    rows = []
+    for label, config in allocation_candidates(method, ratio, statistics.num_layers, options, **candidates):
+        p = predict(statistics, config, base_config)
+        rows.append({"label": label, "total": p["total"], "params": p["params"], "config": config})
+    budget = rows[0]["params"] + 0.005 * statistics.params_blocks
+    fair = sorted((r for r in rows if r["params"] <= budget), key=lambda r: r["total"])
+    return fair[0]["config"], fair + [r for r in rows if r["params"] > budget]
