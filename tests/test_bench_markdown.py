@@ -128,3 +128,19 @@ def test_ratio_section_puts_each_models_loss_side_by_side(tmp_path):
     assert "| modegpt | 1.50 → 1.25 | 3.00 → 1.50 |" in text
     assert "| layerdrop |" not in text  # no sweep row to compare with
     assert ratio_section([], [tmp_path / "b.json"]) == "" and ratio_section(sweep, []) == ""
+
+
+def test_inference_section_names_what_falls_short_of_the_target():
+    from bench.latency import inference_markdown
+
+    def row(p, d):
+        return {"prefill_tok_s": 100 * p, "decode_tok_s": 10 * d, "prefill_vs_dense": p, "decode_vs_dense": d}
+
+    inf = {"ratio": 0.25, "params": {"dense": 134e6, "modegpt": 108e6},
+           "settings": [{"batch": 1, "prompt_len": 512, "new_tokens": 64, "rounds": 5,
+                         "models": {"dense": row(1, 1), "modegpt": row(1.1, 1.0)}},
+                        {"batch": 16, "prompt_len": 128, "new_tokens": 32, "rounds": 5,
+                         "models": {"dense": row(1, 1), "modegpt": row(1.2, 1.125)}}]}
+    text = "\n".join(inference_markdown(inf))
+    assert "| modegpt | 108.0 M | 110 (1.10×) | 10.0 (1.00×) | 120 (1.20×) | 11.2 (1.12×) |" in text
+    assert "Below it: modegpt decode (1.125×)." in text and "prefill (" not in text
