@@ -356,6 +356,12 @@ class StatisticsCache:
 
 # --- predicting -----------------------------------------------------------------------------------
 
+# What predict's "attn" and "mlp" lists hold, in words (SliceGPT's are the two slices of the stream).
+MODULE_LABELS = {"attn": "attention", "mlp": "MLP", "predicted_error": "block update"}
+SLICED_LABELS = {"attn": "stream into the MLP (sliced)", "mlp": "block output (sliced)",
+                 "predicted_error": "stream"}
+
+
 def _at(curve: list[float], kept: int) -> float:
     return curve[min(max(int(kept), 0), len(curve) - 1)]
 
@@ -384,8 +390,10 @@ def predict(statistics: Statistics, config, base_config) -> dict:
     """Forecast of ``config`` (any method's) from ``statistics``: ``params``, ``block_params``, ``ratio``
     (as :func:`compression.forecast.forecast`), per layer ``predicted_error``, ``attn``, ``mlp`` and
     ``stream`` (relative errors, 0 for an untouched module; see the module docstring), ``total``
-    (√Σ stream²), ``sizes`` (the planned widths; None for a dropped block) and ``sparsity`` (the
-    per-layer sparsity of the per-block methods' plans). Widths come from ``method.plan(config,
+    (√Σ stream²), ``sizes`` (the planned widths; None for a dropped block), ``sparsity`` (the
+    per-layer sparsity of the per-block methods' plans, else None), ``dropped`` (block indices) and
+    ``labels`` (what "attn", "mlp" and "predicted_error" hold, in words: SliceGPT's are the two slices
+    of the stream). Widths come from ``method.plan(config,
     base_config, statistics.influence)``, the one place widths are set."""
     method = method_for(config)
     L = statistics.num_layers
@@ -418,31 +426,52 @@ def predict(statistics: Statistics, config, base_config) -> dict:
         attn.append(math.sqrt(attn_f)), mlp.append(math.sqrt(mlp_f))
         per_layer.append(math.sqrt(update)), stream.append(s)
     sparsity = config.sparsities(L, statistics.influence) if hasattr(config, "sparsities") else None
+    sliced = any(s is not None and s.get("attn_skip") for s in plan.specs)
     return {"params": statistics.params_total - statistics.params_blocks + blocks, "block_params": blocks,
             "ratio": 1 - blocks / statistics.params_blocks if statistics.params_blocks else 0.0,
             "predicted_error": per_layer, "attn": attn, "mlp": mlp, "stream": [math.sqrt(s) for s in stream],
-            "total": math.sqrt(sum(stream)), "sizes": sizes, "sparsity": sparsity}
+            "total": math.sqrt(sum(stream)), "sizes": sizes, "sparsity": sparsity,
+            "dropped": [i for i, s in enumerate(plan.specs) if s is None],
+            "labels": SLICED_LABELS if sliced else MODULE_LABELS}
 
 
-def measured_errors(report: dict, statistics: Statistics | None = None) -> dict:
-    """A report's measured per-layer errors in :func:`predict`'s layout: ``attn``, ``mlp`` and
-    ``predicted_error``'s counterpart ``per_layer`` (the block update's error from attn and mlp weighted
-    by the dense output energies of ``statistics``, equal weights without them; the report's "block"
-    error for SliceGPT). None where the report has no value (dropped blocks, methods without errors)."""
+def measured_errors(report, statistics: Statistics | None = None) -> dict:
+    """A report's (or its dict's) measured per-layer errors in :func:`predict`'s layout, to draw over a
+    forecast: ``attn``, ``mlp``, ``predicted_error``'s counterpart ``per_layer`` (the block update's
+    error from attn and mlp weighted by the dense output energies of ``statistics``, equal weights
+    without them; SliceGPT's "block" error as it is) and, with ``statistics``, ``stream`` and ``total``
+    as :func:`predict` defines them (a dropped block counts what dropping it loses on the dense stream).
+    None where the report has no value (dropped blocks, methods that measure none)."""
+    report = report.to_dict() if hasattr(report, "to_dict") else report
     layers = report.get("layers") or []
-    attn, mlp, per_layer = [], [], []
+    attn, mlp, per_layer, stream = [], [], [], []
     for i, lay in enumerate(layers):
         errors = lay.get("errors") or {}
         a, m = errors.get("attn"), errors.get("mlp")
+        e = statistics.layers[i].energy if statistics is not None else None
         attn.append(a), mlp.append(m)
-        if "block" in errors:
+        s = None
+        if lay.get("removed"):
+            per_layer.append(None)
+            s = statistics.layers[i].drop if statistics is not None else None
+        elif "block" in errors:
             per_layer.append(errors["block"])
+            s = errors["block"] ** 2
         elif a is not None and m is not None:
-            e = statistics.layers[i].energy if statistics is not None else {"attn": 1.0, "mlp": 1.0}
-            per_layer.append(math.sqrt((a * a * e["attn"] + m * m * e["mlp"]) / max(e["attn"] + e["mlp"], 1e-30)))
+            w_attn, w_mlp = (e["attn"], e["mlp"]) if e is not None else (1.0, 1.0)
+            lost = a * a * w_attn + m * m * w_mlp
+            per_layer.append(math.sqrt(lost / max(w_attn + w_mlp, 1e-30)))
+            s = lost / max(e["stream_out"], 1e-30) if e is not None else None
         else:
             per_layer.append(None)
-    return {"attn": attn, "mlp": mlp, "per_layer": per_layer}
+            s = 0.0 if statistics is not None and not errors else None
+        stream.append(s)
+    out = {"attn": attn, "mlp": mlp, "per_layer": per_layer}
+    if statistics is not None:
+        known = [s for s in stream if s is not None]
+        out["stream"] = [None if s is None else math.sqrt(s) for s in stream]
+        out["total"] = math.sqrt(sum(known)) if known else None
+    return out
 
 
 # --- ranking allocations by forecast ----------------------------------------------------------------

@@ -8,10 +8,12 @@ from .figures import (
     leverage_figure,
     loss_figure,
     pareto_figure,
+    preview_errors_figure,
     sizes_figure,
     spectra_overview_figure,
     spectrum_figure,
     spectrum_title,
+    tradeoff_figure,
 )
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "accuracy_figure",
     "spectrum_title",
     "has_influence",
+    "preview_errors_figure",
+    "tradeoff_figure",
 ]

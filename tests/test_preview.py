@@ -1,0 +1,256 @@
+"""The trade-off explorer (compression.preview): exact curves, agreement with real runs and the
+forecast of parameters, the CLI's JSON and the figures."""
+import json
+
+import pytest
+import torch
+
+from compression import LayerDropConfig, MoDeGPTConfig, OlicaConfig, SliceGPTConfig, compress, forecast
+from compression.ops import nystrom_mlp
+from compression.preview import (StatisticsCache, best_allocation, collect, measured_errors, nystrom_curve,
+                                 predict, pruning_curve)
+from conftest import logits, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 4-layer tiny Llama, its calibration tokens (one batch: the runs' in-sample errors then cover
+    every token, as the curves do) and its statistics."""
+    model = tiny_model("llama", layers=4)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 128, (8, 32))
+    return model, tokens, collect(model, tokens, batch_size=8)
+
+
+def _activations(n=400, m=24, d=10, seed=0):
+    """Correlated intermediate activations Z (n, m) with a few near-dead channels, and W_down (d, m)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 6, generator=g, dtype=torch.float64) @ torch.randn(6, m, generator=g, dtype=torch.float64)
+    z += 0.3 * torch.randn(n, m, generator=g, dtype=torch.float64)
+    z[:, :3] *= 0.01
+    return z, torch.randn(d, m, generator=g, dtype=torch.float64)
+
+
+def test_modegpt_mlp_curve_is_the_least_squares_refit_error_at_every_k():
+    z, w = _activations()
+    c = z.T @ z / z.shape[0]
+    curve = nystrom_curve(c, w, ridge=1.0)
+    dense = z @ w.T
+    assert curve[0] == pytest.approx(1.0) and curve[-1] == pytest.approx(0.0, abs=1e-12)
+    for k in (1, 4, 12, 23):
+        index, refit, _ = nystrom_mlp(c, w, k, ridge=1.0)  # the method's own choice and refit
+        brute = (z[:, index] @ refit.T - dense).square().sum() / dense.square().sum()
+        assert curve[k] == pytest.approx(float(brute), rel=1e-6, abs=1e-12), k
+    assert all(a >= b - 1e-12 for a, b in zip(curve, curve[1:]))  # more channels never fit worse
+
+
+def test_olica_mlp_curve_is_the_dropped_output_energy_at_every_k():
+    from compression.olica import neuron_importance
+
+    z, w = _activations(seed=3)
+    c = z.T @ z / z.shape[0]
+    z_sq = z.square().mean(0)
+    curve = pruning_curve(c, w, z_sq)
+    dense = z @ w.T
+    for k in (0, 2, 9, 20, 24):
+        keep = torch.topk(neuron_importance(z_sq, w), k).indices
+        brute = (z[:, keep] @ w[:, keep].T - dense).square().sum() / dense.square().sum()
+        assert curve[k] == pytest.approx(float(brute), rel=1e-9, abs=1e-12), k
+
+
+def test_collect_leaves_the_model_as_it_was(tiny):
+    model, tokens, _ = tiny
+    before = logits(model, tokens)
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    collect(model, tokens[:4], batch_size=2)
+    assert torch.equal(logits(model, tokens), before)
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("config", [MoDeGPTConfig(ratio=0.0), OlicaConfig(ratio=0.0), SliceGPTConfig(slicing=0.0),
+                                    MoDeGPTConfig(ratio=0.0, allocation="auto")], ids=repr)
+def test_no_compression_forecasts_no_error(tiny, config):
+    model, _, st = tiny
+    p = predict(st, config, model.config)
+    assert p["total"] == 0.0
+    assert all(v == 0.0 for key in ("predicted_error", "attn", "mlp", "stream") for v in p[key])
+
+
+@pytest.mark.parametrize("config", [
+    MoDeGPTConfig(ratio=0.3), MoDeGPTConfig(ratio=0.3, allocation="manual", layer_sparsity=(0.1, 0.5, 0.2, 0.6)),
+    OlicaConfig(ratio=0.25), OlicaConfig(ratio=0.4, attn_share=0.5, calibrate_layers=2, calibrate_rank=4),
+    SliceGPTConfig(ratio=0.2), SliceGPTConfig(widths=(48, 40, 56, 32)), LayerDropConfig(layers=(1, 2)),
+    LayerDropConfig(ratio=0.25)], ids=repr)
+def test_params_agree_with_the_forecast(tiny, config):
+    model, _, st = tiny
+    p, f = predict(st, config, model.config), forecast(model, config)
+    assert (p["params"], p["block_params"]) == (f["params"], f["block_params"])
+    assert p["ratio"] == pytest.approx(f["ratio"])
+    assert len(p["predicted_error"]) == len(p["attn"]) == len(p["mlp"]) == 4
+    assert p["total"] > 0 and any(v > 0 for v in p["predicted_error"])
+
+
+@pytest.mark.parametrize("config", [MoDeGPTConfig(ratio=0.3, allocation="auto"),
+                                    OlicaConfig(ratio=0.3, allocation="auto", calibrate_layers=0)], ids=repr)
+def test_a_real_run_has_the_forecast_widths_and_params_and_its_first_mlp_error(tiny, config):
+    """Automatic allocation from the statistics' Block Influence plans the run's own widths; block 0
+    sees the dense input in the run too, so its MLP curve is the run's in-sample error."""
+    model, tokens, st = tiny
+    p = predict(st, config, model.config)
+    report = compress(model, config, tokens).report
+    assert report.block_influence == pytest.approx(st.influence, rel=1e-6)
+    assert [s["mlp_dim"] for s in p["sizes"]] == [lay.sizes["mlp_dim"] for lay in report.layers]
+    assert [s["v_dim"] for s in p["sizes"]] == [lay.sizes["v_dim"] for lay in report.layers]
+    assert p["params"] == report.params_compressed
+    assert p["mlp"][0] == pytest.approx(report.layers[0].errors["mlp"], rel=1e-3)
+    measured = measured_errors(report, st)
+    assert len(measured["per_layer"]) == 4 and measured["total"] > 0
+
+
+def test_layer_dropping_forecasts_what_the_dropped_block_adds(tiny):
+    model, tokens, st = tiny
+    p = predict(st, LayerDropConfig(ratio=0.25), model.config)
+    dropped = min(range(4), key=lambda i: st.influence[i])
+    assert p["dropped"] == [dropped]
+    seen = {}
+    hook = model.model.layers[dropped].register_forward_hook(
+        lambda module, args, out: seen.update(x=args[0], y=out[0] if isinstance(out, tuple) else out))
+    try:
+        logits(model, tokens)
+    finally:
+        hook.remove()
+    lost = (seen["y"] - seen["x"]).double().square().sum() / seen["y"].double().square().sum()
+    assert p["predicted_error"][dropped] == pytest.approx(float(lost) ** 0.5, rel=1e-4)
+    assert p["total"] == pytest.approx(float(lost) ** 0.5, rel=1e-4)
+    assert all(p["predicted_error"][i] == 0 for i in range(4) if i != dropped)
+
+
+def test_forecast_grows_with_the_ratio(tiny):
+    model, _, st = tiny
+    totals = [predict(st, MoDeGPTConfig(ratio=r), model.config)["total"] for r in (0.1, 0.3, 0.5)]
+    assert totals[0] < totals[1] < totals[2]
+
+
+def test_best_allocation_is_the_lowest_forecast_within_the_budget(tiny):
+    model, _, st = tiny
+    config, rows = best_allocation(st, "modegpt", 0.3, model.config)
+    uniform = predict(st, MoDeGPTConfig(ratio=0.3), model.config)
+    assert rows[0]["config"] is config and rows[0]["total"] <= uniform["total"]
+    fair = [r for r in rows if r["params"] <= uniform["params"] + 0.005 * st.params_blocks]
+    assert rows[0]["total"] == min(r["total"] for r in fair)
+    assert {r["label"] for r in rows} >= {"uniform", "auto ε=0.1", "spare first 1", "spare last 1"}
+    with pytest.raises(ValueError, match="no per-layer allocation"):
+        best_allocation(st, "slicegpt", 0.3, model.config)
+
+
+def test_cache_collects_once_per_model_and_calibration(tiny, monkeypatch):
+    from compression import preview
+    from compression.data import TextSpec
+
+    model, tokens, st = tiny
+    calls = []
+    monkeypatch.setattr(preview, "collect", lambda *a, **k: calls.append(1) or st)
+    cache = StatisticsCache(size=2)
+    spec = TextSpec(8, 32, source="wiki")
+    for _ in range(2):
+        assert cache.get_or_collect("smollm2-135m", model, spec, lambda: tokens) is st
+    assert len(calls) == 1
+    cache.get_or_collect("smollm2-135m", model, TextSpec(8, 32, source="code"), tokens)
+    cache.get_or_collect("smollm2-135m", model, TextSpec(4, 32, source="wiki"), tokens)
+    assert len(calls) == 3 and cache.get("smollm2-135m", spec) is None  # the oldest went
+
+
+def test_grams_can_go_and_other_ridges_then_fail_clearly(tiny):
+    model, tokens, _ = tiny
+    st = collect(model, tokens, batch_size=8)
+    wide = predict(st, MoDeGPTConfig(ratio=0.3, ridge=10.0), model.config)  # built on first use
+    assert "modegpt:10" in st.layers[0].mlp and wide["total"] > 0
+    assert st.nbytes() > 0
+    st.drop_grams()
+    assert st.nbytes() == 0
+    predict(st, MoDeGPTConfig(ratio=0.3), model.config)
+    with pytest.raises(ValueError, match="collect again"):
+        predict(st, MoDeGPTConfig(ratio=0.3, ridge=3.0), model.config)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from compression.models import DEFAULT_MODEL, resolve_source
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(resolve_source(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=True)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _preview(capsys, *args):
+    from compression.__main__ import main
+
+    code = main(["preview", "--calibration", "wiki", "--calib-samples", "4", "--calib-len", "32", *args])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else out.err)
+
+
+def test_cli_prints_one_json_row_per_ratio(tiny_folder, capsys):
+    code, data = _preview(capsys, "--model", str(tiny_folder), "--method", "modegpt", "--ratios", "0.1,0.2,0.3")
+    assert code == 0
+    assert [r["ratio"] for r in data["rows"]] == [0.1, 0.2, 0.3]
+    for row in data["rows"]:
+        assert len(row["predicted_error"]) == len(row["attn"]) == len(row["mlp"]) == 3
+        assert all(isinstance(v, float) for v in row["predicted_error"])
+    params = [r["params"] for r in data["rows"]]
+    assert params[0] > params[1] > params[2]
+    assert data["calibration"]["samples"] == 4 and len(data["block_influence"]) == 3
+
+
+def test_cli_takes_manual_values_and_best_allocation(tiny_folder, capsys):
+    code, data = _preview(capsys, "--model", str(tiny_folder), "--method", "olica", "--layer-sparsity", "0,0.5,0.2",
+                          "--calibrate-layers", "0")
+    assert code == 0 and len(data["rows"]) == 1
+    assert data["rows"][0]["sparsity"] == [0.0, 0.5, 0.2] and data["rows"][0]["mlp"][0] == 0.0
+    code, data = _preview(capsys, "--model", str(tiny_folder), "--method", "modegpt", "--ratios", "0.2",
+                          "--allocation", "best")
+    assert code == 0 and data["rows"][0]["allocation"]
+    code, data = _preview(capsys, "--model", str(tiny_folder), "--method", "layerdrop", "--layers", "1")
+    assert code == 0 and data["rows"][0]["dropped"] == [1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "modegpt", "--ratio", "0.2", "--ratios", "0.1"], "not both"),
+    (["--method", "modegpt", "--ratios", "0.1,x"], "cannot read --ratios"),
+    (["--method", "slicegpt", "--allocation", "best"], "has none"),
+    (["--method", "layerdrop", "--leverage-ridge", "2"], "does not apply")])
+def test_cli_usage_errors_exit_2_before_loading(args, message, capsys):
+    code, err = _preview(capsys, "--model", "no/such-model", *args)
+    assert code == 2 and message in err
+
+
+def test_figures_draw_the_forecast_and_the_measured_errors_over_it(tiny):
+    import viz
+
+    model, tokens, st = tiny
+    p = predict(st, MoDeGPTConfig(ratio=0.3), model.config)
+    fig = viz.preview_errors_figure(p)
+    assert [t.name for t in fig.data] == ["attention (forecast)", "MLP (forecast)", "block update (forecast)"]
+    assert list(fig.data[0].y) == pytest.approx(p["attn"])
+    measured = {"attn": [0.1, 0.2, None, 0.3], "mlp": [0.2, 0.1, 0.3, 0.4], "per_layer": [0.15] * 4}
+    fig = viz.preview_errors_figure(p, measured)
+    names = [t.name for t in fig.data]
+    assert "attention (measured)" in names and "block update (measured)" in names
+    assert list(fig.data[names.index("attention (measured)")].y) == [0.1, 0.2, None, 0.3]
+    drop = predict(st, LayerDropConfig(layers=(2,)), model.config)
+    assert len(viz.preview_errors_figure(drop).layout.shapes) == 1  # the dropped block shaded
+    assert viz.preview_errors_figure({}).layout.annotations[0].text == "no data"
+
+    rows = [{"ratio": r, "total": predict(st, MoDeGPTConfig(ratio=r), model.config)["total"]} for r in (0.3, 0.1, 0.2)]
+    fig = viz.tradeoff_figure(rows, [{"ratio": 0.2, "total": 0.5, "label": "run 1", "ppl": 30.0}], current=0.25)
+    assert list(fig.data[0].x) == [0.1, 0.2, 0.3] and fig.data[1].name == "runs (measured)"
+    assert "ppl 30.00" in fig.data[1].text[0]
+    assert viz.tradeoff_figure([], []).layout.annotations[0].text == "no data"
