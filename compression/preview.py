@@ -21,13 +21,17 @@ relative Frobenius errors, √f, as in every report's ``layers[i].errors``):
   refit, so the error is the dropped part of the output energy, Σ_{i,j dropped} (W_downᵀW_down)_ij C_ij.
   Its linear calibration branches (added afterwards on the layers whose residual a linear map predicts
   best) are **not** forecast: on those layers the measured error is lower than forecast.
-- Value-output per kv group — exact in the correlation-weighted norm the decomposition minimises (the
-  discarded squared singular values of :func:`compression.ops.vo_decomposition`), a **proxy** for the
-  attention output's error: softmax mixing between tokens is not in that norm.
-- Query-key rotary-pair cuts — a **proxy**: the discarded share of the squared pair scores
-  (:func:`compression.ops.rotary_pair_scores`, the CR scores the pairs are kept by), i.e. of the
-  attention logits' energy were pairs uncorrelated; how a logit error becomes an output error is not
-  modelled. The attention error is √(f_vo + f_qk).
+- Value-output per kv group — **exact** on the calibration tokens: the rewrite
+  (:func:`compression.ops.vo_decomposition`) leaves the attention pattern as it is and changes each
+  head's W_O by a known low-rank term, so the output's error is a quadratic form in the Gram of
+  o_proj's input (the heads' contexts), summed into one curve over the kept value dims
+  (:func:`vo_curve`).
+- Query-key rotary-pair cuts — **measured** on dense inputs of a few calibration sequences (a copy of
+  each attention cut to every kept width, :func:`qk_curve`): exact there, an estimate for the rest;
+  ``qk_sequences=0`` falls back to a **proxy** from the pair scores (the discarded share of the squared
+  CR scores, :func:`score_curve`: a logit error, not the output's). The attention error combines the
+  two as √(f_vo + f_qk), as if the value and the pattern errors were uncorrelated (a **proxy** when
+  both are cut).
 - SliceGPT — a **proxy**: the discarded eigenvalue mass of the residual stream's PCA entering the MLP
   and leaving the block, relative to the stream (the real run slices in a rotated basis built from the
   already-sliced stream, and its per-layer "block" error accumulates over layers).
@@ -191,29 +195,98 @@ def pruning_curve(c: torch.Tensor, w_down: torch.Tensor, z_sq: torch.Tensor) -> 
     return _fractions(_reverse_cumsum(per_row))
 
 
-def vo_curve(attn, gram: torch.Tensor) -> list[float]:
-    """Value-output: relative squared error for every number of kept value dims v = 0..head_dim, all
-    kv groups together: the discarded squared singular values of each group's correlation-weighted
-    W_V W_O (:func:`compression.ops.vo_decomposition`, the error it minimises)."""
+def vo_curve(attn, gram: torch.Tensor, context: torch.Tensor, energy: float | None = None,
+             eps: float = 1e-8) -> list[float]:
+    """Value-output: the attention output's relative squared error for every number of kept value dims
+    v = 0..head_dim (all kv groups alike), exact on the calibration tokens.
+
+    Per group, :func:`compression.ops.vo_decomposition` writes W_V W_O = V₁S₁⁻¹ (U₂S₂V₂ᵀ) and keeps the
+    leading v terms of the core's SVD, so the rewrite changes W_O,h of each head h of the group by
+    ΔW_h = −Σ_{j≥v} s_j a_j b_{j,h}ᵀ (a_j = V₁S₁⁻¹u_j, b_{j,h} head h's slice of V₂'s column j). The
+    attention pattern is untouched, so the output changes by Σ_h c_h ΔW_h, c_h head h's context (the
+    input of o_proj); its energy over the tokens is a quadratic form in ``context``, the Gram of
+    o_proj's input (H·hd × H·hd, value biases taken out). With Ψ_jj' the (j, j') terms summed over
+    groups and heads, the error keeping v is Σ_{j,j'≥v} Ψ_jj', relative to ``energy`` (the dense
+    attention output's per-token energy, biases included; default: its value part, the v = 0 term)."""
     H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
     wv = attn.v_proj.weight.double().view(Hkv, hd, -1)
     wo = attn.o_proj.weight.double().view(-1, H, hd)
-    lost = torch.zeros(hd + 1, dtype=torch.float64)
+    D = wo.shape[0]
+    k = context.double().view(H, hd, H, hd)
+    scaled_a, b = [], []  # per head: s_j a_j (hd × hd, columns j) and b_{j,h} (hd × D, rows j)
+    g_ = gram.double()
     for g in range(Hkv):
-        w_o = torch.cat([wo[:, h, :].T for h in range(g * G, (g + 1) * G)], dim=1)
-        _, _, s2 = vo_decomposition(wv[g].T, w_o, gram, hd)
-        energy = s2.square()
-        lost[: energy.numel() + 1] += _reverse_cumsum(energy)
-    return _fractions(lost)
+        w_o = torch.cat([wo[:, h, :].T for h in range(g * G, (g + 1) * G)], dim=1)   # (hd, G·D)
+        vals, v1 = torch.linalg.eigh(wv[g] @ g_ @ wv[g].T)
+        s1 = vals.clamp_min(eps * vals.max().clamp_min(1e-30)).sqrt()
+        u2, s2, v2t = torch.linalg.svd((s1[:, None] * v1.T) @ w_o, full_matrices=False)
+        a = (v1 / s1[None, :]) @ u2 * s2[None, :]
+        for t in range(G):
+            scaled_a.append(a)
+            b.append(v2t[:, t * D:(t + 1) * D])
+    psi = torch.zeros(hd, hd, dtype=torch.float64)
+    for h in range(H):
+        for h2 in range(H):
+            psi += (scaled_a[h].T @ k[h, :, h2, :] @ scaled_a[h2]) * (b[h] @ b[h2].T)
+    psi = (psi + psi.T) / 2
+    per_row = psi.diagonal() + 2 * torch.triu(psi, diagonal=1).sum(1)
+    lost = _reverse_cumsum(per_row)
+    if energy is None:
+        return _fractions(lost)
+    return (lost / max(energy, 1e-30)).clamp(0.0, 1.0).tolist()
 
 
-def qk_curve(scores: torch.Tensor) -> list[float]:
-    """Query-key (proxy): for every number of kept rotary pairs r = 0..hd/2, the share of Σ score²
-    in the pairs each kv group drops (the lowest-scored, as :func:`compression.rewrite.keep_rotary_pairs`
-    keeps the highest). Were pairs uncorrelated, a pair's share of the logits' energy is about its
-    score²; this is the relative squared logit error, not the output's."""
+def score_curve(scores: torch.Tensor) -> list[float]:
+    """Query-key, the cheap proxy (``collect(..., qk_sequences=0)``): for every number of kept rotary
+    pairs r = 0..hd/2, the share of Σ score² in the pairs each kv group drops (the lowest-scored, as
+    :func:`compression.rewrite.keep_rotary_pairs` keeps the highest). Were pairs uncorrelated, a pair's
+    share of the logits' energy is about its score²: a relative squared *logit* error, not the output's."""
     energy = scores.double().square().sort(dim=-1, descending=True).values  # (Hkv, hd/2)
     return _fractions(_reverse_cumsum(energy.sum(0)))
+
+
+def qk_curve(layer, gram: torch.Tensor, hidden: list, kwargs: list, dense: list, points: int = 33) -> list[float]:
+    """Query-key: the attention output's relative squared error for every number of kept rotary pairs
+    r = 0..hd/2 (values unchanged), measured by cutting a copy of the attention with
+    :func:`compression.rewrite.keep_rotary_pairs` and running it on ``hidden`` (a few dense block
+    inputs) against their ``dense`` attention outputs: exact on those tokens, where measured. At most
+    ``points`` widths are run (every one for head_dim ≤ 64), the rest interpolated linearly."""
+    import copy
+
+    half = layer.self_attn.head_dim // 2
+    energy = sum(float(d.double().square().sum()) for d in dense)
+    step = max(1, math.ceil(half / max(points - 1, 1)))
+    measured = {half: 0.0}
+    for r in sorted({*range(1, half, step), half - 1} - {0}):
+        attn = copy.deepcopy(layer.self_attn)
+        keep_rotary_pairs(attn, gram, r)
+        lost = 0.0
+        for h, kw, d in zip(hidden, kwargs, dense):
+            a = attn(layer.input_layernorm(h), position_embeddings=kw["position_embeddings"],
+                     attention_mask=kw.get("attention_mask"))[0]
+            if layer.attn_output_norm is not None:
+                a = layer.attn_output_norm(a)
+            lost += float((a.double() - d.double()).square().sum())
+        measured[r] = lost / max(energy, 1e-30)
+    known = sorted(measured)
+    curve = [measured[known[0]]] + [0.0] * half  # r = 0 never planned (whole pairs, at least one)
+    for lo, hi in zip(known, known[1:]):
+        for r in range(lo, hi + 1):
+            t = (r - lo) / (hi - lo)
+            curve[r] = (1 - t) * measured[lo] + t * measured[hi]
+    return [min(max(v, 0.0), 1.0) for v in curve]
+
+
+def _sequences(batch: torch.Tensor | None, kwargs: dict, n: int):
+    """The first ``n`` sequences of a captured batch and its keyword arguments (tensors whose first dim
+    is the batch's are cut; broadcast ones, batch dim 1, are kept)."""
+    size = batch.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size and size > 1:
+            return v[:n]
+        return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
+    return batch[:n], {k: cut(v) for k, v in kwargs.items()}
 
 
 def eigen_curve(gram: torch.Tensor) -> list[float]:
@@ -255,13 +328,15 @@ def fingerprint(tokens: torch.Tensor) -> str:
 
 @torch.no_grad()
 def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progress: Progress | None = None,
-            keep_grams: bool = True) -> Statistics:
+            keep_grams: bool = True, qk_sequences: int = 2) -> Statistics:
     """One pass over the dense ``model`` on ``calibration_tokens`` (N, T): per layer the Gram matrices,
     Block Influence, energies and error curves :func:`predict` reads (see the module docstring).
 
     The model is not changed. keep_grams: keep the two Gram matrices per layer (float32; SmolLM2-135M:
     about 320 MB) so MoDeGPT curves at other leverage ridges can be built later; without them only the
-    default ridge is forecast. A streamed (offloaded) model is not supported."""
+    default ridge is forecast. qk_sequences: calibration sequences the query-key cuts are run on (one
+    attention forward per kept width and layer, :func:`qk_curve`); 0 uses the pair-score proxy
+    (:func:`score_curve`) instead. A streamed (offloaded) model is not supported."""
     progress = progress or (lambda f, m: None)
     t0 = time.perf_counter()
     mv = view(model)
@@ -276,7 +351,22 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
         x = [layer.input_layernorm(h) for h in hidden]
         g_attn = Gram.of(x).mean
         del x
-        a = [layer.attention_out(h, kw) for h, kw in zip(hidden, inputs.kwargs_for(i))]
+        kwargs = inputs.kwargs_for(i)
+        context = Gram(attn.num_heads * attn.v_dim, g_attn.device)
+        bias = None if attn.v_proj.bias is None else \
+            attn.v_proj.bias.detach().view(attn.num_kv_heads, -1).repeat_interleave(attn.num_key_value_groups, 0)
+        hook = attn.o_proj.register_forward_pre_hook(
+            lambda module, args: context.add(args[0] if bias is None else args[0] - bias.reshape(-1)))
+        try:
+            a = [layer.attention_out(h, kw) for h, kw in zip(hidden, kwargs)]
+        finally:
+            hook.remove()
+        if qk_sequences:
+            probe = [_sequences(hidden[0], kwargs[0], qk_sequences)]
+            qk = qk_curve(layer, g_attn, [p[0] for p in probe], [p[1] for p in probe],
+                          [a[0][:qk_sequences]])
+        else:
+            qk = score_curve(keep_rotary_pairs(attn, g_attn, attn.head_dim // 2))  # all kept: scores only
         mid = [h + y for h, y in zip(hidden, a)]
         h_mid, z = mlp_activations(layer, mid)
         gram_z = Gram.of(z)
@@ -292,13 +382,12 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
         slice_mid, slice_out = eigen_curve(Gram.of(mid).mean), eigen_curve(Gram.of(out).mean)
         del a, m, mid
         w_down = layer.mlp.down_proj.weight.detach()
-        scores = keep_rotary_pairs(attn, g_attn, attn.head_dim // 2)  # every pair kept: scores only
         layers.append(LayerStatistics(
             index=i, influence=bi,
             energy={"stream_in": e_in / n, "attn": e_attn / n, "mid": e_mid / n, "mlp": e_mlp / n,
                     "stream_out": e_out / n,
                     "update": e_update / n},
-            drop=e_update / max(e_out, 1e-30), qk=qk_curve(scores), vo=vo_curve(attn, g_attn),
+            drop=e_update / max(e_out, 1e-30), qk=qk, vo=vo_curve(attn, g_attn, context.mean, e_attn / n),
             mlp={"olica": pruning_curve(c, w_down, z_sq),
                  f"modegpt:{DEFAULT_RIDGE:g}": nystrom_curve(c, w_down, DEFAULT_RIDGE)},
             slice_mid=slice_mid, slice_out=slice_out,

@@ -58,6 +58,46 @@ def test_olica_mlp_curve_is_the_dropped_output_energy_at_every_k():
         assert curve[k] == pytest.approx(float(brute), rel=1e-9, abs=1e-12), k
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: value biases folded into o_proj's
+def test_attention_curves_are_the_rewritten_attention_error(kind):
+    """The value-output curve is the error of the real rewrite (every token); the query-key curve the
+    error of the real pair cut on the sequences it was measured on."""
+    import copy
+
+    from compression.arch import view
+    from compression.calibration import Gram, capture_block_inputs
+    from compression.modeling import to_compressed
+    from compression.rewrite import compress_value_output, keep_rotary_pairs
+
+    model = tiny_model(kind, layers=2)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 128, (8, 32))
+    st = collect(model, tokens, batch_size=4, qk_sequences=2)
+    mv = view(to_compressed(copy.deepcopy(model)).requires_grad_(False))
+    inputs = capture_block_inputs(mv, tokens, 4)
+    layer, kwargs = mv.layers[1], inputs.kwargs_for(1)
+    hidden = [mv.layers[0](h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs_for(0))]
+    dense = [layer.attention_out(h, kw) for h, kw in zip(hidden, kwargs)]
+    gram = Gram.of([layer.input_layernorm(h) for h in hidden]).mean
+
+    @torch.no_grad()
+    def error(cut, batches):
+        new = [cut.attention_out(h, kw)[:2 if batches == 1 else None] for h, kw in zip(hidden[:batches], kwargs)]
+        ref = [d[:2 if batches == 1 else None] for d in dense[:batches]]
+        return float(sum((a - b).double().square().sum() for a, b in zip(new, ref))
+                     / sum(b.double().square().sum() for b in ref))
+
+    for v in (2, 7, 13):
+        cut = copy.deepcopy(layer)
+        compress_value_output(cut.self_attn, gram, v)
+        assert st.layers[1].vo[v] == pytest.approx(error(cut, len(hidden)), rel=1e-4), v
+    for r in (1, 3, 6):
+        cut = copy.deepcopy(layer)
+        keep_rotary_pairs(cut.self_attn, gram, r)
+        assert st.layers[1].qk[r] == pytest.approx(error(cut, 1), rel=1e-4), r
+    assert st.layers[1].qk[8] == 0.0 and st.layers[1].vo[16] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_collect_leaves_the_model_as_it_was(tiny):
     model, tokens, _ = tiny
     before = logits(model, tokens)
