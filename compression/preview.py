@@ -98,6 +98,8 @@ class LayerStatistics:
     mlp_gram: torch.Tensor | None = None
     z_sq: torch.Tensor | None = None       # Σ z_j² / n per channel (Olica's ranking), float64
     w_down: torch.Tensor | None = None     # a reference to down_proj's weight (D × m), for other ridges
+    branch: dict | None = None             # Olica's calibration-branch basis (:func:`branch_basis`)
+    fits: dict = field(default_factory=dict, repr=False)  # (kept, ridge) -> branch_fit, built on use
 
 
 @dataclass
@@ -125,6 +127,15 @@ class Statistics:
         """Free the Gram matrices (MoDeGPT curves at a leverage ridge not built yet then fail)."""
         for lay in self.layers:
             lay.attn_gram = lay.mlp_gram = None
+
+    def branch_fit(self, layer: int, kept: int, ridge: float) -> dict:
+        """Olica's calibration fit of ``layer`` pruned to ``kept`` channels (:func:`branch_fit`), kept."""
+        lay = self.layers[layer]
+        key = (int(kept), float(ridge))
+        if key not in lay.fits:
+            r_sq = _at(lay.mlp["olica"], kept) * lay.energy["mlp"]
+            lay.fits[key] = branch_fit(lay.branch, int(kept), r_sq, ridge)
+        return lay.fits[key]
 
     def mlp_curve(self, layer: int, rule: str, ridge: float = DEFAULT_RIDGE) -> list[float]:
         """The MLP curve of ``layer`` for ``rule`` ("olica" or "modegpt"), built on first use for a
@@ -179,16 +190,21 @@ def nystrom_curve(c: torch.Tensor, w_down: torch.Tensor, ridge: float) -> list[f
     return _fractions(_reverse_cumsum(b.square().sum(0)))
 
 
+def olica_order(z_sq: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """Olica's neuron ranking, most important first (:func:`compression.olica.neuron_importance`)."""
+    from .olica import neuron_importance
+
+    return torch.argsort(neuron_importance(z_sq, w_down), descending=True, stable=True)
+
+
 def pruning_curve(c: torch.Tensor, w_down: torch.Tensor, z_sq: torch.Tensor) -> list[float]:
     """Olica's MLP: relative squared error for every number of kept neurons k = 0..m.
 
     Neurons are kept by ‖z_j‖·‖W_down[:, j]‖ (:func:`compression.olica.neuron_importance`) and
     nothing is refitted, so dropping the tail T loses Σ_{i,j∈T} (WᵀW)_ij C_ij of the output energy:
     with H = (WᵀW) ⊙ C in that order, the tail sums Σ_{i≥k} (H_ii + 2 Σ_{j>i} H_ij), exactly."""
-    from .olica import neuron_importance
-
     w = w_down.double()
-    order = torch.argsort(neuron_importance(z_sq, w), descending=True, stable=True)
+    order = olica_order(z_sq, w)
     wo = w[:, order]
     h = (wo.T @ wo) * c.double()[order][:, order]
     per_row = h.diagonal() + 2 * torch.triu(h, diagonal=1).sum(1)
@@ -289,6 +305,34 @@ def _sequences(batch: torch.Tensor | None, kwargs: dict, n: int):
     return batch[:n], {k: cut(v) for k, v in kwargs.items()}
 
 
+def branch_basis(gram_x: torch.Tensor, cross: torch.Tensor, w_down: torch.Tensor, order: torch.Tensor) -> dict:
+    """What Olica's calibration branch of a layer is forecast from: the eigenvalues Λ and the cross
+    moment Uᵀ XᵀZ/n of the MLP input X (G = XᵀX/n = U Λ Uᵀ) and W_down, both with the channels in
+    Olica's order (so any pruning's dropped channels are a suffix). float32 but Λ."""
+    vals, vecs = torch.linalg.eigh(gram_x.double())
+    return {"eigvals": vals.clamp_min(0), "scale": float(gram_x.diagonal().double().mean()),
+            "cross": (vecs.T @ cross.double())[:, order].float(), "w": w_down.double()[:, order].float()}
+
+
+def branch_fit(basis: dict, kept: int, r_sq: float, ridge: float) -> dict:
+    """Olica's linear calibration of a layer pruned to its first ``kept`` channels, from
+    :func:`branch_basis`: the residual R = Z_T W_Tᵀ of the dropped channels T has cross moment
+    c' = Uᵀ XᵀR/n = (Uᵀ XᵀZ/n)_T W_Tᵀ, so the ridge fit W = U (Λ + λ)⁻¹ c' explains exactly
+    Σ_i ‖c'_i‖² (2/(λ_i + λ) − λ_i/(λ_i + λ)²) of ``r_sq`` (``explained``, which picks the layers).
+    Its best rank-r factorisation under the input weighting keeps the top r eigenvalues of YᵀY with
+    Y = Λ^{1/2}(Λ + λ)⁻¹ c' (``spectrum``, descending): the residual after the branch is
+    r_sq − Σ_{j<r} spectrum_j, up to a term of order λ (the ridge's shrinkage) left out."""
+    if kept >= basis["w"].shape[1] or r_sq <= 0:  # nothing pruned: Olica's fit explains "all" of nothing
+        return {"explained": 1.0, "spectrum": [], "r_sq": 0.0}
+    c = basis["cross"][:, kept:] @ basis["w"][:, kept:].T      # (D, D) in the eigenbasis of G
+    lam_i, lam = basis["eigvals"], ridge * basis["scale"]
+    rows = c.double().square().sum(1)
+    gain = float((rows * (2 / (lam_i + lam) - lam_i / (lam_i + lam) ** 2)).sum())
+    y = (lam_i.sqrt() / (lam_i + lam))[:, None] * c.double()
+    spectrum = torch.linalg.eigvalsh(y.T @ y).flip(0).clamp_min(0)
+    return {"explained": 1.0 - (r_sq - gain) / max(r_sq, 1e-30), "spectrum": spectrum.tolist(), "r_sq": r_sq}
+
+
 def eigen_curve(gram: torch.Tensor) -> list[float]:
     """The share of a Gram matrix's eigenvalue mass outside its top d directions, d = 0..D."""
     vals = torch.linalg.eigvalsh(gram.double()).flip(0).clamp_min(0)
@@ -314,6 +358,15 @@ def compressed_view(block: BlockView, base, math: BlockMath, shape: Shape):
         if source is not None:
             target.get(part).weight = source.weight
     return layer.eval()
+
+
+def _cross(x: list[torch.Tensor], z: list[torch.Tensor]) -> torch.Tensor:
+    """Σ xᵀz over the batches (D × m, float64), each batch's product in the statistics precision."""
+    from .calibration import resolve_precision
+
+    dtype = torch.float32 if resolve_precision(None, x[0].device) == "mixed" else torch.float64
+    flat = lambda t: t.to(dtype).flatten(0, 1)  # noqa: E731
+    return sum((flat(a).T @ flat(b)).double() for a, b in zip(x, z))
 
 
 def _energy(batches: list[torch.Tensor]) -> tuple[float, int]:
@@ -372,6 +425,8 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
         gram_z = Gram.of(z)
         c = gram_z.mean
         z_sq = sum(zb.square().sum(dim=(0, 1), dtype=torch.float64) for zb in z) / gram_z.count
+        g_x = Gram.of(h_mid).mean
+        cross = _cross(h_mid, z) / gram_z.count
         m = mlp_outputs(layer, h_mid, z)
         del h_mid, z
         out = [y + w for y, w in zip(mid, m)]
@@ -382,6 +437,8 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
         slice_mid, slice_out = eigen_curve(Gram.of(mid).mean), eigen_curve(Gram.of(out).mean)
         del a, m, mid
         w_down = layer.mlp.down_proj.weight.detach()
+        basis = branch_basis(g_x, cross, w_down, olica_order(z_sq, w_down))
+        del cross
         layers.append(LayerStatistics(
             index=i, influence=bi,
             energy={"stream_in": e_in / n, "attn": e_attn / n, "mid": e_mid / n, "mlp": e_mlp / n,
@@ -392,7 +449,7 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
                  f"modegpt:{DEFAULT_RIDGE:g}": nystrom_curve(c, w_down, DEFAULT_RIDGE)},
             slice_mid=slice_mid, slice_out=slice_out,
             attn_gram=g_attn.float() if keep_grams else None, mlp_gram=c.float() if keep_grams else None,
-            z_sq=z_sq, w_down=w_down if keep_grams else None))
+            z_sq=z_sq, w_down=w_down if keep_grams else None, branch=basis))
         hidden = out
         progress((i + 1) / L, f"layer {i + 1}/{L}: statistics and error curves")
     return Statistics(layers=layers, influence=[lay.influence for lay in layers],
@@ -475,6 +532,26 @@ def _combine(attn_f: float, mlp_f: float, energy: dict) -> tuple[float, float]:
     return lost / max(energy["attn"] + energy["mlp"], 1e-30), lost / max(energy["stream_out"], 1e-30)
 
 
+def _calibrate(statistics: Statistics, config, base_config, specs: list, modules: dict) -> tuple[dict, list[int]]:
+    """Olica's calibration branches: the layers whose pruning residual a linear map explains best get
+    a rank-r branch (:func:`branch_fit`); their MLP error in ``modules`` becomes the residual after it.
+    Returns ({layer: MLP error before}, the calibrated layers)."""
+    from .olica import branch_cost
+
+    n_cal, _, _ = branch_cost(config, base_config)
+    if not n_cal or not modules:
+        return {}, []
+    fits = {i: statistics.branch_fit(i, specs[i]["mlp_dim"], config.ridge) for i in modules}
+    chosen = sorted(fits, key=lambda j: fits[j]["explained"], reverse=True)[:n_cal]
+    before = {}
+    for j in chosen:
+        fit, energy = fits[j], statistics.layers[j].energy["mlp"]
+        kept = sum(fit["spectrum"][:config.calibrate_rank])
+        before[j] = modules[j][1]
+        modules[j][1] = max(fit["r_sq"] - kept, 0.0) / max(energy, 1e-30)
+    return before, sorted(chosen)
+
+
 def predict(statistics: Statistics, config, base_config) -> dict:
     """Forecast of ``config`` (any method's) from ``statistics``: ``params``, ``block_params``, ``ratio``
     (as :func:`compression.forecast.forecast`), per layer ``predicted_error``, ``attn``, ``mlp`` and
@@ -491,36 +568,36 @@ def predict(statistics: Statistics, config, base_config) -> dict:
     plan = method.plan(config, base_config, statistics.influence)
     blocks = sum(spec_params(s, base_config) for s in plan.specs if s is not None) + plan.extra_params
     rule = _mlp_rule(config)
-    attn, mlp, per_layer, stream, sizes = [], [], [], [], []
+    attn, mlp, per_layer, stream, sizes, modules = [], [], [], [], [], {}
     for i, (lay, spec) in enumerate(zip(statistics.layers, plan.specs)):
+        sizes.append(None if spec is None else {k: spec[k] for k in ("d_mid", "d_out", "qk_dim", "v_dim", "mlp_dim")})
+        if spec is not None and not spec.get("attn_skip"):  # a per-block rewrite: module errors
+            mlp_f = 0.0 if rule is None else _at(statistics.mlp_curve(i, *rule), spec["mlp_dim"])
+            modules[i] = [min(_at(lay.vo, spec["v_dim"]) + _at(lay.qk, spec["qk_dim"] // 2), 1.0), mlp_f]
+    before, calibrated = _calibrate(statistics, config, base_config, plan.specs, modules) if rule and rule[0] == "olica" \
+        else ({}, [])
+    for i, (lay, spec) in enumerate(zip(statistics.layers, plan.specs)):
+        e = lay.energy
         if spec is None:  # dropped: the stream keeps the block's input
             attn.append(1.0), mlp.append(1.0), per_layer.append(math.sqrt(lay.drop)), stream.append(lay.drop)
-            sizes.append(None)
-            continue
-        sizes.append({k: spec[k] for k in ("d_mid", "d_out", "qk_dim", "v_dim", "mlp_dim")})
-        if spec.get("attn_skip"):  # sliced residual stream (SliceGPT)
-            e = lay.energy
-            lost = _at(lay.slice_mid, spec["d_mid"]) * e["mid"] \
-                + _at(lay.slice_out, spec["d_out"]) * e["stream_out"]
-            s = lost / max(e["stream_out"], 1e-30)
-            attn.append(math.sqrt(_at(lay.slice_mid, spec["d_mid"])))
-            mlp.append(math.sqrt(_at(lay.slice_out, spec["d_out"])))
+        elif i not in modules:  # sliced residual stream (SliceGPT)
+            f_mid, f_out = _at(lay.slice_mid, spec["d_mid"]), _at(lay.slice_out, spec["d_out"])
+            s = (f_mid * e["mid"] + f_out * e["stream_out"]) / max(e["stream_out"], 1e-30)
+            attn.append(math.sqrt(f_mid)), mlp.append(math.sqrt(f_out))
             per_layer.append(math.sqrt(min(s, 1.0))), stream.append(s)
-            continue
-        attn_f = min(_at(lay.vo, spec["v_dim"]) + _at(lay.qk, spec["qk_dim"] // 2), 1.0)
-        mlp_f = 0.0
-        if rule is not None:
-            mlp_f = _at(statistics.mlp_curve(i, *rule), spec["mlp_dim"])
-        update, s = _combine(attn_f, mlp_f, lay.energy)
-        attn.append(math.sqrt(attn_f)), mlp.append(math.sqrt(mlp_f))
-        per_layer.append(math.sqrt(update)), stream.append(s)
+        else:
+            attn_f, mlp_f = modules[i]
+            update, s = _combine(attn_f, mlp_f, e)
+            attn.append(math.sqrt(attn_f)), mlp.append(math.sqrt(mlp_f))
+            per_layer.append(math.sqrt(update)), stream.append(s)
     sparsity = config.sparsities(L, statistics.influence) if hasattr(config, "sparsities") else None
     sliced = any(s is not None and s.get("attn_skip") for s in plan.specs)
     return {"params": statistics.params_total - statistics.params_blocks + blocks, "block_params": blocks,
             "ratio": 1 - blocks / statistics.params_blocks if statistics.params_blocks else 0.0,
             "predicted_error": per_layer, "attn": attn, "mlp": mlp, "stream": [math.sqrt(s) for s in stream],
             "total": math.sqrt(sum(stream)), "sizes": sizes, "sparsity": sparsity,
-            "dropped": [i for i, s in enumerate(plan.specs) if s is None],
+            "dropped": [i for i, s in enumerate(plan.specs) if s is None], "calibrated": calibrated,
+            "mlp_before_calibration": [math.sqrt(before[i]) if i in before else None for i in range(L)],
             "labels": SLICED_LABELS if sliced else MODULE_LABELS}
 
 
@@ -604,3 +681,36 @@ def best_allocation(statistics: Statistics, method, ratio: float, base_config, o
     budget = rows[0]["params"] + 0.005 * statistics.params_blocks
     fair = sorted((r for r in rows if r["params"] <= budget), key=lambda r: r["total"])
     return fair[0]["config"], fair + [r for r in rows if r["params"] > budget]
+
+
+# --- the trade-off curve ------------------------------------------------------------------------------
+
+TRADEOFF_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 .. 0.6
+
+
+def tradeoff_curve(statistics: Statistics, method, base_config, options: dict | None = None,
+                   ratios=TRADEOFF_RATIOS) -> list[dict]:
+    """The forecast at each target ratio for ``method`` with its other knob values ``options``: rows
+    {"ratio", "total", "params"} for :func:`viz.tradeoff_figure`. Ratios the method cannot reach are
+    left out; manual per-layer values in ``options`` are dropped (the curve varies the target)."""
+    m = _method(method)
+    values = {k: v for k, v in (options or {}).items() if k not in ("layer_sparsity", "layers", "widths", "slicing")}
+    if values.get("allocation") == "manual":
+        values["allocation"] = "uniform"
+    rows = []
+    for r in ratios:
+        try:
+            p = predict(statistics, m.make_config({**values, "ratio": r}), base_config)
+        except ValueError:
+            continue
+        rows.append({"ratio": r, "total": p["total"], "params": p["params"]})
+    return rows
+
+
+def run_point(report, statistics: Statistics, label: str | None = None) -> dict:
+    """A finished run as a measured point of the trade-off figure: the ratio it achieved, its measured
+    ``total`` (:func:`measured_errors`), its label and wiki perplexity (None if not measured)."""
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    return {"ratio": data.get("ratio_achieved"), "total": measured_errors(data, statistics).get("total"),
+            "label": label or f"{data.get('method', '?')} {data.get('ratio_target')}",
+            "ppl": data.get("ppl_compressed")}

@@ -148,6 +148,24 @@ def test_a_real_run_has_the_forecast_widths_and_params_and_its_first_mlp_error(t
     assert len(measured["per_layer"]) == 4 and measured["total"] > 0
 
 
+def test_olica_calibration_branches_are_forecast_on_the_layers_the_run_picks(tiny):
+    """With attention untouched (attn_share 0) block 0's MLP sees the dense stream in the run too: its
+    branch's fit and the error after it are the forecast's (up to the ridge's shrinkage term); the
+    run calibrates the layers the forecast names."""
+    model, tokens, st = tiny
+    config = OlicaConfig(ratio=0.3, attn_share=0.0, calibrate_layers=4, calibrate_rank=6)
+    p = predict(st, config, model.config)
+    report = compress(model, config, tokens).report
+    assert p["calibrated"] == report.config["calibrated"] == [0, 1, 2, 3]
+    explained = report.extra["explained_by_linear_fit"][0]
+    assert st.branch_fit(0, p["sizes"][0]["mlp_dim"], config.ridge)["explained"] == pytest.approx(explained, rel=1e-3)
+    first = report.layers[0].errors
+    assert p["mlp_before_calibration"][0] == pytest.approx(first["mlp_before_calibration"], rel=1e-3)
+    assert p["mlp"][0] == pytest.approx(first["mlp"], rel=2e-2) and p["mlp"][0] < p["mlp_before_calibration"][0]
+    none = predict(st, OlicaConfig(ratio=0.3, attn_share=0.0, calibrate_layers=0), model.config)
+    assert none["calibrated"] == [] and none["mlp_before_calibration"] == [None] * 4
+
+
 def test_layer_dropping_forecasts_what_the_dropped_block_adds(tiny):
     model, tokens, st = tiny
     p = predict(st, LayerDropConfig(ratio=0.25), model.config)
@@ -294,3 +312,18 @@ def test_figures_draw_the_forecast_and_the_measured_errors_over_it(tiny):
     assert list(fig.data[0].x) == [0.1, 0.2, 0.3] and fig.data[1].name == "runs (measured)"
     assert "ppl 30.00" in fig.data[1].text[0]
     assert viz.tradeoff_figure([], []).layout.annotations[0].text == "no data"
+
+
+def test_tradeoff_curve_and_a_run_as_a_measured_point(tiny):
+    from compression.preview import run_point, tradeoff_curve
+
+    model, tokens, st = tiny
+    curve = tradeoff_curve(st, "olica", model.config, {"allocation": "manual", "layer_sparsity": (0.1,) * 4,
+                                                       "calibrate_layers": 0}, ratios=(0.1, 0.3, 0.5))
+    assert [r["ratio"] for r in curve] == [0.1, 0.3, 0.5]
+    assert curve[0]["total"] < curve[1]["total"] < curve[2]["total"]
+    assert curve[1]["total"] == predict(st, OlicaConfig(ratio=0.3, calibrate_layers=0), model.config)["total"]
+    report = compress(model, OlicaConfig(ratio=0.3, calibrate_layers=0), tokens).report
+    point = run_point(report, st, "run 1")
+    assert point["label"] == "run 1" and point["ratio"] == pytest.approx(report.ratio_achieved)
+    assert point["total"] == measured_errors(report, st)["total"] > 0
