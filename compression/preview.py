@@ -68,6 +68,7 @@ from .rewrite import keep_rotary_pairs
 
 Progress = Callable[[float, str], None]
 DEFAULT_RIDGE = 1.0  # MoDeGPT's default leverage ridge: its curve is built by collect
+OLICA_RIDGE = 1e-3   # Olica's default calibration ridge: its explained curve too
 
 
 @dataclass
@@ -99,7 +100,7 @@ class LayerStatistics:
     z_sq: torch.Tensor | None = None       # Σ z_j² / n per channel (Olica's ranking), float64
     w_down: torch.Tensor | None = None     # a reference to down_proj's weight (D × m), for other ridges
     branch: dict | None = None             # Olica's calibration-branch basis (:func:`branch_basis`)
-    fits: dict = field(default_factory=dict, repr=False)  # (kept, ridge) -> branch_fit, built on use
+    fits: dict = field(default_factory=dict, repr=False)  # (kept, ridge, rank) -> branch_spectrum
 
 
 @dataclass
@@ -128,13 +129,25 @@ class Statistics:
         for lay in self.layers:
             lay.attn_gram = lay.mlp_gram = None
 
-    def branch_fit(self, layer: int, kept: int, ridge: float) -> dict:
-        """Olica's calibration fit of ``layer`` pruned to ``kept`` channels (:func:`branch_fit`), kept."""
+    def branch_explained(self, layer: int, kept: int, ridge: float) -> tuple[float, float]:
+        """(share of the pruning residual Olica's ridge fit explains, the residual's energy per token)
+        for ``layer`` pruned to ``kept`` channels (:func:`explained_curve`, built once per ridge)."""
         lay = self.layers[layer]
-        key = (int(kept), float(ridge))
+        curves = lay.branch.setdefault("explained", {})
+        if float(ridge) not in curves:
+            curves[float(ridge)] = explained_curve(lay.branch, ridge)
+        r_sq = _at(lay.mlp["olica"], kept) * lay.energy["mlp"]
+        if kept >= len(curves[float(ridge)]) - 1 or r_sq <= 0:
+            return 1.0, 0.0  # nothing pruned: Olica's fit "explains all" of a zero residual
+        return 1.0 - (r_sq - _at(curves[float(ridge)], kept)) / max(r_sq, 1e-30), r_sq
+
+    def branch_gain(self, layer: int, kept: int, ridge: float, rank: int) -> float:
+        """What a rank-``rank`` branch removes from the residual of ``layer`` (:func:`branch_spectrum`),
+        remembered per width."""
+        lay = self.layers[layer]
+        key = (int(kept), float(ridge), int(rank))
         if key not in lay.fits:
-            r_sq = _at(lay.mlp["olica"], kept) * lay.energy["mlp"]
-            lay.fits[key] = branch_fit(lay.branch, int(kept), r_sq, ridge)
+            lay.fits[key] = branch_spectrum(lay.branch, int(kept), ridge, rank)
         return lay.fits[key]
 
     def mlp_curve(self, layer: int, rule: str, ridge: float = DEFAULT_RIDGE) -> list[float]:
@@ -314,23 +327,38 @@ def branch_basis(gram_x: torch.Tensor, cross: torch.Tensor, w_down: torch.Tensor
             "cross": (vecs.T @ cross.double())[:, order].float(), "w": w_down.double()[:, order].float()}
 
 
-def branch_fit(basis: dict, kept: int, r_sq: float, ridge: float) -> dict:
-    """Olica's linear calibration of a layer pruned to its first ``kept`` channels, from
-    :func:`branch_basis`: the residual R = Z_T W_Tᵀ of the dropped channels T has cross moment
-    c' = Uᵀ XᵀR/n = (Uᵀ XᵀZ/n)_T W_Tᵀ, so the ridge fit W = U (Λ + λ)⁻¹ c' explains exactly
-    Σ_i ‖c'_i‖² (2/(λ_i + λ) − λ_i/(λ_i + λ)²) of ``r_sq`` (``explained``, which picks the layers).
-    Its best rank-r factorisation under the input weighting keeps the top r eigenvalues of YᵀY with
-    Y = Λ^{1/2}(Λ + λ)⁻¹ c' (``spectrum``, descending): the residual after the branch is
-    r_sq − Σ_{j<r} spectrum_j, up to a term of order λ (the ridge's shrinkage) left out."""
-    if kept >= basis["w"].shape[1] or r_sq <= 0:  # nothing pruned: Olica's fit explains "all" of nothing
-        return {"explained": 1.0, "spectrum": [], "r_sq": 0.0}
-    c = basis["cross"][:, kept:] @ basis["w"][:, kept:].T      # (D, D) in the eigenbasis of G
-    lam_i, lam = basis["eigvals"], ridge * basis["scale"]
-    rows = c.double().square().sum(1)
-    gain = float((rows * (2 / (lam_i + lam) - lam_i / (lam_i + lam) ** 2)).sum())
-    y = (lam_i.sqrt() / (lam_i + lam))[:, None] * c.double()
-    spectrum = torch.linalg.eigvalsh(y.T @ y).flip(0).clamp_min(0)
-    return {"explained": 1.0 - (r_sq - gain) / max(r_sq, 1e-30), "spectrum": spectrum.tolist(), "r_sq": r_sq}
+def _ridge_weights(basis: dict, ridge: float) -> tuple[torch.Tensor, float]:
+    lam = ridge * basis["scale"]
+    return basis["eigvals"], lam
+
+
+def explained_curve(basis: dict, ridge: float) -> list[float]:
+    """Olica's linear calibration of a layer pruned to its first k channels, k = 0..m: the energy per
+    token its ridge fit explains of the residual, exactly (on the dense MLP input).
+
+    The residual R = Z_T W_Tᵀ of the dropped channels T has cross moment c' = Uᵀ XᵀR/n = M_T W_Tᵀ
+    (M = Uᵀ XᵀZ/n, :func:`branch_basis`), and the ridge fit W = U (Λ + λ)⁻¹ c' explains
+    Σ_i ω_i ‖c'_i‖², ω_i = 2/(λ_i + λ) − λ_i/(λ_i + λ)²; that is ⟨M_Tᵀ Ω M_T, W_Tᵀ W_T⟩, a sum over the
+    tail block of one m × m matrix, so one pass gives every k (as :func:`pruning_curve`)."""
+    lam_i, lam = _ridge_weights(basis, ridge)
+    omega = 2 / (lam_i + lam) - lam_i / (lam_i + lam) ** 2
+    m, w = basis["cross"].double(), basis["w"].double()
+    h = (m.T @ (omega[:, None] * m)) * (w.T @ w)
+    return _reverse_cumsum(h.diagonal() + 2 * torch.triu(h, diagonal=1).sum(1)).tolist()
+
+
+def branch_spectrum(basis: dict, kept: int, ridge: float, rank: int) -> float:
+    """The residual energy a rank-``rank`` calibration branch removes from a layer pruned to its first
+    ``kept`` channels: the best rank-r factorisation of the ridge fit under the input weighting keeps
+    the top r eigenvalues of YᵀY, Y = Λ^{1/2}(Λ + λ)⁻¹ c' (c' as in :func:`explained_curve`); the
+    residual after the branch is the residual before minus their sum, up to a term of order λ (the
+    ridge's shrinkage) left out."""
+    if kept >= basis["w"].shape[1]:
+        return 0.0
+    c = (basis["cross"][:, kept:] @ basis["w"][:, kept:].T).double()   # (D, D) in the eigenbasis of G
+    lam_i, lam = _ridge_weights(basis, ridge)
+    y = (lam_i.sqrt() / (lam_i + lam))[:, None] * c
+    return float(torch.linalg.eigvalsh(y.T @ y).flip(0).clamp_min(0)[:rank].sum())
 
 
 def eigen_curve(gram: torch.Tensor) -> list[float]:
@@ -438,6 +466,7 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
         del a, m, mid
         w_down = layer.mlp.down_proj.weight.detach()
         basis = branch_basis(g_x, cross, w_down, olica_order(z_sq, w_down))
+        basis["explained"] = {OLICA_RIDGE: explained_curve(basis, OLICA_RIDGE)}
         del cross
         layers.append(LayerStatistics(
             index=i, influence=bi,
@@ -534,21 +563,21 @@ def _combine(attn_f: float, mlp_f: float, energy: dict) -> tuple[float, float]:
 
 def _calibrate(statistics: Statistics, config, base_config, specs: list, modules: dict) -> tuple[dict, list[int]]:
     """Olica's calibration branches: the layers whose pruning residual a linear map explains best get
-    a rank-r branch (:func:`branch_fit`); their MLP error in ``modules`` becomes the residual after it.
+    a rank-r branch (:func:`explained_curve`, :func:`branch_spectrum`); their MLP error in ``modules`` becomes the residual after it.
     Returns ({layer: MLP error before}, the calibrated layers)."""
     from .olica import branch_cost
 
     n_cal, _, _ = branch_cost(config, base_config)
     if not n_cal or not modules:
         return {}, []
-    fits = {i: statistics.branch_fit(i, specs[i]["mlp_dim"], config.ridge) for i in modules}
-    chosen = sorted(fits, key=lambda j: fits[j]["explained"], reverse=True)[:n_cal]
+    fits = {i: statistics.branch_explained(i, specs[i]["mlp_dim"], config.ridge) for i in modules}
+    chosen = sorted(fits, key=lambda j: fits[j][0], reverse=True)[:n_cal]
     before = {}
     for j in chosen:
-        fit, energy = fits[j], statistics.layers[j].energy["mlp"]
-        kept = sum(fit["spectrum"][:config.calibrate_rank])
+        r_sq, energy = fits[j][1], statistics.layers[j].energy["mlp"]
+        gain = statistics.branch_gain(j, specs[j]["mlp_dim"], config.ridge, config.calibrate_rank) if r_sq else 0.0
         before[j] = modules[j][1]
-        modules[j][1] = max(fit["r_sq"] - kept, 0.0) / max(energy, 1e-30)
+        modules[j][1] = max(r_sq - gain, 0.0) / max(energy, 1e-30)
     return before, sorted(chosen)
 
 

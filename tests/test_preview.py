@@ -158,7 +158,7 @@ def test_olica_calibration_branches_are_forecast_on_the_layers_the_run_picks(tin
     report = compress(model, config, tokens).report
     assert p["calibrated"] == report.config["calibrated"] == [0, 1, 2, 3]
     explained = report.extra["explained_by_linear_fit"][0]
-    assert st.branch_fit(0, p["sizes"][0]["mlp_dim"], config.ridge)["explained"] == pytest.approx(explained, rel=1e-3)
+    assert st.branch_explained(0, p["sizes"][0]["mlp_dim"], config.ridge)[0] == pytest.approx(explained, rel=1e-3)
     first = report.layers[0].errors
     assert p["mlp_before_calibration"][0] == pytest.approx(first["mlp_before_calibration"], rel=1e-3)
     assert p["mlp"][0] == pytest.approx(first["mlp"], rel=2e-2) and p["mlp"][0] < p["mlp_before_calibration"][0]
