@@ -102,6 +102,19 @@ def explained(gram: torch.Tensor, cross: torch.Tensor, r_sq: float, w: torch.Ten
 
 # --- orchestration --------------------------------------------------------------------------------------
 
+def dropped_part(w_down: torch.Tensor, kept: torch.Tensor):
+    """z ↦ what the channels not in ``kept`` add through ``w_down`` (D, m): the pruned MLP's residual
+    (bias-free: the bias stays with the pruned MLP)."""
+    mask = torch.ones(w_down.shape[1], dtype=torch.bool, device=w_down.device)
+    mask[kept.to(w_down.device)] = False
+    index, w = mask.nonzero().squeeze(1), w_down[:, mask].clone()  # (dropped,), (D, dropped)
+
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        with stage("forwards"):
+            return torch.nn.functional.linear(z[..., index.to(z.device)], w.to(z.device, z.dtype))
+    return apply
+
+
 def prune_mlp(mlp, index: torch.Tensor) -> None:
     select_outputs(mlp.gate_proj, index)
     select_outputs(mlp.up_proj, index)
@@ -141,7 +154,10 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None, influe
         p_mlp = probe.mlp(layer)
         # The MLP runs once: the pruned MLP's output is down_proj on the kept channels of the same z.
         h_mid, z = mlp_activations(layer, mid)
-        m_dense = mlp_outputs(layer, h_mid, z)
+        # Where down_proj writes to the stream as is, the dense output is the pruned one plus what the
+        # dropped channels wrote: one (D × dropped) product instead of a second full down_proj.
+        linear = layer.mlp_output_norm is None
+        m_dense = None if linear else mlp_outputs(layer, h_mid, z)
         gram_x = Gram.of(h_mid)
         g_x = gram_x.mean
         with stage("statistics"):
@@ -149,9 +165,12 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None, influe
         scores = neuron_importance(z_sq, mlp.down_proj.weight)
         index = torch.sort(torch.topk(scores, min(spec["mlp_dim"], scores.numel())).indices).values
         cut = index.numel() < scores.numel()
+        dropped = dropped_part(mlp.down_proj.weight, index) if cut and linear else None
         if cut:
             prune_mlp(mlp, index)
         m_new = mlp_outputs(layer, h_mid, z, index if cut else None)
+        if m_dense is None:
+            m_dense = m_new if dropped is None else [m + dropped(zb) for m, zb in zip(m_new, z)]
         del z
         norm = layer.post_attention_layernorm
         with stage("statistics"):

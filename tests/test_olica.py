@@ -76,3 +76,14 @@ def test_without_calibration_no_branches(tokens):
     out, report = compress(tiny_model("qwen2"), OlicaConfig(ratio=0.2, calibrate_layers=0), tokens)
     assert all(l.sizes["branch_rank"] == 0 for l in report.layers)
     assert report.config["calibrated"] == []
+
+
+def test_dropped_part_is_the_pruned_mlps_residual():
+    from compression.olica import dropped_part
+
+    torch.manual_seed(0)
+    z, w = torch.randn(2, 5, 12), torch.randn(4, 12)
+    kept = torch.tensor([0, 3, 4, 9])
+    pruned = torch.nn.functional.linear(z[..., kept], w[:, kept])
+    assert torch.allclose(pruned + dropped_part(w, kept)(z), torch.nn.functional.linear(z, w), atol=1e-5)
+    assert dropped_part(w, torch.arange(12))(z).abs().max() == 0  # nothing dropped, nothing added
