@@ -24,6 +24,8 @@ from .page import HIDDEN, HOVER, JOB, LAST, knob_info, knob_slider, option_contr
 from .runs import Run, Stopped
 from .space import cpu_notice
 
+HEAL_STOPPED = ("Stopped. LoRA adapters are discarded (the run's model is as before); a full-parameter heal "
+                "(rank 0) keeps the steps already taken.")
 DEFAULT_METHOD = "modegpt"  # leads BENCHMARKS.md at ratio 0.25 (with automatic allocation)
 DEFAULT_ALLOCATION = "auto"
 # The chat demo's starting point (bench/calibration_sources.json, default model, self-chat calibration):
@@ -259,8 +261,8 @@ class CompressTab:
         try:
             with user_errors():
                 for state in watch(job, session, self.ctx.slot):
-                    if not state.done.is_set():
-                        yield progress_html(state, "Compress"), gr.update(), gr.update(), gr.update(), session
+                    if not state.done.is_set():  # the status of an earlier run is cleared while this one runs
+                        yield progress_html(state, "Compress"), "", gr.update(), gr.update(), session
         except Stopped:
             yield "", f"{STOP} Stopped. The dense model is untouched.", {"stopped": True}, \
                 self.runs_dropdown(session), session
@@ -295,8 +297,15 @@ class CompressTab:
         return summary
 
     def stop(self, session):
+        """(progress panel, status) at once: the job's stream is cancelled with this click, so the page
+        cannot wait for its last word; the worker ends at its next progress step (within a second or
+        two) and frees the model slot."""
         session.request_stop()
-        return f"{STOP} Stopping… the dense model is untouched."
+        return "", f"{STOP} Stopped. The dense model is untouched."
+
+    def heal_stopped(self, session):
+        session.request_stop()
+        return "", f"{STOP} {HEAL_STOPPED}"
 
     @staticmethod
     def runs_dropdown(session, value=None):
@@ -442,12 +451,13 @@ class CompressTab:
         compress_evt = page.endpoint([c.go_btn.click], with_option_params(self.compress), inputs,
                                      [c.progress, c.status, c.summary, run_dd, state], c.status, clear=[c.progress],
                                      api_name="compress", trigger_mode="once", show_progress="hidden", **JOB)
-        c.stop_btn.click(self.stop, state, c.status, cancels=[compress_evt], queue=False, **HIDDEN)
+        c.stop_btn.click(self.stop, state, [c.progress, c.status], cancels=[compress_evt], queue=False, **HIDDEN)
         heal_evt = page.endpoint([c.heal_btn.click], self.heal, [state, run_dd, c.heal_tokens, c.heal_rank,
                                                                  c.heal_len, c.heal_windows],
                                  [c.heal_progress, c.heal_md, c.heal_plot], c.heal_md, clear=[c.heal_progress],
                                  api_name="heal", show_progress="hidden", **JOB)
-        c.heal_stop.click(self.stop, state, c.heal_md, cancels=[heal_evt], queue=False, **HIDDEN)
+        c.heal_stop.click(self.heal_stopped, state, [c.heal_progress, c.heal_md], cancels=[heal_evt], queue=False,
+                          **HIDDEN)
         return compress_evt, heal_evt
 
     # --- healing -------------------------------------------------------------------------------
@@ -473,9 +483,9 @@ class CompressTab:
             with user_errors():
                 for state in watch(job, session, self.ctx.slot):
                     if not state.done.is_set():
-                        yield progress_html(state, "Heal"), gr.update(), gr.update()
+                        yield progress_html(state, "Heal"), "", gr.update()
         except Stopped:
-            yield "", f"{STOP} Stopped. LoRA adapters are discarded.", viz.loss_figure([])
+            yield "", f"{STOP} {HEAL_STOPPED}", viz.loss_figure([])
             return
         rec = state.result
         run.report["heal"] = rec
