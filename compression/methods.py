@@ -46,6 +46,9 @@ class Method:
     headline: dict = field(default_factory=dict)
     # Shown with the forecast when the per-layer values are not parameter fractions (markdown).
     per_layer_note: str = ""
+    # Report config entries that record what the plan resolved rather than what was asked, each with
+    # the knobs that asked instead (the run's command line leaves the entry out when one is set).
+    resolved: dict = field(default_factory=dict)
 
     def knobs(self) -> list[Knob]:
         return knobs(self.config)
@@ -80,7 +83,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
            slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run, slicegpt.from_form, calibration="wiki+self-chat",
-           refusal=slicegpt.refusal,
+           refusal=slicegpt.refusal, resolved={"widths": ("ratio", "slicing")},
            per_layer_note="SliceGPT's per-layer values (and the slicing-fraction target) are fractions of "
                           "the **hidden size** deleted, the paper's knob, not of the parameters: the skip "
                           "matrices it adds between layers give some back, so a fraction removes fewer block "
@@ -89,7 +92,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
            "optional recovery training heals the model (arXiv 2305.14864).",
            layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, layerdrop.from_form, ("auto", "manual"),
-           needs_calibration=False, calibration="self-chat", per_layer="blocks", keeps_class=True),
+           needs_calibration=False, calibration="self-chat", per_layer="blocks", keeps_class=True,
+           resolved={"layers": ("ratio",)}),
 )}
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 import viz
+from compression.command import command_for
 from compression.heal import HealConfig
 from compression.methods import METHODS
 from compression.models import PACKAGED_MODELS
@@ -294,6 +295,7 @@ class CompressTab:
         summary = {k: v for k, v in run.report.items() if not isinstance(v, (list, dict))}
         summary["run"] = run.id
         summary["calibration"] = calibration_line(run.report)
+        summary["command"] = command_for(run.report, out=f"runs/{run.id}")  # "copy as command"
         return summary
 
     def stop(self, session):
