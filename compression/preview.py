@@ -120,9 +120,10 @@ class Statistics:
         return len(self.layers)
 
     def nbytes(self) -> int:
-        """Bytes held by the Gram matrices (the rest is a few curves per layer)."""
+        """Bytes of the tensors it holds of its own: the Gram matrices and Olica's cross moments (the
+        rest is a few curves per layer; W_down is a reference to the model's weight)."""
         return sum(g.numel() * g.element_size() for lay in self.layers
-                   for g in (lay.attn_gram, lay.mlp_gram) if g is not None)
+                   for g in (lay.attn_gram, lay.mlp_gram, (lay.branch or {}).get("cross")) if g is not None)
 
     def drop_grams(self) -> None:
         """Free the Gram matrices (MoDeGPT curves at a leverage ridge not built yet then fail)."""
@@ -320,11 +321,11 @@ def _sequences(batch: torch.Tensor | None, kwargs: dict, n: int):
 
 def branch_basis(gram_x: torch.Tensor, cross: torch.Tensor, w_down: torch.Tensor, order: torch.Tensor) -> dict:
     """What Olica's calibration branch of a layer is forecast from: the eigenvalues Λ and the cross
-    moment Uᵀ XᵀZ/n of the MLP input X (G = XᵀX/n = U Λ Uᵀ) and W_down, both with the channels in
-    Olica's order (so any pruning's dropped channels are a suffix). float32 but Λ."""
+    moment Uᵀ XᵀZ/n of the MLP input X (G = XᵀX/n = U Λ Uᵀ) with the channels in Olica's ``order``
+    (so any pruning's dropped channels are a suffix; float32), and W_down (a reference)."""
     vals, vecs = torch.linalg.eigh(gram_x.double())
     return {"eigvals": vals.clamp_min(0), "scale": float(gram_x.diagonal().double().mean()),
-            "cross": (vecs.T @ cross.double())[:, order].float(), "w": w_down.double()[:, order].float()}
+            "cross": (vecs.T @ cross.double())[:, order].float(), "w_down": w_down, "order": order}
 
 
 def _ridge_weights(basis: dict, ridge: float) -> tuple[torch.Tensor, float]:
@@ -342,7 +343,7 @@ def explained_curve(basis: dict, ridge: float) -> list[float]:
     tail block of one m × m matrix, so one pass gives every k (as :func:`pruning_curve`)."""
     lam_i, lam = _ridge_weights(basis, ridge)
     omega = 2 / (lam_i + lam) - lam_i / (lam_i + lam) ** 2
-    m, w = basis["cross"].double(), basis["w"].double()
+    m, w = basis["cross"].double(), basis["w_down"].double()[:, basis["order"]]
     h = (m.T @ (omega[:, None] * m)) * (w.T @ w)
     return _reverse_cumsum(h.diagonal() + 2 * torch.triu(h, diagonal=1).sum(1)).tolist()
 
@@ -353,9 +354,10 @@ def branch_spectrum(basis: dict, kept: int, ridge: float, rank: int) -> float:
     the top r eigenvalues of YᵀY, Y = Λ^{1/2}(Λ + λ)⁻¹ c' (c' as in :func:`explained_curve`); the
     residual after the branch is the residual before minus their sum, up to a term of order λ (the
     ridge's shrinkage) left out."""
-    if kept >= basis["w"].shape[1]:
+    if kept >= basis["order"].numel():
         return 0.0
-    c = (basis["cross"][:, kept:] @ basis["w"][:, kept:].T).double()   # (D, D) in the eigenbasis of G
+    tail = basis["w_down"][:, basis["order"][kept:]].to(basis["cross"].dtype)
+    c = (basis["cross"][:, kept:] @ tail.T).double()   # (D, D) in the eigenbasis of G
     lam_i, lam = _ridge_weights(basis, ridge)
     y = (lam_i.sqrt() / (lam_i + lam))[:, None] * c
     return float(torch.linalg.eigvalsh(y.T @ y).flip(0).clamp_min(0)[:rank].sum())

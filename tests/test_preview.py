@@ -224,9 +224,9 @@ def test_grams_can_go_and_other_ridges_then_fail_clearly(tiny):
     st = collect(model, tokens, batch_size=8)
     wide = predict(st, MoDeGPTConfig(ratio=0.3, ridge=10.0), model.config)  # built on first use
     assert "modegpt:10" in st.layers[0].mlp and wide["total"] > 0
-    assert st.nbytes() > 0
+    held = st.nbytes()
     st.drop_grams()
-    assert st.nbytes() == 0
+    assert st.nbytes() == held - sum(4 * (64 * 64 + 96 * 96) for _ in range(4)) > 0  # float32 Grams gone
     predict(st, MoDeGPTConfig(ratio=0.3), model.config)
     with pytest.raises(ValueError, match="collect again"):
         predict(st, MoDeGPTConfig(ratio=0.3, ridge=3.0), model.config)
