@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import block_params, count_params
+from .memory import proc_kib
 from .models import cached_step
 
 Progress = Callable[[float, str], None]
@@ -469,13 +470,9 @@ class PeakMemory:
 
 
 def _high_water_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -7,6 +7,8 @@ project (a saved folder carries it); this module adds what needs the architectur
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -14,6 +16,10 @@ from .arch import ARCHITECTURES, Arch, BlockView, arch_for, view
 from .modeling_compressed import (MLP, Attention, BlockMath, CompressedConfig,  # noqa: F401  (re-exported)
                                   CompressedDecoderLayer, CompressedForCausalLM, RMSNorm, Shape,
                                   eager_attention, rotate_half)
+
+# the parts of a block, by their names in the architecture table
+LINEAR_PARTS = ("q", "k", "v", "o", "gate", "up", "down")
+NORM_PARTS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm")
 
 
 def _sliding_window(base, layer_idx: int) -> int | None:
@@ -96,7 +102,7 @@ def to_compressed(model: nn.Module) -> CompressedForCausalLM:
         target = BlockView(block.index, layer, ARCHITECTURES["compressed_decoder"])
         for part, linear in block.projections(shape).items():
             target.set(part, linear)                       # adopt the Linear modules themselves
-        for part in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm"):
+        for part in NORM_PARTS:
             _adopt_norm(target.get(part), block.get(part))
         layers.append(layer)
     shell.model.layers = nn.ModuleList(layers)
@@ -141,33 +147,46 @@ def export_format(model) -> tuple[str, str]:
                       f"with intermediate_size {width}")
 
 
+def native_config(model: CompressedForCausalLM):
+    """The original architecture's config of a model :func:`export_format` calls native: the base
+    config with the blocks' MLP width (read from the first block as it is: a streamed model's
+    placeholder is not loaded)."""
+    base = copy.deepcopy(model.model.config)
+    first = next(model.model.layers.children(), None)
+    if first is not None:
+        base.intermediate_size = first.mlp.gate_proj.out_features
+    return base
+
+
+def native_block(layer: CompressedDecoderLayer, arch: Arch) -> dict[str, torch.Tensor]:
+    """The tensors of a compressed-format block under ``arch``'s names, relative to the block (fused
+    projections concatenated again): the state dict of that architecture's block."""
+    src = BlockView(0, layer, ARCHITECTURES["compressed_decoder"])
+    out = {}
+    for part in LINEAR_PARTS + NORM_PARTS:
+        path = getattr(arch, part)
+        if path is not None and src.get(part) is not None:
+            out.update({f"{path}.{n}": t for n, t in src.get(part).state_dict().items()})
+    if arch.qkv is not None:
+        for name in ("weight", "bias"):
+            parts = [getattr(src.get(p), name) for p in ("q", "k", "v")]
+            if parts[0] is not None:
+                out[f"{arch.qkv}.{name}"] = torch.cat(parts)
+    if arch.gate_up is not None:
+        out[f"{arch.gate_up}.weight"] = torch.cat([src.gate.weight, src.up.weight])
+    return out
+
+
 def to_native(model: CompressedForCausalLM) -> nn.Module:
     """The original architecture's class holding the weights of a model :func:`export_format` calls
     native (fused projections fused again); logits are unchanged."""
-    import copy
-
     from transformers import AutoModelForCausalLM
 
-    base = copy.deepcopy(model.model.config)
-    if len(model.model.layers):
-        base.intermediate_size = model.model.layers[0].mlp.gate_proj.out_features
-    native = AutoModelForCausalLM.from_config(base, dtype=model.lm_head.weight.dtype).eval()
-    nv, ours = view(native), ARCHITECTURES["compressed_decoder"]
-    arch = nv.arch
+    native = AutoModelForCausalLM.from_config(native_config(model), dtype=model.lm_head.weight.dtype).eval()
+    nv = view(native)
     with torch.no_grad():
         for block, layer in zip(nv.blocks, model.model.layers):
-            src = BlockView(block.index, layer, ours)
-            for part in ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm",
-                         "attn_post_norm", "mlp_post_norm", "q_norm", "k_norm"):
-                if getattr(arch, part) is not None:
-                    block.get(part).load_state_dict(src.get(part).state_dict())
-            if arch.qkv is not None:
-                for name in ("weight", "bias"):
-                    parts = [getattr(src.get(p), name) for p in ("q", "k", "v")]
-                    if parts[0] is not None:
-                        getattr(block.get("qkv"), name).copy_(torch.cat(parts))
-            if arch.gate_up is not None:
-                block.get("gate_up").weight.copy_(torch.cat([src.gate.weight, src.up.weight]))
+            block.module.load_state_dict(native_block(layer, nv.arch))
         outside = {k: v for k, v in model.model.state_dict().items() if not k.startswith("layers.")}
         nv.decoder.load_state_dict(outside, strict=False)
         if not nv.tied:

@@ -188,7 +188,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA if present, else CPU).
 
     safetensors_only: refuse pickled weights (for folders that came from an upload).
-    offload: return a *streamed* model (:func:`compression.streaming.open_checkpoint`): the embeddings,
+    offload: return a *streamed* model (:func:`compression.streaming_build.open_checkpoint`): the embeddings,
     final norm and head on ``device``, each decoder block read from the safetensors files (memory-mapped)
     only while it runs. Checkpoints without safetensors, or whose tensor names transformers converts on
     load, load in memory instead (``compress(..., offload=True)`` still streams from there)."""
@@ -222,7 +222,7 @@ def _load_in_memory(source: str, device: str, dtype: torch.dtype, trust_remote_c
 
 def _open_streamed(source: str, device: str, dtype: torch.dtype, trust_remote_code: bool):
     """A streamed model of ``source``, or None when its weights cannot be streamed from files."""
-    from .streaming import open_checkpoint
+    from .streaming_build import open_checkpoint
 
     folder = _weights_folder(source)
     if folder is None:
@@ -253,7 +253,7 @@ def weight_bytes(name_or_path: str, dtype: str | torch.dtype | None, device: str
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .streaming import weight_bytes as tensor_bytes
+    from .memory import weight_bytes as tensor_bytes
 
     config = load_config(name_or_path, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device or default_device())

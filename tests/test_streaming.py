@@ -15,7 +15,7 @@ from compression.calibration import (Gram, precision_for, precision_for_gpu, res
 from compression.modegpt import MoDeGPTConfig
 from compression.olica import OlicaConfig
 from compression.slicegpt import SliceGPTConfig
-from compression import streaming
+from compression import blockstore, memory, streaming
 
 CONFIGS = {
     "modegpt": lambda: MoDeGPTConfig(ratio=0.3),
@@ -33,12 +33,6 @@ TIGHT = dict(rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture
-def tokens():
-    torch.manual_seed(1)
-    return torch.randint(0, VOCAB, (8, 32))
-
-
-@pytest.fixture
 def held_out():
     torch.manual_seed(2)
     return torch.randint(0, VOCAB, (2, 32))
@@ -52,8 +46,8 @@ def _checkpoint(model, folder):
 
 def _resident_blocks(model) -> int:
     """Blocks of a streamed model whose tensors are real (not meta placeholders)."""
-    blocks = streaming._placeholders(view(model).layers)
-    return sum(any(not t.is_meta for t in streaming._tensors(b).values()) for b in blocks)
+    blocks = blockstore.placeholders(view(model).layers)
+    return sum(any(not t.is_meta for t in blockstore.tensors_of(b).values()) for b in blocks)
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -107,12 +101,12 @@ def test_one_block_resident_at_a_time(tokens, tmp_path):
     model = tiny_model("llama", layers=5)
     streamed = _checkpoint(model, tmp_path / "dense")
     seen = []
-    store_cls = streaming.BlockStore
+    store_cls = blockstore.BlockStore
     original = store_cls.materialize
 
     def watched(self, module):
         result = original(self, module)
-        seen.append(sum(any(not t.is_meta for t in streaming._tensors(m).values())
+        seen.append(sum(any(not t.is_meta for t in blockstore.tensors_of(m).values())
                         for m, _ in self.homes.values()))
         return result
 
@@ -174,16 +168,16 @@ def test_streamed_evaluation_matches_the_in_memory_one(tokens, tmp_path):
 
 def test_auto_offload_streams_when_a_copy_does_not_fit(tokens, monkeypatch):
     model = tiny_model("llama", layers=3)
-    monkeypatch.setattr(streaming, "available_bytes", lambda device: 3 * 2**30)
-    assert streaming.needs_offload(2**30, "cpu", copies=2) == (
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 3 * 2**30)
+    assert memory.needs_offload(2**30, "cpu", copies=2) == (
         False, "fits: 2 × 1.00 GiB of weights × 1.1 = 2.20 GiB vs 3.00 GiB available on cpu")
-    assert streaming.needs_offload(2**30, "cpu", copies=3)[0]
-    monkeypatch.setattr(streaming, "available_bytes", lambda device: 1000)
-    assert streaming.needs_offload(1000, "cpu", copies=1)[0]          # 1.1 × 1000 > 1000
-    assert not streaming.needs_offload(900, "cpu", copies=1)[0]       # 990 ≤ 1000
+    assert memory.needs_offload(2**30, "cpu", copies=3)[0]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    assert memory.needs_offload(1000, "cpu", copies=1)[0]          # 1.1 × 1000 > 1000
+    assert not memory.needs_offload(900, "cpu", copies=1)[0]       # 990 ≤ 1000
     _, report = compress(model, MoDeGPTConfig(ratio=0.3), tokens)
     assert report.extra["offload"]["streamed"] and "does not fit" in report.extra["offload"]["why"]
-    monkeypatch.setattr(streaming, "available_bytes", lambda device: 1 << 50)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 50)
     _, report = compress(model, MoDeGPTConfig(ratio=0.3), tokens)
     assert not report.extra["offload"]["streamed"]
 
