@@ -19,6 +19,11 @@ any model our methods produce (a layer-dropped HF model or a :class:`CompressedF
 
 The budget is in tokens: ``steps = max(1, tokens // (seq_len · batch_size · grad_accum))``; the record's
 ``tokens`` is what was actually trained on (``steps · seq_len · batch_size · grad_accum``).
+
+Every size has an upper bound checked before any work (the app's ``/heal`` takes them from anyone):
+:data:`LIMITS` on construction of :class:`HealConfig`, and :func:`check_fits` against the model (the
+sequence length within its context, the LoRA rank within the smallest targeted layer's dimensions).
+The training sequences are taken chunk by chunk, so memory does not grow with the token budget.
 """
 from __future__ import annotations
 
@@ -38,6 +43,15 @@ OnStep = Callable[[int, int, float], None]  # (step, tokens so far, loss of the 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = {"full": 1e-4, "lora": 1e-3}
+MAX_STEPS = 100_000  # optimizer steps: the record keeps a loss, a learning rate and a count per step
+LIMITS = {  # integer setting -> (lowest, highest) allowed
+    "tokens": (1, 1 << 32),          # about 4.3 billion tokens
+    "seq_len": (2, 32_768),          # and at most the model's context (check_fits)
+    "batch_size": (1, 1024),
+    "grad_accum": (1, 1024),
+    "lora_rank": (0, 4096),          # and at most the smallest targeted layer's dimension (check_fits)
+    "offset": (0, 1 << 40),
+}
 
 
 @dataclass
@@ -74,12 +88,12 @@ class HealConfig:
     offset: int = 0
 
     def __post_init__(self):
-        ints = {"tokens": 1, "seq_len": 2, "batch_size": 1, "grad_accum": 1, "lora_rank": 0,
-                "offset": 0}
-        for name, low in ints.items():
+        for name, (low, high) in LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"heal {name} must be an integer >= {low}, got {value!r}")
+            if value > high:
+                raise ValueError(f"heal {name} must be at most {high:,}, got {value:,}")
         if self.lr is None:
             self.lr = DEFAULT_LR["lora" if self.lora_rank else "full"]
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -106,6 +120,9 @@ class HealConfig:
         if self.tokens < self.tokens_per_step:
             raise ValueError(f"heal budget of {self.tokens} tokens is below one optimizer step "
                              f"(seq_len · batch_size · grad_accum = {self.tokens_per_step})")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"heal budget of {self.tokens:,} tokens is {self.steps:,} optimizer steps; the "
+                             f"limit is {MAX_STEPS:,} (raise batch_size or grad_accum, or lower tokens)")
 
     @property
     def tokens_per_step(self) -> int:
@@ -124,6 +141,34 @@ class HealConfig:
         progress = min(1.0, (step - warm) / span)
         floor = self.min_lr_frac * self.lr
         return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _targeted_linears(model, targets) -> list[torch.nn.Linear]:
+    return [m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+
+
+def check_fits(config: HealConfig, model, context: int | None = None) -> None:
+    """ValueError unless ``config`` fits ``model``: the sequence length within the model's context
+    (``context`` when given, e.g. the served dense model's, else the model config's
+    ``max_position_embeddings``), the LoRA rank at most the smallest in/out dimension of the layers
+    it adapts (a larger rank only adds parameters), and some layer to adapt. Cheap: call it before
+    starting the job."""
+    if context is None:
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0 and config.seq_len > context:
+        raise ValueError(f"heal seq_len {config.seq_len} exceeds the model's {context} positions")
+    if config.lora_rank:
+        linears = _targeted_linears(model, config.lora_targets)
+        if not linears:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                            if isinstance(m, torch.nn.Linear)})
+            raise ValueError(f"heal lora_targets {list(config.lora_targets)} match no linear layer of "
+                             f"the model (it has {names})")
+        smallest = min(min(m.in_features, m.out_features) for m in linears)
+        if config.lora_rank > smallest:
+            raise ValueError(f"heal lora_rank {config.lora_rank} is above the smallest dimension of the "
+                             f"layers it adapts ({smallest}); use a rank of at most {smallest}")
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -226,12 +271,10 @@ def heal(model, tokenizer, config: HealConfig, progress: Progress | None = None,
     progress = progress or (lambda fraction, message: None)
     params = list(model.parameters())
     device = params[0].device
-    max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len and config.seq_len > max_len:
-        raise ValueError(f"heal seq_len {config.seq_len} exceeds the model's {max_len} positions")
+    check_fits(config, model)
     progress(0.0, "heal: tokenizing")
     chunks = text_chunks(tokenizer, config, text)
-    sequences = training_sequences(tokenizer, config, chunks=chunks)
+    per_step = config.grad_accum * config.batch_size  # sequences of one optimizer step
     record: dict = {"lora_rank": config.lora_rank, "config": asdict(config), "device": str(device)}
     record["config"]["lora_targets"] = list(config.lora_targets)
     if eval_fn is not None:
@@ -263,14 +306,14 @@ def heal(model, tokenizer, config: HealConfig, progress: Progress | None = None,
         record["trainable_params"] = sum(p.numel() for _, p in trainable)
         runner.train()
         losses, lrs = [], []
-        micro = sequences.view(config.steps, config.grad_accum, config.batch_size, config.seq_len)
         t0 = time.perf_counter()
         for step in range(config.steps):
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             total = 0.0
-            for ids in micro[step]:
+            rows = torch.arange(step * per_step, (step + 1) * per_step) % chunks.shape[0]  # as training_sequences
+            for ids in chunks[rows].view(config.grad_accum, config.batch_size, config.seq_len):
                 ids = ids.to(device, non_blocking=True)
                 with autocast:
                     loss = _next_token_loss(runner, ids)
@@ -314,7 +357,7 @@ def heal(model, tokenizer, config: HealConfig, progress: Progress | None = None,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "loss": losses, "lr": lrs,
         "tokens_seen": [(s + 1) * config.tokens_per_step for s in range(config.steps)],
-        "epochs": sequences.shape[0] / chunks.shape[0],
+        "epochs": config.steps * per_step / chunks.shape[0],
     })
     if eval_fn is not None:
         record["ppl_after"] = float(eval_fn(model))

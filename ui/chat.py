@@ -2,7 +2,10 @@
 
 Input and output are capped (a public Space must stay responsive): a message longer than
 :data:`MAX_MESSAGE_TOKENS` tokens is refused with a clear message, replies stop at
-:data:`MAX_NEW_TOKENS`, and the conversation is cut to the model's context from the left.
+:data:`MAX_NEW_TOKENS`, a history sent with the message is checked by :func:`check_history` (at most
+:data:`MAX_HISTORY_MESSAGES` messages of at most :data:`MAX_HISTORY_MESSAGE_CHARS` characters), and
+the conversation is cut to the served dense model's context from the left (never to what an uploaded
+run's config claims).
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ from compression.models import cached_step
 MAX_MESSAGE_CHARS = 8000
 MAX_MESSAGE_TOKENS = 1024
 MAX_NEW_TOKENS = 512
+MAX_HISTORY_MESSAGES = 200  # user and assistant messages a conversation may send back
+MAX_HISTORY_MESSAGE_CHARS = 2 * MAX_MESSAGE_CHARS  # a message, or a reply of MAX_NEW_TOKENS tokens
+CHARS_PER_TOKEN = 16  # history kept before tokenizing: context × this many characters, newest first
+OWN = "own"  # build_prompt's template: the tokenizer's own chat template
 
 
 class ChatError(ValueError):
@@ -36,6 +43,51 @@ def check_message(tokenizer, message: str) -> str:
     if n > MAX_MESSAGE_TOKENS:
         raise ChatError(f"the message is {n:,} tokens; the limit is {MAX_MESSAGE_TOKENS:,}")
     return message
+
+
+def check_history(history, pane: str = "the") -> list[dict]:
+    """The messages of a history sent with a chat request (``pane``: whose, for the message), or
+    ChatError when it is not a list of messages or is over the caps (:data:`MAX_HISTORY_MESSAGES`,
+    :data:`MAX_HISTORY_MESSAGE_CHARS`); checked before anything is tokenized."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise ChatError(f"{pane} conversation must be a list of messages")
+    if len(history) > MAX_HISTORY_MESSAGES:
+        raise ChatError(f"{pane} conversation holds {len(history):,} messages; the limit is "
+                        f"{MAX_HISTORY_MESSAGES}: clear the chat")
+    for m in history:
+        if not isinstance(m, dict):
+            raise ChatError(f"{pane} conversation must be a list of messages")
+        content = m.get("content")
+        n = len(content) if isinstance(content, str) else len(_text(content)) \
+            if isinstance(content, (list, tuple, dict)) and len(content) <= 64 else None
+        if n is None or n > MAX_HISTORY_MESSAGE_CHARS:
+            raise ChatError(f"a message in {pane} conversation is over the limit of "
+                            f"{MAX_HISTORY_MESSAGE_CHARS:,} characters: clear the chat")
+    return list(history)
+
+
+def context_of(model, fallback: int = 2048) -> int:
+    """The model's context in tokens (``max_position_embeddings``), ``fallback`` when it has none."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else fallback
+
+
+def recent_turns(turns: list[dict], budget_chars: int) -> list[dict]:
+    """The newest ``turns`` whose characters fit ``budget_chars`` (the older ones would be cut by
+    the context anyway), starting at a user turn when any is left."""
+    kept, total = [], 0
+    for turn in reversed(turns):
+        total += len(turn["content"])
+        if total > budget_chars and kept:
+            break
+        kept.append(turn)
+    kept.reverse()
+    while len(kept) > 1 and kept[0]["role"] != "user":
+        kept.pop(0)
+    return kept
+
 
 @dataclass
 class Sampling:
@@ -65,13 +117,24 @@ STATS = re.compile(r"\n*<sub>[^<]*tok/s</sub>\s*$")  # the tokens/s line appende
 NO_REPLY = "_(no reply: the model ended its turn at once)_"
 
 
-def build_prompt(tokenizer, history: list[dict], message: str, use_template: bool) -> torch.Tensor:
-    """Token ids for the conversation so far plus ``message`` (stats lines stripped)."""
+def build_prompt(tokenizer, history: list[dict], message: str, use_template: bool,
+                 template: str | None = OWN, context: int | None = None) -> torch.Tensor:
+    """Token ids for the conversation so far plus ``message`` (stats lines stripped).
+
+    template: the chat template to render (:data:`OWN`: the tokenizer's own; None: none, plain
+    "User: / Assistant:" lines); an uploaded run's own template is never rendered (the chat tab passes
+    the dense model's). context: the conversation is first cut to its newest turns of at most
+    ``context`` × :data:`CHARS_PER_TOKEN` characters, so an overlong history is never tokenized."""
     turns = [{"role": m["role"], "content": STATS.sub("", _text(m["content"])).replace(NO_REPLY, "")}
-             for m in history or [] if m.get("role") in ("user", "assistant")]
+             for m in history or [] if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
     turns.append({"role": "user", "content": message})
-    if use_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if context:
+        turns = recent_turns(turns, context * CHARS_PER_TOKEN)
+    if template == OWN:
+        template = getattr(tokenizer, "chat_template", None)
+    if use_template and template:
+        text = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
     else:
         text = "".join(f"{'User' if t['role'] == 'user' else 'Assistant'}: {t['content']}\n"
                        for t in turns) + "Assistant:"
@@ -103,12 +166,16 @@ def _sample(logits: torch.Tensor, previous: list[int], s: Sampling, gen: torch.G
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: torch.Tensor, s: Sampling) -> Iterator[tuple[str, int, float]]:
-    """Yield (text so far, tokens, seconds spent in the model) after every new token (KV cache)."""
+def generate(model, tokenizer, prompt: torch.Tensor, s: Sampling,
+             context: int | None = None) -> Iterator[tuple[str, int, float]]:
+    """Yield (text so far, tokens, seconds spent in the model) after every new token (KV cache).
+
+    context: the prompt is cut from the left to ``context - max_new_tokens`` tokens; pass the served
+    dense model's context (:func:`context_of`), since an uploaded run's config may claim any."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(s.seed))
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    limit = getattr(model.config, "max_position_embeddings", 2048) - int(s.max_new_tokens)
+    limit = (context or context_of(model)) - int(s.max_new_tokens)
     ids, cache, out, seconds = prompt[:, -max(limit, 1):].to(device), None, [], 0.0
     context = prompt[0].tolist()
     for _ in range(int(s.max_new_tokens)):
@@ -129,20 +196,27 @@ def _as_list(x) -> list:
 
 
 def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s: Sampling,
-                stop: threading.Event | None = None) -> Iterator[list[list[dict]]]:
+                stop: threading.Event | None = None, templates: list | None = None,
+                context: int | None = None) -> Iterator[list[list[dict]]]:
     """Answer ``message`` with every (model, tokenizer) in ``pairs`` in lockstep, same settings and seed.
 
     Yields the updated histories (gradio "messages" format) after each step; a ``<sub>... tok/s</sub>``
     line closes every reply: tokens, time to the first token, and decode tokens/s after it. A pair may be None (that side is left alone).
+    templates: one chat template per pair (see :func:`build_prompt`; default: each tokenizer's own);
+    context: the served dense model's context, for every pair (default: each model's own).
     """
     histories = [list(h or []) for h in histories]
+    templates = list(templates) if templates is not None else [OWN] * len(pairs)
     streams = []
-    for (pair, hist) in zip(pairs, histories):
+    for (pair, hist, template) in zip(pairs, histories, templates):
         if pair is None:
             streams.append(None)
             continue
+        if stop is not None and stop.is_set():
+            return
         model, tok = pair
-        streams.append(generate(model, tok, build_prompt(tok, hist, message, s.chat_template), s))
+        prompt = build_prompt(tok, hist, message, s.chat_template, template, context or context_of(model))
+        streams.append(generate(model, tok, prompt, s, context))
         hist += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
     alive = [st is not None for st in streams]
     first = [None] * len(streams)  # seconds to the first token: the prompt's prefill and one sample

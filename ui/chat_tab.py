@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .chat import Sampling, build_prompt, chat_stream, check_message, generate
+from .chat import Sampling, build_prompt, chat_stream, check_history, check_message, context_of, generate
 from .common import STOP, Context, user_errors
 from .jobs import progress_html, watch
 from .runs import Stopped
@@ -33,19 +33,21 @@ class ChatTab:
         history per run pane (empty for a pane not used), cleared input)."""
         with user_errors():
             runs = self.runs(session, run_ids, run_id)
+            histories = [dense_history, compressed_history, history_2, history_3][:1 + len(runs)]
+            names = ["the dense pane's"] + [f"run pane {i + 1}'s" for i in range(len(runs))]
+            histories = [check_history(h, name) for h, name in zip(histories, names)]
             dense = self.ctx.store.get(runs[0].model_name if runs else model_name)
             message = check_message(dense[1], message)  # ChatError is a ValueError: shown as it is
             s = Sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, bool(chat_template))
-        histories = [dense_history, compressed_history, history_2, history_3][:1 + len(runs)]
-        histories = [list(h or []) for h in histories]
+            stop = session.start_job()  # RunError while another job of the session runs
         pairs = [dense] + [(r.model, r.tokenizer) if r.model is not None else None for r in runs]
         for pair, run, history in zip(pairs[1:], runs, histories[1:]):
             if pair is None:  # that pane says why it is silent
                 history += [{"role": "user", "content": message},
                             {"role": "assistant", "content": NOT_IN_MEMORY.format(id=run.id)}]
-        stop = session.start_job()
         try:
-            for histories in chat_stream(pairs, histories, message, s, stop):
+            for histories in chat_stream(pairs, histories, message, s, stop, templates(dense, len(runs)),
+                                         context_of(dense[0])):
                 yield *padded(histories), ""
         finally:
             session.end_job(stop)
@@ -108,12 +110,15 @@ class ChatTab:
         rows = [[p] + [""] * (len(headers) - 1) for p in prompts]
 
         def job(progress):
-            models = [store.get(dense_name)] + [(r.model, r.tokenizer) for r in runs]
-            total, done = len(prompts) * len(models), 0
-            for col, (model, tok) in enumerate(models, start=1):
+            dense = store.get(dense_name)
+            models = [dense] + [(r.model, r.tokenizer) for r in runs]
+            total, done, context = len(prompts) * len(models), 0, context_of(dense[0])
+            for col, ((model, tok), template) in enumerate(zip(models, templates(dense, len(runs))), start=1):
                 for row, prompt in enumerate(prompts):
                     where = f"{headers[col].split(' · ')[0]}, prompt {row + 1}/{len(prompts)}"
-                    for text, n, _ in generate(model, tok, build_prompt(tok, [], prompt, s.chat_template), s):
+                    progress(done / total, f"{where}: prompt")
+                    ids = build_prompt(tok, [], prompt, s.chat_template, template, context)
+                    for text, n, _ in generate(model, tok, ids, s, context):
                         rows[row][col] = text
                         progress((done + n / s.max_new_tokens) / total, f"{where}: {n} tokens")
                     done += 1
@@ -140,6 +145,15 @@ class ChatTab:
     def clear():
         """Empty panes and message box."""
         return ([],) * (1 + MAX_RUNS) + ("",)
+
+
+def templates(dense: tuple, runs: int) -> list:
+    """The chat template of every pane: the dense model's own, and the dense model's for each run
+    too. A run is a compression of that dense model, and an uploaded run's own template is never
+    rendered (a template is a program: nested loops in one could hold the model slot for hours)."""
+    from .chat import OWN
+
+    return [OWN] + [getattr(dense[1], "chat_template", None)] * runs
 
 
 def padded(histories: list) -> list:

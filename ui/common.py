@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import inspect
+import os
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -87,6 +90,36 @@ def on_page(fn, outputs: int, status: int, clear: tuple[int, ...] = ()):
             except gr.Error as err:
                 return shown(err)
     return page
+
+
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()!|~:@.])")  # inline markup and autolinks (mid-line text)
+MAX_SHOWN_CHARS = 200  # a report string shown on the page is cut to this many characters
+
+
+def md_text(value, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``value`` (a report string: untrusted) as literal Markdown text: one line, at most ``limit``
+    characters, HTML escaped and every Markdown character backslash-escaped, so no tag, link or
+    image of it reaches the page."""
+    text = " ".join(str(value).split())
+    text = text[:limit] + ("…" if len(text) > limit else "")
+    return MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def md_code(value, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``value`` shown as inline code: one line (a blank line would end the span's paragraph), at
+    most ``limit`` characters, its backticks replaced (one would close the span); inside the span,
+    Markdown shows ``<``, ``&`` and the rest literally."""
+    text = " ".join(str(value).split()).replace("`", "ʹ")
+    text = text[:limit] + ("…" if len(text) > limit else "")
+    return f"`{text}`" if text else "(none)"
+
+
+def queue_settings() -> dict:
+    """``demo.queue(**queue_settings())``: the queue's bound (``COMPRESSION_QUEUE_SIZE``, default 32
+    waiting events; more are refused with gradio's "queue is full") and the concurrency of events
+    that do not run a model (those that do share one slot, :data:`ACCEL`)."""
+    return {"default_concurrency_limit": 4,
+            "max_size": max(1, int(os.environ.get("COMPRESSION_QUEUE_SIZE", "32")))}
 
 
 def millions(n) -> str:

@@ -9,10 +9,18 @@ The app may be a public Space, so every upload, folder name and report is hostil
 - folders on the server are read only under the runs root (``runs/`` or ``COMPRESSION_RUNS_ROOT``),
   never searched, and not at all on a Space;
 - a report is validated against the schema (:meth:`compression.report.Report.from_dict`) before it
-  touches the session, and errors never echo file contents.
+  touches the session, and errors never echo file contents;
+- uploaded weights are checked before any model is built (:func:`check_weights`): every tensor the
+  run's ``config.json`` implies must be in the safetensors files with its shape (never random
+  weights), and the config may describe at most :data:`MAX_PARAMS_MULTIPLE` × the parameters and
+  layers of the dense model the app serves for the run; an uploaded run's own chat template is never
+  rendered (the chat uses the dense model's);
+- leftovers of killed jobs (session folders of ended processes, hidden save folders) are removed at
+  start (:func:`clean_leftovers`); each session keeps one download, and one job runs per session.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,7 +30,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from compression.files import FileError, read_json
 from compression.report import Report, ReportError
@@ -30,8 +38,18 @@ from compression.report import Report, ReportError
 RUN_ID = re.compile(r"r[0-9]{1,6}")
 MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja", ".model", ".md")
-MAX_REPORT_BYTES = 64 << 20
 MAX_MEMBERS = 64
+MAX_CONFIG_BYTES = 1 << 20  # config.json, the safetensors index
+MAX_SIDE_FILE_BYTES = 64 << 20  # each member that is not weights (tokenizer.json of a large vocabulary: ~30 MB)
+MAX_PARAMS_MULTIPLE = 2.0  # an uploaded model: at most this many × the served dense model's parameters and layers
+SESSION_PREFIX = "compression-session-"
+INT_CALIBRATION = ("samples", "seq_len", "tokens", "distinct_tokens", "seed")  # whole numbers in a report
+
+
+def max_report_bytes() -> int:
+    """Report size cap (``COMPRESSION_MAX_REPORT_MB``, default 8 MB: a 1B-parameter model's report is
+    a few MB; a bigger one makes every Inspect redraw slow)."""
+    return int(float(os.environ.get("COMPRESSION_MAX_REPORT_MB", "8")) * 2**20)
 
 
 def max_upload_bytes() -> int:
@@ -68,6 +86,16 @@ class Stopped(Exception):
     """Raised inside a long job when its user pressed Stop or went away."""
 
 
+@dataclass(frozen=True)
+class Served:
+    """The dense model the app serves for a run (its report's ``model``): what an uploaded model is
+    checked against."""
+    name: str
+    params: int
+    num_layers: int
+    context: int | None = None
+
+
 @dataclass
 class Run:
     id: str
@@ -76,6 +104,7 @@ class Run:
     model: Any = None            # the compressed model (None once evicted, or for a report-only load)
     tokenizer: Any = None
     metrics: dict = field(default_factory=dict)  # settings-keyed evaluation results, see ui.evaluate
+    note: str = ""  # what loading left out, and why (shown in the load status)
 
     @property
     def label(self) -> str:
@@ -95,6 +124,7 @@ class Session:
         self._counter = 0
         self._base = base
         self._workdir: Path | None = None
+        self.served_files: list[Path] = []  # copies gradio made of this session's downloads
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its value: a session holds live models
         return self
@@ -104,7 +134,8 @@ class Session:
         if self._workdir is None:
             base = self._base or Path(tempfile.gettempdir())
             base.mkdir(parents=True, exist_ok=True)
-            self._workdir = Path(tempfile.mkdtemp(prefix="compression-session-", dir=base)).resolve()
+            prefix = f"{SESSION_PREFIX}{os.getpid()}-"  # the pid tells clean_leftovers whose it is
+            self._workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=base)).resolve()
         return self._workdir
 
     def new_id(self) -> str:
@@ -129,7 +160,12 @@ class Session:
         return self.runs[run_id]
 
     def start_job(self) -> threading.Event:
-        """A stop flag for a new job; Stop sets the flags of every job of the session."""
+        """A stop flag for a new job; Stop sets the flags of every job of the session. One job per
+        session at a time: RunError while another job of the session runs (a job whose flag is set
+        is stopping and no longer counts; it frees the model slot within seconds)."""
+        if self.busy:
+            raise RunError("this session is already running a job (compress, evaluate, heal, chat or "
+                           "compare): wait for it to finish or press Stop")
         flag = threading.Event()
         self._jobs.add(flag)
         return flag
@@ -143,7 +179,15 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return bool(self._jobs)
+        return any(not flag.is_set() for flag in list(self._jobs))
+
+    def forget_served(self) -> None:
+        """Delete gradio's copies of this session's earlier downloads (each holds a whole model)."""
+        for copy in self.served_files:
+            copy.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                copy.parent.rmdir()  # gradio's per-file hash folder, when empty
+        self.served_files.clear()
 
     def close(self) -> None:
         """Free models and files (called when the session ends)."""
@@ -151,6 +195,7 @@ class Session:
         for run in self.runs.values():
             run.model = None
         self.runs.clear()
+        self.forget_served()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -171,7 +216,13 @@ def zip_run(session: Session, run: Run) -> Path:
     Report.from_dict(run.report)  # the method name below is one of the registry's
     stage = inside(session.workdir, "downloads", run.id)
     archive = inside(session.workdir, "downloads", f"{run.id}-{run.report['method']}.zip")
-    shutil.rmtree(stage, ignore_errors=True)
+    downloads = inside(session.workdir, "downloads")
+    if downloads.is_dir():  # one download per session: the page shows only the latest
+        for old in downloads.iterdir():
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     pipeline.save(stage, run.model, run.tokenizer, run.report)
     tmp = archive.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -235,32 +286,180 @@ def _extract(archive: Path, target: Path) -> None:
             is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
             if m.is_dir() or is_link or not MEMBER.fullmatch(m.filename):
                 raise RunError("refused: a saved run's zip holds only plain files at its top level")
+            if not m.filename.endswith(".safetensors") and m.file_size > MAX_SIDE_FILE_BYTES:
+                raise RunError(f"a file of the zip other than weights is over the limit of "
+                               f"{MAX_SIDE_FILE_BYTES >> 20} MB")
             total += m.file_size
         if total > max_upload_bytes():
             raise RunError(f"the zip unpacks to more than {max_upload_bytes() >> 20} MB")
         target.mkdir(parents=True)
-        for m in members:
-            if m.filename.endswith(ALLOWED_SUFFIXES):  # code and pickles are never unpacked
-                with zf.open(m) as src, open(inside(target, m.filename), "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            for m in members:
+                if m.filename.endswith(ALLOWED_SUFFIXES):  # code and pickles are never unpacked
+                    with zf.open(m) as src, open(inside(target, m.filename), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, EOFError, zlib_error()):
+            raise RunError("the zip is damaged (a file in it cannot be unpacked)") from None
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
 
 
 def read_report(file: Path) -> dict:
-    """A validated report dict from ``file``; RunError naming only our own field names."""
+    """A validated report dict from ``file``; RunError naming only our own field names. Besides the
+    schema: at most :func:`max_report_bytes`, nested at most :data:`compression.files.MAX_JSON_DEPTH`
+    levels, whole numbers where the calibration counts, and its model card must render (a download
+    writes it)."""
+    from compression.card import model_card
+    from compression.files import MAX_JSON_DEPTH
+
+    limit = max_report_bytes()
     try:
-        return Report.from_dict(read_json(file, MAX_REPORT_BYTES)).to_dict()
-    except FileError:
+        size = file.stat().st_size
+    except OSError:
+        raise RunError("report.json cannot be read") from None
+    if size > limit:
+        raise RunError(f"report.json is {size / 2**20:,.1f} MB; the limit is {limit / 2**20:,.0f} MB")
+    try:
+        data = read_json(file, limit, MAX_JSON_DEPTH)
+    except FileError as err:
+        if "nested" in str(err):
+            raise RunError(f"report.json is nested more than {MAX_JSON_DEPTH} levels deep; "
+                           "a report needs about six") from None
         raise RunError("report.json is not valid JSON (or is over the size limit)") from None
-    except (ReportError, TypeError) as err:
-        raise RunError(f"not a compression report: {err}" if isinstance(err, ReportError)
-                       else "not a compression report") from None
+    try:
+        report = Report.from_dict(data).to_dict()
+    except ReportError as err:
+        raise RunError(f"not a compression report: {err}") from None
+    except (TypeError, ValueError, RecursionError):
+        raise RunError("not a compression report") from None
+    calibration = report.get("calibration") or {}
+    for key in INT_CALIBRATION:
+        value = calibration.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise RunError(f"not a compression report: report.calibration.{key} must be a non-negative integer")
+    try:
+        model_card(report)
+    except Exception:  # noqa: BLE001  any value the card cannot show would break /download later
+        raise RunError("not a compression report: a field has a value of the wrong kind "
+                       "(its model card cannot be written)") from None
+    return report
+
+
+# --- checking uploaded weights before a model is built ----------------------------------------------
+
+def _header_shapes(file: Path, names: set[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header (no tensor data is read); RunError when
+    the header is not a safetensors header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if names is None or k in names}
+    except Exception:  # noqa: BLE001  SafetensorError, OSError, ...: the file is not what it says
+        raise RunError(f"{file.name} is not a valid safetensors file (its header cannot be read)") from None
+
+
+def present_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors transformers would read from ``folder``: the files a
+    ``model.safetensors.index.json`` maps them to, else ``model.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            data = read_json(index, MAX_CONFIG_BYTES, 4)
+        except FileError:
+            raise RunError("model.safetensors.index.json is not valid JSON (or is over the size limit)") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and MEMBER.fullmatch(v) and v.endswith(".safetensors")
+                for k, v in weight_map.items()):
+            raise RunError("model.safetensors.index.json does not map tensors to safetensors files of the run")
+        present: dict[str, tuple[int, ...]] = {}
+        for name in sorted(set(weight_map.values())):
+            file = inside(folder, name)
+            if not file.is_file():
+                raise RunError(f"the run's weights name {name}, which is not in the run")
+            wanted = {k for k, v in weight_map.items() if v == name}
+            present.update(_header_shapes(file, wanted))
+        return present
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise RunError("the run has config.json but no model.safetensors (weights load as safetensors only)")
+    return _header_shapes(single)
+
+
+def check_weights(folder: Path, served: Served | None = None) -> int:
+    """Check an uploaded model before anything is allocated; returns its parameter count.
+
+    The config must be at most :data:`MAX_PARAMS_MULTIPLE` × ``served``'s layers and parameters
+    (when given), and every tensor the config implies (tied copies aside) must be in the files
+    transformers would read, with the config's shape: a missing or misshaped tensor is an error,
+    never randomly initialised weights. The model is built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import compression.modeling  # noqa: F401  registers the compressed format
+    from compression.arch import count_params
+    from compression.files import MAX_JSON_DEPTH
+
+    try:
+        raw = read_json(folder / "config.json", MAX_CONFIG_BYTES, MAX_JSON_DEPTH)
+    except FileError:
+        raise RunError(f"the run's config.json is not valid JSON (or is over {MAX_CONFIG_BYTES >> 20} MB)") from None
+    if not isinstance(raw, dict):
+        raise RunError("the run's config.json is not a model config")
+    if "quantization_config" in raw:
+        raise RunError("the run's config.json asks for a quantized model; a saved run holds plain weights")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception:  # noqa: BLE001  unknown model type, bad values: never echo the file
+        raise RunError("the run's config.json is not a model config this app can build") from None
+    layers = [getattr(config, "num_hidden_layers", None)]
+    if hasattr(config, "layer_specs"):
+        layers.append(len(config.layer_specs))
+    if not all(isinstance(n, int) and n >= 0 for n in layers):
+        raise RunError("the run's config.json gives no valid number of layers")
+    if served is not None and max(layers) > MAX_PARAMS_MULTIPLE * served.num_layers:
+        raise RunError(f"the run's config.json has {max(layers)} layers; the model it compresses "
+                       f"({served.name}) has {served.num_layers}")
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001
+        raise RunError("the run's config.json is not a model config this app can build") from None
+    params = count_params(skeleton)
+    if served is not None and params > MAX_PARAMS_MULTIPLE * served.params:
+        raise RunError(f"the run's config.json describes {params / 1e6:,.1f}M parameters, over "
+                       f"{MAX_PARAMS_MULTIPLE:g} × the {served.params / 1e6:,.1f}M of the model it compresses "
+                       f"({served.name})")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
+    present = present_tensors(folder)
+    missing = [k for k in expected if k not in present and not (k in tied and tied[k] in present)]
+    if missing:
+        raise RunError(f"the run's weights do not match its config.json: {len(missing)} tensor(s) missing "
+                       f"(first: {missing[0]}); a saved run holds every weight")
+    for k, shape in expected.items():
+        if k in present and present[k] != shape:
+            raise RunError(f"the run's weights do not match its config.json: {k} is "
+                           f"{'×'.join(map(str, present[k])) or 'a scalar'}, the config says "
+                           f"{'×'.join(map(str, shape)) or 'a scalar'}")
+    return params
 
 
 def load_run(session: Session, upload: str | Path | None = None, folder: str | None = None,
-             load_weights: bool = True, device: str | None = None) -> Run:
+             load_weights: bool = True, device: str | None = None,
+             served: Callable[[str], Served] | None = None) -> Run:
     """A saved run from an uploaded zip or report.json, or a folder name under :func:`runs_root`.
 
-    Nothing is added to the session unless everything checks out."""
+    served: the dense model the app serves for a report's ``model`` (:class:`Served`; ModelError or
+    ValueError when it has none): the weights are checked against it (:func:`check_weights`), and a
+    run whose dense model is not available here loads as its report only (``run.note`` says why).
+    Nothing is added to the session unless everything checks out. An upload is deleted from
+    gradio's folder once it has loaded."""
     from compression.models import ModelError, default_device, load_model
 
     staging = None
@@ -299,13 +498,90 @@ def load_run(session: Session, upload: str | Path | None = None, folder: str | N
                 raise RunError("the zip has no report.json at its top level")
             report = read_report(where / "report.json")
         model = tokenizer = None
+        notes = []
         if load_weights and where is not None and (where / "config.json").is_file():
-            try:  # safetensors only, never remote code: an upload cannot run anything
-                model, tokenizer = load_model(str(where), device or default_device(), safetensors_only=True)
-            except ModelError:
-                raise RunError("the saved model in that run cannot be loaded") from None
+            reference = None
+            if served is not None:
+                try:
+                    reference = served(report.get("model") or "")
+                except (ValueError, OSError):  # ModelError, an unsupported architecture, an absent model
+                    notes.append("its weights are not loaded: the model it compresses is not available here")
+            if served is None or reference is not None:
+                check_weights(where, reference)
+                try:  # safetensors only, never remote code: an upload cannot run anything
+                    model, tokenizer = load_model(str(where), device or default_device(), safetensors_only=True)
+                except ModelError:
+                    raise RunError("the saved model in that run cannot be loaded") from None
+                if getattr(tokenizer, "chat_template", None):
+                    notes.append("chat uses the dense model's chat template, not the run's own")
     finally:
         if staging is not None and where is staging:
             shutil.rmtree(staging, ignore_errors=True)
-    run = Run(session.new_id(), report.get("model") or "uploaded run", report, model, tokenizer)
+    run = Run(session.new_id(), report.get("model") or "uploaded run", report, model, tokenizer,
+              note="; ".join(notes))
+    if upload:
+        discard_upload(file)
     return session.add(run)
+
+
+def discard_upload(file: Path) -> None:
+    """Delete a loaded upload (and its folder, when empty) from gradio's upload folder."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder()).resolve()
+    with contextlib.suppress(OSError):
+        file.unlink(missing_ok=True)
+        if file.parent != root and root in file.parent.parents:
+            file.parent.rmdir()
+
+
+def gradio_copy(path: Path) -> Path | None:
+    """Where gradio will keep its copy of a file a handler returns (its cache folder, by content
+    hash), so the session can delete it later; None when this gradio names copies otherwise."""
+    try:
+        from gradio.processing_utils import hash_file
+        from gradio.utils import get_upload_folder
+        from gradio_client.utils import strip_invalid_filename_characters
+
+        return Path(get_upload_folder()).resolve() / hash_file(path) / strip_invalid_filename_characters(path.name)
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+# --- leftovers of killed jobs ----------------------------------------------------------------------
+
+def clean_leftovers(base: Path | None = None, root: Path | None = None) -> list[Path]:
+    """Remove what killed jobs left (call once at app start); returns what was removed.
+
+    - session folders (``compression-session-PID-*`` under ``base``, default the temp folder: unpacked
+      uploads, download stages, zips) whose process has ended, and pid-less ones of older versions
+      over an hour old;
+    - hidden temporary save folders and files (:func:`compression.files.remove_stale`) at the top of
+      ``root`` (default :func:`runs_root`), where the CLI and the app save runs."""
+    import time
+
+    from compression.files import STALE_AFTER, pid_alive, remove_stale
+
+    base = Path(base or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        entries = [p for p in base.iterdir() if p.name.startswith(SESSION_PREFIX)]
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = entry.name[len(SESSION_PREFIX):].split("-", 1)[0]
+        try:
+            mtime = entry.stat().st_mtime
+        except OSError:
+            continue
+        gone = not pid_alive(int(pid), since=mtime) if pid.isdigit() and "-" in entry.name[len(SESSION_PREFIX):] \
+            else time.time() - mtime > STALE_AFTER
+        if gone:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    root = root if root is not None else runs_root()
+    if root is not None:
+        removed += remove_stale(Path(root))
+    return removed

@@ -8,7 +8,7 @@ import gradio as gr
 import viz
 
 from .common import OK, Context, user_errors
-from .runs import Session, load_run, zip_run
+from .runs import Session, gradio_copy, load_run, zip_run
 
 RUN_COLUMNS = ["run", "model", "method", "target", "achieved", "params (M)", "ppl dense", "ppl",
                "ppl windows", "zero-shot avg (tasks, limit)", "compress s", "model in memory"]
@@ -69,10 +69,20 @@ class RunsTab:
         with user_errors():
             with self.ctx.slot:
                 run = load_run(session, upload or None, (folder or "").strip() or None,
-                               device=self.ctx.store.device)
+                               device=self.ctx.store.device, served=self.ctx.store.served)
         what = "model and report" if run.model is not None else "report only (no model weights)"
-        return f"{OK} Loaded **{run.id}** ({what}).", CompressTab.runs_dropdown(session, run.id), session
+        note = f" Note: {run.note}." if run.note else ""
+        return (f"{OK} Loaded **{run.id}** ({what}).{note}", CompressTab.runs_dropdown(session, run.id),
+                session)
 
     def download(self, session, run_id):
+        """The run's zip; gradio's copies of this session's earlier downloads are deleted first
+        (each holds a whole model), and this one's is deleted with the next or at session end."""
         with user_errors():
-            return str(zip_run(session, session.get(run_id)))
+            run = session.get(run_id)
+            session.forget_served()
+            path = zip_run(session, run)
+        copy = gradio_copy(path)
+        if copy is not None:
+            session.served_files.append(copy)
+        return str(path)
