@@ -80,6 +80,52 @@ def tokens():
     return torch.randint(0, VOCAB, (8, 32))
 
 
+# --- the app tests' fixtures (helpers in app_helpers.py; requesting tabs or compressed needs gradio) ---
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer random Llama saved with the default model's tokenizer (and chat template)."""
+    model, tok = tiny_chat_llama()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tabs():
+    """The app's tabs on a context of this test module's own."""
+    from app_helpers import _tabs
+
+    return _tabs()
+
+
+@pytest.fixture(scope="session")
+def slicegpt_run(tiny_folder):
+    """The tiny Llama compressed by SliceGPT at 0.3 through the Compress tab: done once per test run."""
+    from app_helpers import _compress, _tabs
+    from ui import runs as R
+
+    session = R.Session()
+    _compress(_tabs(), session, tiny_folder, "slicegpt", 0.3)
+    yield session.get("r1")
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def compressed(slicegpt_run):
+    """A session of this test module's own whose run r1 is a copy of :func:`slicegpt_run` (model and
+    report), so what one module adds or changes is never seen by another; the next run is r2."""
+    import copy
+
+    from ui import runs as R
+
+    session = R.Session()
+    assert session.new_id() == slicegpt_run.id == "r1"
+    session.add(copy.deepcopy(slicegpt_run))
+    return session
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits

@@ -4,18 +4,17 @@ the tiny model, find the Inspect plots, chat with the dense model and the run (t
 covered by scrolled messages) and compare them on the example prompts.
 
 Skipped, with the reason, where Chromium or the playwright package is missing (``make setup`` installs
-both when it can).
+both when it can). Marked slow (it starts the app and a real browser): ``make test`` runs it,
+``make test-fast`` leaves it out.
 """
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from test_app import tiny_folder  # noqa: F401  (session fixture: a 2-layer random Llama folder)
-
-pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),  # gradio's queue vs pandas 3
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),  # gradio's queue vs pandas 3
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -27,12 +26,8 @@ if not Path(CHROMIUM).exists():
                 "`make setup` does it when apt is available)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="the playwright package is not installed (pip install playwright)")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytest.importorskip("gradio")
+from app_helpers import _free_port  # noqa: E402
 
 
 def _serve(model):

@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
 import app  # noqa: E402
-from test_app import CALIB, _compress, _free_port, _tabs, last, refusal, tiny_folder  # noqa: E402,F401
+from app_helpers import CALIB, _compress, _free_port, _tabs, last, refusal  # noqa: E402,F401
 from ui import runs as R  # noqa: E402
 from ui.common import on_page  # noqa: E402
 
@@ -29,13 +29,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
 @pytest.fixture(scope="module")
 def tabs():
     return _tabs()
-
-
-@pytest.fixture(scope="module")
-def compressed(tabs, tiny_folder):  # noqa: F811
-    session = R.Session()
-    _compress(tabs, session, tiny_folder, "slicegpt", 0.3)
-    return session
 
 
 def upload(name: str, data: bytes) -> str:
