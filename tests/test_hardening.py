@@ -193,6 +193,26 @@ def test_check_weights_against_a_served_model(tmp_path):
         R.check_weights(tmp_path, R.Served("base", params, 0))
 
 
+def test_sharded_weights_are_checked_through_their_index(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama", layers=2)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert R.check_weights(tmp_path) == sum(p.numel() for p in model.parameters())
+    name, shard = next(iter(sorted(index["weight_map"].items())))
+    tensors = load_file(str(tmp_path / shard))
+    del tensors[name]
+    save_file(tensors, str(tmp_path / shard))  # the index still names it, the shard lacks it
+    with pytest.raises(R.RunError, match="missing"):
+        R.check_weights(tmp_path)
+    index["weight_map"][name] = "../outside.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(R.RunError, match="does not map tensors to safetensors files of the run"):
+        R.check_weights(tmp_path)
+
+
 def test_a_good_upload_still_loads_with_the_same_weights(tabs, dense_folder):
     session = loaded(tabs, dense_folder)
     dense, _ = tabs.ctx.store.get(dense_folder)
@@ -365,6 +385,20 @@ def test_report_strings_reach_the_inspect_summary_escaped(tabs, dense_folder):
     assert "\n" not in summary
 
 
+def test_report_names_shown_in_plots_are_plain(tabs, dense_folder):
+    from ui.runs_tab import pareto_runs
+
+    layer = {"index": 0, "spectra": {'<a href="https://evil.example">x</a>': [1.0]}}
+    message = refused_load(tabs, json.dumps(report_for(dense_folder, layers=[layer])).encode(), "report.json")
+    assert "report.layers[0].spectra has a name" in message
+    session = R.Session()
+    report = report_for('<a href="https://evil.example">m</a>', ppl_dense=10.0, ppl_compressed=12.0)
+    tabs.runs.load_saved(session, upload("report.json", json.dumps(report).encode()), "")
+    labels = [p["label"] for p in pareto_runs(session)]
+    assert not any("<a" in label for label in labels)
+    tabs.runs.view(session)
+
+
 def test_md_helpers():
     assert md_text("a <b> [l](u) x_y") == "a &lt;b&gt; \\[l\\]\\(u\\) x\\_y"
     assert md_code("a`b\n\nc") == "`aʹb c`"
@@ -418,17 +452,22 @@ def test_an_upload_is_deleted_once_it_has_loaded(tabs, dense_folder):
 def test_one_job_per_session():
     session = R.Session()
     flag = session.start_job()
+    t0 = time.monotonic()
     with pytest.raises(R.RunError, match="already running a job"):
-        session.start_job()
+        session.start_job(wait=0.3)
+    assert time.monotonic() - t0 >= 0.3
     flag.set()  # stopping: no longer counts
-    second = session.start_job()
-    session.end_job(second)
+    second = session.start_job(wait=0)
+    threading.Timer(0.2, session.end_job, [second]).start()
+    third = session.start_job(wait=5)  # a cancelled job's generator closes a moment later
+    session.end_job(third)
     session.end_job(flag)
     assert not session.busy
 
 
 def test_chat_while_a_job_of_the_session_runs_is_refused(tabs, dense_folder):
     session = R.Session()
+    session.job_wait = 0.2
     session.start_job()
     message = refused(tabs.chat.chat, session, "Hi", [], [], None, dense_folder, outputs=5, status=5, run_ids=[])
     assert "already running a job" in message

@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ MAX_SIDE_FILE_BYTES = 64 << 20  # each member that is not weights (tokenizer.jso
 MAX_PARAMS_MULTIPLE = 2.0  # an uploaded model: at most this many × the served dense model's parameters and layers
 SESSION_PREFIX = "compression-session-"
 INT_CALIBRATION = ("samples", "seq_len", "tokens", "distinct_tokens", "seed")  # whole numbers in a report
+LAYER_KEY = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")  # names in a report's layer tables (plot legends, pickers)
 
 
 def max_report_bytes() -> int:
@@ -159,10 +161,16 @@ class Session:
             raise RunError(f"unknown run; this session has {', '.join(self.runs)}")
         return self.runs[run_id]
 
-    def start_job(self) -> threading.Event:
+    job_wait = 10.0  # seconds a new job waits for the session's previous one to end (a cancelled one
+    # ends within a second or two: its generator is closed, or its client is taken as gone)
+
+    def start_job(self, wait: float | None = None) -> threading.Event:
         """A stop flag for a new job; Stop sets the flags of every job of the session. One job per
-        session at a time: RunError while another job of the session runs (a job whose flag is set
-        is stopping and no longer counts; it frees the model slot within seconds)."""
+        session at a time: RunError when another job of the session still runs after ``wait``
+        seconds (default :attr:`job_wait`; a job whose flag is set is stopping and does not count)."""
+        deadline = time.monotonic() + (self.job_wait if wait is None else wait)
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self.busy:
             raise RunError("this session is already running a job (compress, evaluate, heal, chat or "
                            "compare): wait for it to finish or press Stop")
@@ -336,6 +344,11 @@ def read_report(file: Path) -> dict:
         raise RunError(f"not a compression report: {err}") from None
     except (TypeError, ValueError, RecursionError):
         raise RunError("not a compression report") from None
+    for i, layer in enumerate(report.get("layers") or []):
+        for table in ("sizes", "spectra", "kept", "leverage", "errors"):
+            if not all(LAYER_KEY.fullmatch(k) for k in layer.get(table) or {}):
+                raise RunError(f"not a compression report: report.layers[{i}].{table} has a name that is "
+                               "not letters, digits and _ . : + -")
     calibration = report.get("calibration") or {}
     for key in INT_CALIBRATION:
         value = calibration.get(key)
@@ -558,8 +571,6 @@ def clean_leftovers(base: Path | None = None, root: Path | None = None) -> list[
       over an hour old;
     - hidden temporary save folders and files (:func:`compression.files.remove_stale`) at the top of
       ``root`` (default :func:`runs_root`), where the CLI and the app save runs."""
-    import time
-
     from compression.files import STALE_AFTER, pid_alive, remove_stale
 
     base = Path(base or tempfile.gettempdir())

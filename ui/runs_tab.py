@@ -1,6 +1,7 @@
 """The Runs tab: this session's runs in a table and two plots, loading saved runs, downloading a zip."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
@@ -46,7 +47,8 @@ def pareto_runs(session: Session) -> list[dict]:
                        "label": run.id, "zero_shot_avg": zs.get("compressed")})
         if r.get("ppl_dense") is not None:
             dense[run.model_name] = {"method": "dense", "params": r.get("params_dense"),
-                                     "ppl": r["ppl_dense"], "label": f"dense {Path(run.model_name).name}",
+                                     "ppl": r["ppl_dense"],  # plot text renders tags: escaped
+                                     "label": html.escape(f"dense {Path(run.model_name).name}"[:100]),
                                      "zero_shot_avg": zs.get("dense")}
     return list(dense.values()) + points
 
