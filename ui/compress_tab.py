@@ -4,7 +4,6 @@ recovery training (heal) of the selected run. :meth:`CompressTab.build` lays it 
 connects it; the handlers are the tab's other methods."""
 from __future__ import annotations
 
-import inspect
 from types import SimpleNamespace
 
 import gradio as gr
@@ -21,7 +20,8 @@ from .calibration_form import (CALIBRATION_CPU, CALIBRATION_GPU, CALIBRATION_SOU
                                MAX_CALIB_CHARS, MAX_CHAT_EVAL, SOURCE_NOTES, calibration_line, calibration_spec)
 from .common import OK, STOP, WARN, Context, millions, user_errors
 from .jobs import progress_html, watch
-from .page import HIDDEN, HOVER, JOB, LAST, knob_info, knob_slider, option_control
+from .page import HIDDEN, HOVER, JOB, LAST, knob_info, knob_slider, option_control, with_option_params
+from .preview_view import PreviewView
 from .runs import Run, Stopped
 from .space import cpu_notice
 
@@ -46,38 +46,11 @@ def _edits_blocks(method: str) -> bool:
     return method in METHODS and METHODS[method].per_layer == "blocks"
 
 
-def with_option_params(fn):
-    """A generator function calling ``fn(..., options={...}, request=...)`` whose signature lists one
-    parameter per method option (``<method>_<knob>``): gradio reads it for the inputs' order and the
-    API's parameter names, so a new knob needs no change here or in app.py."""
-    names = [forms.option_param(m, k) for m, k in forms.option_knobs()]
-    defaults = {forms.option_param(m, k): k.default for m, k in forms.option_knobs()}
-    P = inspect.Parameter
-    own = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("options", "request")]
-    base = [p for p in own if p.kind != P.KEYWORD_ONLY]
-    # fn's keyword-only parameters were added later: they follow the options, so positional API
-    # calls written before them keep working
-    later = [p.replace(kind=P.POSITIONAL_OR_KEYWORD) for p in own if p.kind == P.KEYWORD_ONLY]
-    params = base + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names] + later + \
-        [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]
-    signature = inspect.Signature(params)
-
-    def wrapper(*args, **kwargs):
-        values = signature.bind(*args, **kwargs)
-        values.apply_defaults()
-        values = dict(values.arguments)
-        options = {n: values.pop(n) for n in names}
-        yield from fn(**values, options=options)
-
-    wrapper.__signature__ = signature
-    wrapper.__annotations__ = {"request": gr.Request}
-    wrapper.__name__ = fn.__name__
-    return wrapper
-
-
 class CompressTab:
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.preview = PreviewView(ctx, self)
+        self.option_names = [forms.option_param(m, k) for m, k in forms.option_knobs()]  # the controls' order
 
     # --- the form ------------------------------------------------------------------------------
     def model_info(self, name: str):
@@ -349,6 +322,7 @@ class CompressTab:
                 self._build_editor(c)
             with gr.Column(scale=2):
                 c.forecast_md = gr.Markdown("### Forecast")
+                c.preview = self.preview.build()
                 c.calib = calibration_form.build(gpu, METHODS[DEFAULT_METHOD].calibration)
                 with gr.Accordion("Method options", open=False):
                     c.epsilon = gr.Number(forms.EPSILON.default, label=forms.EPSILON.label, elem_classes=HOVER,
@@ -460,7 +434,23 @@ class CompressTab:
                                  api_name="heal", show_progress="hidden", **JOB)
         c.heal_stop.click(self.heal_stopped, state, [c.heal_progress, c.heal_md], cancels=[heal_evt], queue=False,
                           **HIDDEN)
+        self._wire_preview(page, c, state, run_dd, compress_evt)
         return compress_evt, heal_evt
+
+    def _wire_preview(self, page, c: SimpleNamespace, state, run_dd, compress_evt) -> None:
+        """Measure fills the statistics; the forecast redraws with every settings change (it follows the
+        parameter forecast, which every such change rewrites), a run, or another selected run."""
+        cal, v = c.calib, c.preview
+        calib = [cal.calib_samples, cal.calib_len, cal.calib_source, cal.calib_text, cal.calib_file]
+        draw = dict(fn=self.preview.draw, inputs=[state, c.model, c.method, c.ratio, c.allocation, c.per_layer,
+                                                  c.slicing, c.epsilon, *calib, run_dd, *c.options.values()],
+                    outputs=[v.note, v.errors, v.tradeoff], **HIDDEN, **LAST)
+        measured = page.endpoint([v.measure_btn.click], self.preview.measure, [state, c.model, *calib, cal.batch_size],
+                                 [v.progress, v.note], v.note, clear=[v.progress], show_progress="hidden", **JOB)
+        measured.then(**draw)
+        compress_evt.then(**draw)
+        gr.on([c.forecast_md.change, run_dd.change, cal.calib_samples.change, cal.calib_len.change,
+               cal.calib_source.change], **draw)
 
     # --- healing -------------------------------------------------------------------------------
     def heal(self, session, run_id, tokens=16384, lora_rank=8, seq_len=256, ppl_windows=4):

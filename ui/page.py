@@ -6,11 +6,13 @@ for :class:`Page` (it places a hidden button).
 """
 from __future__ import annotations
 
+import inspect
+
 import gradio as gr
 
 from compression.knobs import Knob
 
-from . import jobs
+from . import forms, jobs
 from .common import ACCEL, on_page
 
 HOVER = ["hover-info"]                           # controls whose help shows under the label, marked "?"
@@ -71,3 +73,32 @@ def option_control(k: Knob):
 def knob_slider(k: Knob, value: float, step: float = 0.01, **kwargs):
     """A slider over a knob's declared range (so the range is written once, in the config)."""
     return gr.Slider(k.low, k.high, value=value, step=step, **kwargs)
+
+
+def with_option_params(fn):
+    """A generator function calling ``fn(..., options={...}, request=...)`` whose signature lists one
+    parameter per method option (``<method>_<knob>``): gradio reads it for the inputs' order and the
+    API's parameter names, so a new knob needs no change here or in app.py."""
+    names = [forms.option_param(m, k) for m, k in forms.option_knobs()]
+    defaults = {forms.option_param(m, k): k.default for m, k in forms.option_knobs()}
+    P = inspect.Parameter
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("options", "request")]
+    base = [p for p in own if p.kind != P.KEYWORD_ONLY]
+    # fn's keyword-only parameters were added later: they follow the options, so positional API
+    # calls written before them keep working
+    later = [p.replace(kind=P.POSITIONAL_OR_KEYWORD) for p in own if p.kind == P.KEYWORD_ONLY]
+    params = base + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in names] + later + \
+        [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]
+    signature = inspect.Signature(params)
+
+    def wrapper(*args, **kwargs):
+        values = signature.bind(*args, **kwargs)
+        values.apply_defaults()
+        values = dict(values.arguments)
+        options = {n: values.pop(n) for n in names}
+        yield from fn(**values, options=options)
+
+    wrapper.__signature__ = signature
+    wrapper.__annotations__ = {"request": gr.Request}
+    wrapper.__name__ = fn.__name__
+    return wrapper
