@@ -181,6 +181,14 @@ def test_a_bad_safetensors_header_gives_a_clear_message(tabs, dense_folder, garb
     assert "model.safetensors is not a valid safetensors file" in message
 
 
+def test_a_damaged_zip_gives_a_clear_message(tabs, dense_folder):
+    data = bytearray(zip_bytes({"report.json": json.dumps(report_for(dense_folder)).encode(),
+                                "notes.txt": b"n" * 5000}))
+    at = data.index(b"n" * 100)
+    data[at:at + 100] = b"m" * 100  # the stored data no longer matches its CRC
+    assert "the zip is damaged" in refused_load(tabs, bytes(data))
+
+
 def test_check_weights_against_a_served_model(tmp_path):
     model = tiny_model("llama", layers=2)
     model.save_pretrained(tmp_path)

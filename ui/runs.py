@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,14 +307,8 @@ def _extract(archive: Path, target: Path) -> None:
                 if m.filename.endswith(ALLOWED_SUFFIXES):  # code and pickles are never unpacked
                     with zf.open(m) as src, open(inside(target, m.filename), "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, EOFError, zlib_error()):
+        except (zipfile.BadZipFile, EOFError, zlib.error):
             raise RunError("the zip is damaged (a file in it cannot be unpacked)") from None
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 def read_report(file: Path) -> dict:
