@@ -47,3 +47,15 @@ def test_bad_settings_are_said_not_raised(tabs, tiny_folder):
     last(tabs.compress.preview.measure(session, tiny_folder, *CAL))
     note, *_ = _draw(tabs, session, tiny_folder, allocation="manual")
     assert note.startswith("⚠")
+
+
+def test_best_allocation_by_forecast_fills_manual_values(tabs, tiny_folder):
+    session = R.Session()
+    options = [k.default for _, k in forms.option_knobs()]
+    with pytest.raises(gr.Error, match="Measure first"):  # not measured at this calibration
+        tabs.compress.preview.best(session, tiny_folder, "modegpt", 0.25, 3, 48, "wiki", "", None, *options)
+    last(tabs.compress.preview.measure(session, tiny_folder, *CAL))
+    allocation, text, note = tabs.compress.preview.best(session, tiny_folder, "modegpt", 0.25, *CAL, *options)
+    values = [float(v) for v in text.split(",")]
+    assert allocation == "manual" and len(values) == tabs.ctx.store.info(tiny_folder).num_layers
+    assert abs(sum(values) / len(values) - 0.25) < 0.01 and "Best by forecast" in note

@@ -448,6 +448,12 @@ class CompressTab:
         measured = page.endpoint([v.measure_btn.click], self.preview.measure, [state, c.model, *calib, cal.batch_size],
                                  [v.progress, v.note], v.note, clear=[v.progress], show_progress="hidden", **JOB)
         measured.then(**draw)
+        best = page.endpoint([v.best_btn.click], self.preview.best, [c.model, c.method, c.ratio, *calib,
+                                                                    *c.options.values()],
+                             [c.allocation, c.per_layer, v.note], v.note)
+        best.then(self.editor_layout, [c.n_layers, c.method, c.allocation], [c.slider_row, c.drop_box, *c.sliders],
+                  **HIDDEN).then(self.editor_values, [c.per_layer, c.method, c.n_layers, *c.sliders],
+                                 [c.drop_box, *c.sliders], **HIDDEN).then(**draw)
         compress_evt.then(**draw)
         gr.on([c.forecast_md.change, run_dd.change, cal.calib_samples.change, cal.calib_len.change,
                cal.calib_source.change], **draw)

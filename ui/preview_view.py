@@ -12,12 +12,13 @@ import gradio as gr
 import viz
 from compression.arch import view
 from compression.methods import METHODS
-from compression.preview import StatisticsCache, measured_errors, predict, run_point, tradeoff_curve
+from compression.preview import (StatisticsCache, best_allocation, measured_errors, predict, run_point,
+                                 tradeoff_curve)
 
 from .calibration_form import calibration_spec
 from .common import OK, WARN, user_errors
 from .jobs import progress_html, watch
-from .page import HOVER
+from .forms import values_text
 from .runs import Stopped
 
 NOT_YET = ("Press **Measure** for a forecast of each layer's error at these settings: one pass of the "
@@ -36,7 +37,8 @@ class PreviewView:
         with gr.Accordion("Error forecast (before compressing)", open=True):
             with gr.Row():
                 v.measure_btn = gr.Button("Measure", scale=0, min_width=120)
-                v.note = gr.Markdown(NOT_YET, elem_classes=HOVER)
+                v.best_btn = gr.Button("Best allocation by forecast", scale=0, min_width=120)
+            v.note = gr.Markdown(NOT_YET)
             v.progress = gr.HTML("")
             v.errors = gr.Plot(label="forecast per layer")
             v.tradeoff = gr.Plot(label="trade-off forecast")
@@ -100,3 +102,23 @@ class PreviewView:
                 f"run is sequential, so later layers err more than drawn){over}.")
         return (note, viz.preview_errors_figure(forecast, measured),
                 viz.tradeoff_figure(curve, points, current=forecast.get("ratio"), method=label))
+
+    def best(self, session, model_name, method, ratio, samples, length, source, text, upload, *option_values):
+        """(allocation, per-layer text, note): the allocation with the lowest forecast error at this ratio
+        among uniform, automatic at several ε and sparing the first or last layers, as manual values."""
+        with user_errors():
+            name = (model_name or "").strip()
+            stats = self.cache.get(name, self._spec(samples, length, source, text, upload))
+            if stats is None:
+                raise ValueError("press Measure first: the forecast needs the statistics")
+            prefix = f"{method}_"
+            options = {k[len(prefix):]: v for k, v in zip(self.tab.option_names, option_values) if k.startswith(prefix)}
+            base = view(self.ctx.store.info(name).skeleton).config
+            config, ranked = best_allocation(stats, method, float(ratio), base, options)
+            per_layer = predict(stats, config, base)["sparsity"]
+        top = ranked[0]
+        auto = next((r for r in ranked if r["label"] == "auto ε=0.1"), None)
+        versus = f" (automatic, ε 0.1: {auto['total']:.3f})" if auto and auto is not top else ""
+        return ("manual", values_text(per_layer),
+                f"{OK} Best by forecast: **{top['label']}**, total error {top['total']:.3f}{versus}, of "
+                f"{len(ranked)} allocations; set as manual per-layer values.")
