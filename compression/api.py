@@ -20,7 +20,6 @@ resident high-water mark on CPU); ``extra["offload"]`` says which path ran and w
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from typing import Callable, NamedTuple
 
@@ -32,6 +31,7 @@ from .calibration import resolve_precision, statistics_precision
 from .evaluate import PeakMemory
 from .methods import method_for, refusal
 from .modeling_compressed import Shape
+from .ops import fingerprint
 from .report import Report
 from .timing import stage, stopwatch
 
@@ -54,9 +54,8 @@ def calibration_facts(tokens: torch.Tensor | None, hidden_size: int,
     if tokens is None:
         return {"tokens": 0}, []
     n, distinct = tokens.numel(), int(torch.unique(tokens).numel())
-    digest = hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
     facts = {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "tokens": n,
-             "distinct_tokens": distinct, "fingerprint": digest}
+             "distinct_tokens": distinct, "fingerprint": fingerprint(tokens)}
     warnings = []
     if n < hidden_size:
         warnings.append(f"calibration has {n} tokens, fewer than the hidden size {hidden_size}: the "

@@ -4,8 +4,16 @@ Linear weights follow ``nn.Linear``: W has shape (out, in) and y = x Wᵀ + b.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """First 16 hex digits of the sha256 of integer ids: names calibration tokens and windows in
+    reports and cache keys."""
+    return hashlib.sha256(tensor.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 # --- covariance spectra ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ labels every stage and maps its own 0..1 onto the whole job's bar.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from .api import compress
 from .data import TextSpec, chunk, tokenize
 from .evaluate import ChatReference, DenseReference, chat_agreement, evaluate_against, perplexity
 from .files import FileError, read_json, write_json_atomic
+from .ops import fingerprint
 from .report import Report
 
 Progress = Callable[[float, str], None]
@@ -86,10 +86,6 @@ def calibration_tokens(name: str, model, tokenizer, spec: TextSpec, held_out: in
 
 
 # --- the dense reference, computed once ----------------------------------------------------------
-
-def fingerprint(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
-
 
 def model_identity(name: str) -> str:
     """What identifies the dense weights: a packaged model's packages (version, file, size), the

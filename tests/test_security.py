@@ -54,7 +54,7 @@ def good_report(session) -> dict:
 
 
 def refused_load(tabs, session, upload_path=None, folder="") -> str:
-    """Load Run's refusal: raised for scripts, ⚠ text in its status on the page (see test_app.refusal)."""
+    """Load Run's refusal: raised for scripts, ⚠ text in its status on the page (see app_helpers.refusal)."""
     return refusal(tabs.runs.load_saved, session, upload_path, folder, outputs=3, status=0)
 
 
@@ -231,9 +231,9 @@ def test_calibration_never_reads_server_files(tabs, tiny_folder, source, path, m
 
 
 def test_calibration_upload_is_capped(tabs, tiny_folder, monkeypatch):  # noqa: F811
-    from ui import compress_tab
+    from ui import calibration_form
 
-    monkeypatch.setattr(compress_tab, "MAX_CALIB_FILE_BYTES", 1024)
+    monkeypatch.setattr(calibration_form, "MAX_CALIB_FILE_BYTES", 1024)
     big = upload("big.txt", b"word " * 1000)
     assert "over the limit" in refusal(_compress, tabs, R.Session(), tiny_folder, calib_source="custom",
                                        calib_file=big, outputs=5, status=1)
