@@ -132,4 +132,4 @@ def logits(model, ids):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs the real default model end to end")
+    config.addinivalue_line("markers", "slow: runs the real default model end to end, or the app in a real browser")
