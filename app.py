@@ -17,12 +17,12 @@ import torch
 
 from compression.models import DEFAULT_MODEL
 from ui.chat_tab import CHAT_EXAMPLES, COMPARE_MAX_TOKENS, MAX_RUNS, ChatTab
-from ui.common import ACCEL, Context  # noqa: F401  (ACCEL: the tests check the queue)
+from ui.common import ACCEL, Context, queue_settings  # noqa: F401  (ACCEL: the tests check the queue)
 from ui.compress_tab import CompressTab
 from ui.evaluate_tab import EvaluateTab
 from ui.inspect_tab import NO_OVERLAY, X_AXIS_CHOICES, InspectTab
 from ui.page import CSS, HIDDEN, JOB, LAST, Page
-from ui.runs import Session, max_upload_bytes, runs_root
+from ui.runs import Session, clean_leftovers, max_upload_bytes, runs_root
 from ui.runs_tab import RUN_COLUMNS, RunsTab
 from ui.space import prepare_space
 from ui.store import ModelStore
@@ -39,7 +39,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
     hover = ["hover-info"]
     root = runs_root()
     hidden, last, job = HIDDEN, LAST, JOB
-    with gr.Blocks(title="Training-free LM compression") as demo:
+    with gr.Blocks(title="Training-free LM compression", delete_cache=(1800, 3600)) as demo:
         page = Page()
         state = gr.State(Session, delete_callback=Session.close)
         gr.Markdown(f"# Training-free compression of causal LMs\nMoDeGPT, Olica, SliceGPT and layer dropping "
@@ -197,9 +197,10 @@ def unload(ctx: Context, request: gr.Request = None):
 def main(**launch_kwargs):
     """Serve the app (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by gradio's launch)."""
     prepare_space()  # on a Space: the --no-deps offline assets, before the default model is needed
+    clean_leftovers()  # what killed jobs of earlier processes left
     model = os.environ.get("COMPRESSION_APP_MODEL", DEFAULT_MODEL)
     launch_kwargs.setdefault("max_file_size", max_upload_bytes())
-    return build_app(model).queue(default_concurrency_limit=4).launch(css=CSS, **launch_kwargs)
+    return build_app(model).queue(**queue_settings()).launch(css=CSS, **launch_kwargs)
 
 
 if __name__ == "__main__":

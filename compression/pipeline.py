@@ -21,7 +21,7 @@ import torch
 from .api import compress
 from .data import TextSpec, chunk, tokenize
 from .evaluate import ChatReference, DenseReference, chat_agreement, evaluate_against, perplexity
-from .files import FileError, read_json, write_json_atomic
+from .files import FileError, read_json, remove_stale, write_json_atomic
 from .ops import fingerprint
 from .report import Report
 
@@ -320,7 +320,8 @@ def save(folder: Path, model, tokenizer, report: Report | dict, replace: bool = 
 
     folder = Path(folder)
     check_out_folder(folder, force=replace)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.resolve().parent))
+    remove_stale(folder.resolve().parent, folder.name)  # what a killed save of this folder left
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.save-{os.getpid()}-", dir=folder.resolve().parent))
     try:
         fmt, reason = (save_streamed if is_streamed(model) else save_model)(model, tokenizer, tmp)
         data = report.to_dict() if isinstance(report, Report) else dict(report)

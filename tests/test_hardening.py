@@ -569,3 +569,32 @@ def test_session_folders_carry_the_process_id(tmp_path):
     assert session.workdir.name.startswith(f"compression-session-{os.getpid()}-")
     assert R.clean_leftovers(tmp_path, tmp_path / "none") == []  # a live session is never removed
     session.close()
+
+
+def test_handlers_check_context_bounds_before_any_work(tabs, tiny_folder):
+    """The wiring: the Compress handler refuses calibration sequences longer than the served model's
+    context, Heal a sequence length over it, both before a job starts (the slot stays free)."""
+    from app_helpers import _compress, refusal
+
+    context = tabs.ctx.store.info(tiny_folder).context
+    assert context is not None
+    shown = refusal(_compress, tabs, R.Session(), tiny_folder, calib_len=context + 1, outputs=5, status=1)
+    assert "longer than the model's context" in shown and not tabs.ctx.slot.locked()
+    session = R.Session()
+    assert _compress(tabs, session, tiny_folder)[1].startswith("✔")
+    shown = refusal(tabs.compress.heal, session, "r1", tokens=10**6, lora_rank=2, seq_len=context + 1,
+                    outputs=3, status=1)
+    assert f"model's {context} positions" in shown and not tabs.ctx.slot.locked()
+
+
+def test_a_save_removes_what_a_killed_save_of_the_same_folder_left(tmp_path):
+    from compression.pipeline import save
+
+    dead = 2 ** 22 + 12345  # no such process
+    stale = tmp_path / f".out.save-{dead}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    model = tiny_model("llama")
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (a saved folder needs no tokenizer here)
+    save(tmp_path / "out", model, None, {"method": "layerdrop", "model": "tiny", "config": {}})
+    assert not stale.exists() and (tmp_path / "out" / "report.json").exists()

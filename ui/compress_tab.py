@@ -10,7 +10,7 @@ import gradio as gr
 
 import viz
 from compression.command import command_for
-from compression.heal import HealConfig
+from compression.heal import HealConfig, check_fits
 from compression.methods import METHODS
 from compression.models import PACKAGED_MODELS
 from compression.pipeline import Stages, compress_and_measure, heal_and_measure
@@ -213,6 +213,7 @@ class CompressTab:
             if not 0 <= chat_eval <= MAX_CHAT_EVAL:
                 raise ValueError(f"chat agreement conversations must be in [0, {MAX_CHAT_EVAL}]")
             spec = calibration_spec(calib_samples, calib_len, calib_source, calib_text, calib_file)
+            self.ctx.store.check_calibration_length(model_name, spec.seq_len)
         store = self.ctx.store
 
         def job(progress):
@@ -469,6 +470,7 @@ class CompressTab:
             calib = run.report.get("calibration") or {}
             config = HealConfig(tokens=int(tokens), lora_rank=int(lora_rank), seq_len=int(seq_len),
                                 offset=int(calib.get("tokens", 0)))
+            check_fits(config, run.model, self.ctx.store.info(run.model_name).context)  # before any work
             windows = int(ppl_windows)
             if not 0 <= windows <= 64:
                 raise ValueError("perplexity windows must be in [0, 64]")
