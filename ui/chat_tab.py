@@ -2,14 +2,18 @@
 example prompts go through all of them at once into one table."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 
 from .chat import Sampling, build_prompt, chat_stream, check_history, check_message, context_of, generate
 from .common import STOP, Context, user_errors
 from .jobs import progress_html, watch
 from .runs import Stopped
+from .page import HIDDEN, HOVER, JOB, LAST
 
 MAX_RUNS = 3  # compressed panes next to the dense one
+CHAT_HEIGHT = 480  # px: room for a prompt and a 128-token reply with two panes across
 CHAT_EXAMPLES = ["Write a haiku about autumn.", "Explain photosynthesis to a ten-year-old.",
                  "What is the capital of France, and why is it famous?",
                  "Give me three tips for writing clean Python code."]
@@ -145,6 +149,55 @@ class ChatTab:
     def clear():
         """Empty panes and message box."""
         return ([],) * (1 + MAX_RUNS) + ("",)
+
+    # --- layout and wiring ---------------------------------------------------------------------
+    def build(self) -> SimpleNamespace:
+        """Lay out the tab (inside ``gr.Tab``); returns its components by name."""
+        c = SimpleNamespace()
+        c.runs = gr.Dropdown([], value=None, multiselect=True, max_choices=MAX_RUNS, allow_custom_value=True,
+                             label=f"Runs to chat with (up to {MAX_RUNS})",
+                             info="each answers next to the dense model; follows the run picked above; a new "
+                                  "selection starts a new conversation")
+        with gr.Row(elem_classes=["chat-panes"]):
+            c.panes = [gr.Chatbot(label="Dense", height=CHAT_HEIGHT, buttons=["copy"])] + \
+                      [gr.Chatbot(label=f"Run {i + 1}", height=CHAT_HEIGHT, buttons=["copy"], visible=False)
+                       for i in range(MAX_RUNS)]
+        c.msg = gr.Textbox(placeholder="Message every model…", show_label=False, submit_btn=True)
+        c.status = gr.Markdown("")
+        with gr.Row():
+            c.stop_btn = gr.Button("Stop", variant="stop")
+            c.clear_btn = gr.Button("Clear chat")
+        gr.Examples(CHAT_EXAMPLES, inputs=[c.msg])
+        c.compare_btn = gr.Button("Compare on these prompts")
+        c.compare_progress = gr.HTML("")
+        c.compare_table = gr.Dataframe(headers=["prompt", "dense"], label="The example prompts, every model (fresh "
+                                       f"conversations, replies capped at {COMPARE_MAX_TOKENS} tokens)",
+                                       interactive=False, wrap=True, max_height=800, elem_classes=["compare-table"])
+        with gr.Accordion("Sampling (same settings and seed for every model)", open=False):
+            with gr.Row():
+                c.sampling = [gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
+                                        elem_classes=HOVER),
+                              gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p"),
+                              gr.Slider(8, 512, value=128, step=8, label="Max new tokens"),
+                              gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty"),
+                              gr.Number(0, precision=0, label="Seed"),
+                              gr.Checkbox(True, label="Chat template")]
+        return c
+
+    def wire(self, page, c: SimpleNamespace, state, run_dd, model) -> None:
+        """The run picker follows the global run; a new selection relabels and empties the panes."""
+        panes = c.panes
+        run_dd.change(self.choices, [state, run_dd, c.runs], c.runs, **HIDDEN)
+        c.runs.change(self.panes, [state, c.runs], panes, **HIDDEN, **LAST)
+        inputs = [state, c.msg, panes[0], panes[1], run_dd, model, *c.sampling, c.runs, *panes[2:]]
+        chat_evt = page.endpoint([c.msg.submit], self.chat, inputs, [*panes, c.msg], c.status, api_name="chat",
+                                 **JOB)
+        compare_evt = page.endpoint([c.compare_btn.click], self.compare, [state, c.runs, model, *c.sampling],
+                                    [c.compare_progress, c.compare_table], c.status, clear=[c.compare_progress],
+                                    show_progress="hidden", **JOB)
+        c.stop_btn.click(self.stopped, None, [c.status, c.compare_progress], cancels=[chat_evt, compare_evt],
+                         queue=False, **HIDDEN)
+        c.clear_btn.click(self.clear, None, [*panes, c.msg], queue=False, **HIDDEN)
 
 
 def templates(dense: tuple, runs: int) -> list:

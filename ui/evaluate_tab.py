@@ -2,8 +2,12 @@
 zero-shot with its item count, speed, size); the dense side is computed once per setting."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 from typing import Any
+
+import gradio as gr
 
 from compression.evaluate import sizes, speed_side_by_side
 from compression.pipeline import Stages, measure_against
@@ -11,6 +15,7 @@ from compression.pipeline import Stages, measure_against
 from .common import Context, megabytes, user_errors
 from .jobs import progress_html, watch
 from .runs import Stopped
+from .page import HOVER, JOB
 
 METRIC_NAMES = {"params": "parameters", "block_params": "block parameters", "bytes": "weights (MB)",
                 "prefill_tok_s": "prefill tokens/s", "decode_tok_s": "decode tokens/s",
@@ -181,3 +186,35 @@ class EvaluateTab:
                 "dense": dense["zero_shot_avg"]["acc"], "compressed": comp["zero_shot_avg"]["acc"],
                 "compressed_stderr": comp["zero_shot_avg"].get("stderr"), "tasks": list(tasks), "limit": limit}
         yield progress_html(state, "Evaluate"), compare_rows(dense, comp)
+
+    # --- layout and wiring ---------------------------------------------------------------------
+    def build(self) -> SimpleNamespace:
+        """Lay out the tab (inside ``gr.Tab``); returns its components by name."""
+        gpu, c = self.ctx.on_gpu, SimpleNamespace()
+        try:
+            from compression.zeroshot import available_tasks
+            tasks_ok, note = available_tasks(), ""
+        except Exception as err:  # noqa: BLE001  lm-eval or the task files missing
+            tasks_ok, note = (), f"_Zero-shot disabled: {err}_"
+        with gr.Row():
+            c.windows = gr.Slider(0, 64, value=32 if gpu else 4, step=1, label="Perplexity windows",
+                                  info="1024-token held-out wiki windows (reference: 32)", elem_classes=HOVER)
+            c.limit = gr.Number(50, precision=0, label="Zero-shot items per task",
+                                info="the interval shrinks as 1/√n: 50 items ≈ ±14 points", elem_classes=HOVER)
+            c.speed = gr.Checkbox(True, label="Measure speed and memory",
+                                  info="prefill / decode tokens per second", elem_classes=HOVER)
+        c.tasks = gr.CheckboxGroup(list(tasks_ok), value=[], label="Zero-shot tasks (lm-eval, offline)",
+                                   interactive=bool(tasks_ok))
+        gr.Markdown(note or "Peak memory on CPU is the process's peak resident size.")
+        c.btn = gr.Button("Evaluate dense vs compressed", variant="primary")
+        c.progress = gr.HTML("")
+        c.status = gr.Markdown("")
+        c.table = gr.Dataframe(headers=["metric", "dense", "compressed", "Δ %"], label="dense vs compressed",
+                               interactive=False, max_height=1000)
+        return c
+
+    def wire(self, page, c: SimpleNamespace, state, run_dd):
+        """Returns the evaluate event (the runs view follows it)."""
+        return page.endpoint([c.btn.click], self.evaluate, [state, run_dd, c.windows, c.tasks, c.limit, c.speed],
+                             [c.progress, c.table], c.status, clear=[c.progress], api_name="evaluate",
+                             show_progress="hidden", **JOB)

@@ -3,12 +3,15 @@ kept sizes of one run, drawn from its report alone (so a loaded report.json is e
 second run overlaid on the errors and sizes."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 
 import viz
 
 from .common import WARN, Context, md_code, md_text, user_errors
 from .store import INFLUENCE_SPEC
+from .page import HIDDEN, JOB, LAST
 
 X_AXIS_CHOICES = [("component index", "index"), ("fraction of components", "fraction")]
 NO_OVERLAY = "none"
@@ -77,3 +80,34 @@ class InspectTab:
         return viz.influence_figure(run.report, scores, source=(
             f"the method did not use it: the dense model's, on {INFLUENCE_SPEC.num_samples} × "
             f"{INFLUENCE_SPEC.seq_len} wiki calibration tokens"))
+
+    # --- layout and wiring ---------------------------------------------------------------------
+    def build(self, num_layers: int) -> SimpleNamespace:
+        """Lay out the tab (inside ``gr.Tab``); returns its components by name."""
+        c = SimpleNamespace()
+        c.md = gr.Markdown("No run yet: compress a model first.")
+        with gr.Row(equal_height=True):
+            c.layer = gr.Slider(0, max(num_layers - 1, 1), value=0, step=1, label="Layer", scale=2)
+            c.x_axis = gr.Radio(X_AXIS_CHOICES, value="index", label="Spectra x-axis")
+            c.other_run = gr.Dropdown([NO_OVERLAY], value=NO_OVERLAY, label="Overlay a second run",
+                                      info="on the error and size plots")
+        c.spectrum = gr.Plot(label="spectra of the layer")
+        with gr.Row():
+            with gr.Column():
+                c.key = gr.Dropdown([], value="", allow_custom_value=True, label="Spectrum for the heat map")
+                c.overview = gr.Plot(label="spectra by layer")
+            with gr.Column():
+                c.log_leverage = gr.Checkbox(False, label="Log scale for leverage")
+                c.leverage = gr.Plot(label="leverage")
+        with gr.Row():
+            c.errors, c.sizes = gr.Plot(label="errors"), gr.Plot(label="sizes")
+        c.influence = gr.Plot(label="influence")
+        return c
+
+    def wire(self, page, c: SimpleNamespace, state, run_dd) -> None:
+        outputs = [c.layer, c.key, c.md, c.spectrum, c.overview, c.leverage, c.errors, c.sizes, c.other_run]
+        page.endpoint([run_dd.change, c.layer.change, c.key.input, c.x_axis.input, c.log_leverage.input,
+                       c.other_run.input], self.inspect,
+                      [state, run_dd, c.layer, c.key, c.x_axis, c.log_leverage, c.other_run], outputs, c.md,
+                      api_name="inspect", **LAST)
+        run_dd.change(self.influence, [state, run_dd], c.influence, **HIDDEN, **JOB)

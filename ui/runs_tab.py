@@ -1,6 +1,8 @@
 """The Runs tab: this session's runs in a table and two plots, loading saved runs, downloading a zip."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import html
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import gradio as gr
 import viz
 
 from .common import OK, Context, user_errors
-from .runs import Session, gradio_copy, load_run, zip_run
+from .runs import Session, gradio_copy, load_run, runs_root, zip_run
+from .page import HIDDEN, JOB
 
 RUN_COLUMNS = ["run", "model", "method", "target", "achieved", "params (M)", "ppl dense", "ppl",
                "ppl windows", "zero-shot avg (tasks, limit)", "compress s", "model in memory"]
@@ -88,3 +91,34 @@ class RunsTab:
         if copy is not None:
             session.served_files.append(copy)
         return str(path)
+
+    # --- layout and wiring ---------------------------------------------------------------------
+    def build(self) -> SimpleNamespace:
+        """Lay out the tab (inside ``gr.Tab``); returns its components by name."""
+        root, c = runs_root(), SimpleNamespace()
+        c.table = gr.Dataframe(headers=RUN_COLUMNS, label="This session's runs", interactive=False)
+        with gr.Row():
+            c.pareto, c.accuracy = gr.Plot(label="pareto"), gr.Plot(label="accuracy")
+        with gr.Row():
+            with gr.Column():
+                c.upload = gr.File(label="Load a saved run (.zip or report.json)", file_types=[".zip", ".json"])
+                c.folder = gr.Textbox(label=f"…or a saved run's folder name under {root}" if root else
+                                      "Loading folders from the server is off on a Space", interactive=root is not None)
+                c.load_btn = gr.Button("Load run")
+                c.load_md = gr.Markdown("")
+            with gr.Column():
+                c.dl_btn = gr.Button("Zip the selected run (safetensors + config + report)")
+                c.dl_file = gr.File(label="download", interactive=False)
+                c.dl_status = gr.Markdown("")
+        return c
+
+    def wire(self, page, c: SimpleNamespace, tab, state, run_dd, after: list) -> None:
+        """``after``: events of other tabs that change the runs (the table and plots follow them)."""
+        outputs = [c.table, c.pareto, c.accuracy]
+        load_evt = page.endpoint([c.load_btn.click], self.load_saved, [state, c.upload, c.folder],
+                                 [c.load_md, run_dd, state], c.load_md, api_name="load_run", **JOB)
+        for event in [*after, load_evt]:
+            event.then(self.view, state, outputs, **HIDDEN)
+        tab.select(self.view, state, outputs, **HIDDEN)  # drawn while hidden, the legend came back clipped
+        page.endpoint([c.dl_btn.click], self.download, [state, run_dd], [c.dl_file], c.dl_status,
+                      api_name="download", **JOB)
