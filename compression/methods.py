@@ -16,6 +16,7 @@ from . import layerdrop, modegpt, olica, slicegpt
 from .arch import ARCHITECTURES
 from .knobs import Knob, build, knobs
 from .plan import layerwise_from_form
+from .report import Report
 from .rewrite import rotary_pairs_refusal
 
 
@@ -127,3 +128,9 @@ def refusal(config_or_model_type, name: str) -> str | None:
     if check is None or model_type not in ARCHITECTURES:
         return None  # arch_for reports unsupported architectures
     return check(ARCHITECTURES[model_type], None if isinstance(config, str) else config, model_type)
+
+
+def validated_report(d) -> Report:
+    """A report dict validated against the schema and the registry's method names (an uploaded
+    report.json, a saved run's); :class:`compression.report.ReportError` naming the field otherwise."""
+    return Report.from_dict(d, METHODS)

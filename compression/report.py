@@ -40,7 +40,8 @@ Schema of ``Report.to_dict()`` (all plain numbers, lists and dicts):
     when not measured) with ``compress_per_forward`` = compress_s / calibration_forward_s.
 - ``export``: how the saved folder stores the model (``format``: "native" or "remote_code", and why).
 
-:meth:`Report.from_dict` validates all of this (types, the method name, the layer entries) and
+:meth:`Report.from_dict` (through :func:`compression.methods.validated_report`, which knows the method
+names) validates all of this (types, the method name, the layer entries) and
 raises :class:`ReportError` naming the field, never echoing the file's content.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 MAX_LAYERS = 4096
 MAX_VECTOR = 1 << 20  # longest list a report may hold (spectra, leverage scores)
@@ -120,18 +121,19 @@ class Report:
         write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Report":
-        """A validated Report; :class:`ReportError` on anything of the wrong shape."""
-        d = validate(d)
+    def from_dict(cls, d: Any, methods: Collection[str]) -> "Report":
+        """A validated Report (``methods``: the method names allowed); :class:`ReportError` on anything
+        of the wrong shape. :func:`compression.methods.validated_report` gives the registry's names."""
+        d = validate(d, methods)
         d = {k: v for k, v in d.items() if k != "ratio_achieved"}
         layers = [LayerReport(**layer) for layer in d.pop("layers", [])]
         return cls(layers=layers, **d)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Report":
+    def load(cls, path: str | Path, methods: Collection[str]) -> "Report":
         from .files import read_json
 
-        return cls.from_dict(read_json(Path(path)))
+        return cls.from_dict(read_json(Path(path)), methods)
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -211,14 +213,13 @@ def _check_fields(d: dict, schema: dict, where: str) -> None:
             raise ReportError(f"{where}.{name} must be {what}")
 
 
-def validate(d: Any) -> dict:
-    """``d`` if it is a well-formed report dict, else :class:`ReportError` naming the field."""
-    from .methods import METHODS
-
+def validate(d: Any, methods: Collection[str]) -> dict:
+    """``d`` if it is a well-formed report dict of one of ``methods`` (the registry's names, which
+    :func:`compression.methods.validated_report` passes), else :class:`ReportError` naming the field."""
     if not isinstance(d, dict):
         raise ReportError("a report must be a JSON object")
-    if d.get("method") not in METHODS:
-        raise ReportError(f"report.method must be one of {', '.join(METHODS)}")
+    if d.get("method") not in methods:
+        raise ReportError(f"report.method must be one of {', '.join(methods)}")
     _check_fields({k: v for k, v in d.items() if k != "method"}, TOP_LEVEL, "report")
     for i, layer in enumerate(d.get("layers", [])):
         if not isinstance(layer, dict) or "index" not in layer:

@@ -8,7 +8,7 @@ The app may be a public Space, so every upload, folder name and report is hostil
   if every member is a plain top-level file of an allowed kind (no folders, links or pickles);
 - folders on the server are read only under the runs root (``runs/`` or ``COMPRESSION_RUNS_ROOT``),
   never searched, and not at all on a Space;
-- a report is validated against the schema (:meth:`compression.report.Report.from_dict`) before it
+- a report is validated against the schema (:func:`compression.methods.validated_report`) before it
   touches the session, and errors never echo file contents;
 - uploaded weights are checked before any model is built (:func:`check_weights`): every tensor the
   run's ``config.json`` implies must be in the safetensors files with its shape (never random
@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compression.files import FileError, read_json
-from compression.report import Report, ReportError
+from compression.methods import validated_report
+from compression.report import ReportError
 
 RUN_ID = re.compile(r"r[0-9]{1,6}")
 MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -222,7 +223,7 @@ def zip_run(session: Session, run: Run) -> Path:
     if run.model is None:
         raise RunError(f"run {run.id}'s model is no longer in memory (only its report is); "
                        "compress or load it again to download it")
-    Report.from_dict(run.report)  # the method name below is one of the registry's
+    validated_report(run.report)  # the method name below is one of the registry's
     stage = inside(session.workdir, "downloads", run.id)
     archive = inside(session.workdir, "downloads", f"{run.id}-{run.report['method']}.zip")
     downloads = inside(session.workdir, "downloads")
@@ -334,7 +335,7 @@ def read_report(file: Path) -> dict:
                            "a report needs about six") from None
         raise RunError("report.json is not valid JSON (or is over the size limit)") from None
     try:
-        report = Report.from_dict(data).to_dict()
+        report = validated_report(data).to_dict()
     except ReportError as err:
         raise RunError(f"not a compression report: {err}") from None
     except (TypeError, ValueError, RecursionError):
