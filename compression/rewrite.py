@@ -70,7 +70,7 @@ def fold_value_bias(attn) -> None:
     bias b reaches the output as the constant Σ_h W_O,h b_g(h) whatever the tokens. The low-rank
     rewrite then sees only W_V x (the bias is not weighted by the input correlation, so cutting it with
     the values loses it: Qwen2's value biases are large)."""
-    H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
+    Hkv, hd, G = attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
     b = attn.v_proj.bias.detach().double().view(Hkv, hd).repeat_interleave(G, dim=0)  # (H, hd)
     const = attn.o_proj.weight.double() @ b.reshape(-1)                              # (d_mid,)
     if attn.o_proj.bias is not None:

@@ -97,7 +97,8 @@ def test_bad_input_is_readable_status_text(tabs, tiny_folder, kwargs, message):
 
 
 def test_calibration_sources_are_the_offered_ones_only(tabs, tiny_folder):
-    from ui.compress_tab import CUSTOM, CompressTab, calibration_spec
+    from ui.calibration_form import CUSTOM, calibration_spec
+    from ui.compress_tab import CompressTab
 
     assert calibration_spec(4, 64, "code", "", None).source == "code"
     assert calibration_spec(4, 64, "", "", None).source == "wiki"  # API callers from before the picker

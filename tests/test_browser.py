@@ -187,7 +187,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         # form stays usable
         source = page.get_by_label("Calibration source")
         from compression.methods import METHODS
-        from ui.compress_tab import CALIBRATION_SOURCES
+        from ui.calibration_form import CALIBRATION_SOURCES
 
         assert source.input_value() == dict((v, k) for k, v in CALIBRATION_SOURCES)[METHODS["modegpt"].calibration]
         source.click()

@@ -16,8 +16,7 @@ from compression.models import PACKAGED_MODELS
 from compression.pipeline import Stages, compress_and_measure, heal_and_measure
 
 from . import calibration_form, forms
-from .calibration_form import (CALIBRATION_CPU, CALIBRATION_GPU, CALIBRATION_SOURCES, CUSTOM,  # noqa: F401
-                               MAX_CALIB_CHARS, MAX_CHAT_EVAL, SOURCE_NOTES, calibration_line, calibration_spec)
+from .calibration_form import MAX_CHAT_EVAL, calibration_line, calibration_spec
 from .common import OK, STOP, WARN, Context, millions, user_errors
 from .jobs import progress_html, watch
 from .page import HIDDEN, HOVER, JOB, LAST, knob_info, knob_slider, option_control, with_option_params

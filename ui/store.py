@@ -158,7 +158,7 @@ class ModelStore:
             return self._infos[name]
 
     def served(self, name: str) -> Served:
-        """What an uploaded run of ``name`` is checked against (:func:`ui.runs.check_weights`);
+        """What an uploaded run of ``name`` is checked against (:func:`ui.weights_check.check_weights`);
         ModelError when the app cannot serve that model."""
         return self.info(name).served()
 
