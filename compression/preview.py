@@ -678,7 +678,7 @@ def _method(method) -> Method:
 
 
 def allocation_candidates(method, ratio: float, num_layers: int, options: dict | None = None,
-                          epsilons=(0.02, 0.05, 0.1, 0.2, 0.5), spare=(1, 2, 3, 4)) -> list[tuple[str, object]]:
+                          epsilons=(0.02, 0.05, 0.1, 0.2, 0.5), spare=(1, 2, 3, 4, 6, 8)) -> list[tuple[str, object]]:
     """(label, config) of the allocations :func:`best_allocation` compares at ``ratio``: uniform,
     automatic at each ε, and manual plans that spare the first or last k layers (sparsity 0 there, the
     rest raised to keep the mean). ``options``: the method's other knob values."""

@@ -327,3 +327,29 @@ def test_tradeoff_curve_and_a_run_as_a_measured_point(tiny):
     point = run_point(report, st, "run 1")
     assert point["label"] == "run 1" and point["ratio"] == pytest.approx(report.ratio_achieved)
     assert point["total"] == measured_errors(report, st)["total"] > 0
+
+
+def test_bench_section_replaces_only_its_own_markers(tmp_path):
+    from bench import preview as bench
+
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert bench.spearman([1, 2], [1, 2]) is None
+    rows = [{"label": f"modegpt {r} auto", "method": "MoDeGPTConfig", "params": 1e8, "ppl": 10 + 40 * r,
+             "predicted": {"total": r, "attn": [r, 2 * r], "mlp": [r, 3 * r], "predicted_error": [r, 2 * r]},
+             "measured": {"attn": [r, 2.1 * r], "mlp": [0.9 * r, 3 * r], "mlp_before_calibration": [None, None]}}
+            for r in (0.1, 0.25)]
+    result = {"machine": {"device": "cpu", "threads": 2, "load_average": 1.0},
+              "settings": {"model": "m", "calibration": [4, 8, "wiki"], "windows": 2, "held_out_sequences": 2},
+              "collect_s": 1.0, "predict_ms": 0.5, "predict_ms_max": 2.0, "dense_ppl": 9.0,
+              **bench.correlations(rows, None), "rows": rows,
+              "best_allocation": {"ratio": 0.25, "pick": "uniform", "ppl": 20.0, "auto_ppl": 21.0, "auto_total": 0.3,
+                                  "auto_params": 1e8, "top": [{"label": "uniform", "total": 0.2, "params": 1e8,
+                                                               "ppl": 20.0}], "candidates": []}}
+    assert 0.95 < result["spearman"] < 1 and result["spearman_ppl"] is None  # 2 settings only
+    path = tmp_path / "B.md"
+    path.write_text("# head\n\nkept text\n")
+    for _ in range(2):
+        bench.write_section(path, result)
+    text = path.read_text()
+    assert text.startswith("# head\n\nkept text\n") and text.count(bench.SECTION[0]) == 1
+    assert "| modegpt 0.25 auto | 100.0 M | 0.250 | 20.00 |" in text and "Where the forecast is wrong" in text
