@@ -19,8 +19,10 @@ relative Frobenius errors, √f, as in every report's ``layers[i].errors``):
   Σ_{j≥k} ‖(W_down Pᵀ L)[:, j]‖² (one factorisation gives every k), divided by tr(W_down C W_downᵀ).
 - Olica's MLP — **exact** on the calibration tokens: neurons kept by ‖z_j‖·‖W_down[:, j]‖ with no
   refit, so the error is the dropped part of the output energy, Σ_{i,j dropped} (W_downᵀW_down)_ij C_ij.
-  Its linear calibration branches (added afterwards on the layers whose residual a linear map predicts
-  best) are **not** forecast: on those layers the measured error is lower than forecast.
+  Its linear calibration branches: which layers get one is **exact** (the share of the pruning
+  residual a ridge fit on the MLP input explains, from the input's Gram and its cross moment with z,
+  :func:`explained_curve`); what a rank-r branch removes is **approximate** (the ridge's shrinkage term
+  left out, :func:`branch_spectrum`).
 - Value-output per kv group — **exact** on the calibration tokens: the rewrite
   (:func:`compression.ops.vo_decomposition`) leaves the attention pattern as it is and changes each
   head's W_O by a known low-rank term, so the output's error is a quadratic form in the Gram of
@@ -62,7 +64,7 @@ from .calibration import Gram, capture_block_inputs, cosine_influence, mlp_activ
 from .methods import Method, get, method_for
 from .modeling import CompressedDecoderLayer, block_math, dense_spec, spec_params
 from .modeling_compressed import BlockMath, Shape
-from .ops import ridge_leverage, vo_decomposition
+from .ops import ridge_leverage
 from .plan import MAX_LAYER_SPARSITY
 from .rewrite import keep_rotary_pairs
 
