@@ -182,6 +182,15 @@ def test_layer_dropping_forecasts_what_the_dropped_block_adds(tiny):
     assert p["predicted_error"][dropped] == pytest.approx(float(lost) ** 0.5, rel=1e-4)
     assert p["total"] == pytest.approx(float(lost) ** 0.5, rel=1e-4)
     assert all(p["predicted_error"][i] == 0 for i in range(4) if i != dropped)
+    energy, n = st.layers[dropped].energy, seen["x"].shape[0] * seen["x"].shape[1]
+    assert energy["stream_in"] == pytest.approx(float(seen["x"].double().square().sum()) / n, rel=1e-5)
+    assert energy["stream_out"] == pytest.approx(float(seen["y"].double().square().sum()) / n, rel=1e-5)
+    # a per-block rewrite injects its modules' error energy relative to the stream leaving the block
+    q = predict(st, MoDeGPTConfig(ratio=0.3), model.config)
+    lost = q["attn"][dropped] ** 2 * energy["attn"] + q["mlp"][dropped] ** 2 * energy["mlp"]
+    assert q["stream"][dropped] ** 2 == pytest.approx(lost / energy["stream_out"])
+    assert q["predicted_error"][dropped] ** 2 == pytest.approx(lost / (energy["attn"] + energy["mlp"]))
+    assert q["total"] ** 2 == pytest.approx(sum(v ** 2 for v in q["stream"]))
 
 
 def test_forecast_grows_with_the_ratio(tiny):
