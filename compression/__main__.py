@@ -393,17 +393,13 @@ def cmd_eval(args) -> dict:
     return result
 
 
-# --- preview: forecast settings from one calibration pass ------------------------------------------
-
 def add_preview(sub) -> None:
     v = sub.add_parser("preview", help="forecast parameters and per-layer errors of settings from one "
                                        "calibration pass over the dense model, as JSON (no compression)",
-                       description="One calibration pass over the dense model (compression.preview.collect), "
-                                   "then one row per target in --ratios (or one for the options given): "
-                                   "parameters and each layer's predicted relative error per module. "
-                                   "--allocation best picks, per ratio, the allocation with the lowest "
-                                   "forecast (uniform, automatic at several ε, sparing the first or last "
-                                   "layers); --layer-sparsity alone implies --allocation manual.")
+                       description="One calibration pass over the dense model, then one row per --ratios value (or "
+                                   "one): parameters and each layer's predicted error per module (compression.preview)."
+                                   " --allocation best: per ratio, the allocation of lowest forecast; "
+                                   "--layer-sparsity alone implies --allocation manual.")
     v.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, HF id or local folder")
     v.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     v.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
@@ -411,99 +407,65 @@ def add_preview(sub) -> None:
     v.add_argument("--method", required=True, choices=list(METHODS))
     knob_flags(v)
     v.add_argument("--ratios", default=None, help="comma-separated targets, one row each (instead of --ratio)")
-    v.add_argument("--calibration", default=None, help="calibration source, as for compress (default: the "
-                                                        "method's own)")
+    v.add_argument("--calibration", default=None, help="calibration source, as for compress (default: the method's)")
     v.add_argument("--calib-samples", type=int, default=64)
     v.add_argument("--calib-len", type=int, default=512)
-    v.add_argument("--stats-precision", choices=("auto", "float64", "mixed"), default="auto",
-                   help="calibration statistics precision, as for compress")
+    v.add_argument("--stats-precision", choices=("auto", "float64", "mixed"), default="auto", help="as for compress")
 
 
 def _preview_configs(args) -> tuple[list, bool]:
     """The configs of the rows (one per --ratios value, else one) and whether --allocation best."""
     from .knobs import parse_list
 
-    best = args.knob_allocation == "best"
-    if best:
-        args.knob_allocation = None
+    best, method = args.knob_allocation == "best", get(args.method)
+    args.knob_allocation = None if best else args.knob_allocation
     values = method_values(args)
     if values.get("layer_sparsity") is not None and "allocation" not in values:
         values["allocation"] = "manual"
-    method = get(args.method)
-    if args.ratios is None:
-        ratios = [values.get("ratio")]
-    else:
-        if "ratio" in values:
-            raise UsageError("give --ratio or --ratios, not both")
-        try:
-            ratios = list(parse_list(args.ratios, float, "--ratios"))
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        if not ratios:
-            raise UsageError("--ratios needs at least one value")
+    if args.ratios is not None and "ratio" in values:
+        raise UsageError("give --ratio or --ratios, not both")
+    ratios = [values.get("ratio")] if args.ratios is None else parse_list(args.ratios, float, "--ratios")
+    if not ratios:
+        raise UsageError("--ratios needs at least one value")
     if best and ("auto" not in method.allocations or not method.has_knob("layer_sparsity")):
         raise UsageError(f"--allocation best ranks per-layer allocations; {args.method} has none")
-    configs = [method.make_config({**values, "ratio": r}) for r in ratios]
-    return configs, best
+    return [method.make_config({**values, "ratio": r}) for r in ratios], best
 
 
 def cmd_preview(args) -> dict:
     """Parameters and per-layer predicted errors of each setting (compression.preview), as JSON."""
-    import statistics as stats
     import time
 
     from . import pipeline
     from .calibration import statistics_precision
     from .models import load_model
-    from .preview import best_allocation, collect, predict
+    from .preview import collect
+    from .preview_explore import rows
     from .sources import MAX_CALIBRATION_TOKENS, parse as parse_source
 
     configs, best = _preview_configs(args)
     _at_least(args.calib_samples, 1, "--calib-samples")
     _at_least(args.calib_len, 2, "--calib-len")
     if args.calib_samples * args.calib_len > MAX_CALIBRATION_TOKENS:
-        raise UsageError(f"calibration of --calib-samples × --calib-len = {args.calib_samples * args.calib_len:,} "
-                         f"tokens; the limit is {MAX_CALIBRATION_TOKENS:,}")
+        raise UsageError(f"--calib-samples × --calib-len over the limit of {MAX_CALIBRATION_TOKENS:,} tokens")
     args.calibration = args.calibration or METHODS[args.method].calibration
     for part in parse_source(args.calibration):
         if part.startswith("text:") and not Path(part[5:]).expanduser().is_file():
             raise UsageError(f"--calibration {part}: no such file")
     check_model(args.model, args.trust_remote_code)
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    base = model.config
     spec = TextSpec(args.calib_samples, args.calib_len, source=args.calibration)
     with tqdm_progress("calibration text") as bar:
-        fit, _, facts = pipeline.calibration_tokens(args.model, model, tokenizer, spec, progress=bar)
+        fit, _, _ = pipeline.calibration_tokens(args.model, model, tokenizer, spec, progress=bar)
     t0 = time.perf_counter()
     with tqdm_progress("statistics") as bar, statistics_precision(args.stats_precision):
         statistics = collect(model, fit, getattr(configs[0], "batch_size", 8), bar)
-    collect_s = time.perf_counter() - t0
-    rows, times = [], []
-    for config in configs:
-        t1 = time.perf_counter()
-        label = None
-        if best:
-            config, candidates = best_allocation(statistics, args.method, config.ratio, base,
-                                                 {k: v for k, v in K.values(config).items()
-                                                  if k not in ("allocation", "epsilon", "layer_sparsity")})
-            label = candidates[0]["label"]
-        p = predict(statistics, config, base)
-        times.append(time.perf_counter() - t1)
-        row = {"ratio": getattr(config, "ratio", None), "params": p["params"], "block_params": p["block_params"],
-               "ratio_achieved": p["ratio"], "predicted_error": p["predicted_error"], "attn": p["attn"],
-               "mlp": p["mlp"], "stream": p["stream"], "total": p["total"], "labels": p["labels"]}
-        if label is not None:
-            row["allocation"] = label
-        if p["sparsity"] is not None:
-            row["sparsity"] = p["sparsity"]
-        if p["dropped"]:
-            row["dropped"] = p["dropped"]
-        rows.append(row)
+    t1 = time.perf_counter()
+    out = rows(statistics, configs, model.config, best)
     return {"model": args.model, "method": args.method,
-            "calibration": {"source": args.calibration, "samples": int(fit.shape[0]), "seq_len": int(fit.shape[1]),
-                            **{k: v for k, v in facts.items() if isinstance(v, (int, float, str))}},
-            "collect_s": round(collect_s, 3), "predict_ms": round(1e3 * stats.median(times), 3),
-            "block_influence": statistics.influence, "rows": rows}
+            "calibration": {"source": args.calibration, "samples": int(fit.shape[0]), "seq_len": int(fit.shape[1])},
+            "collect_s": round(t1 - t0, 3), "predict_ms": round(1e3 * (time.perf_counter() - t1) / len(out), 3),
+            "block_influence": statistics.influence, "rows": out}
 
 
 class _DomainStages:

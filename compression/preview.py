@@ -10,35 +10,12 @@ own :meth:`~compression.methods.Method.plan` (automatic allocation from the stat
 Influence, the same scores the method measures on the same tokens) sets the widths, and each layer's
 errors are looked up at them — milliseconds per setting, no model.
 
-What the curves are, module by module (``f`` is a relative *squared* error; the reported errors are
-relative Frobenius errors, √f, as in every report's ``layers[i].errors``):
-
-- MoDeGPT's MLP — **exact** on the calibration tokens: the channels are kept by ridge leverage
-  (:func:`compression.ops.nystrom_mlp`) and down_proj is refitted by least squares. With P the
-  leverage order and L the Cholesky factor of P C Pᵀ, the refit error of the first k channels is
-  Σ_{j≥k} ‖(W_down Pᵀ L)[:, j]‖² (one factorisation gives every k), divided by tr(W_down C W_downᵀ).
-- Olica's MLP — **exact** on the calibration tokens: neurons kept by ‖z_j‖·‖W_down[:, j]‖ with no
-  refit, so the error is the dropped part of the output energy, Σ_{i,j dropped} (W_downᵀW_down)_ij C_ij.
-  Its linear calibration branches: which layers get one is **exact** (the share of the pruning
-  residual a ridge fit on the MLP input explains, from the input's Gram and its cross moment with z,
-  :func:`explained_curve`); what a rank-r branch removes is **approximate** (the ridge's shrinkage term
-  left out, :func:`branch_spectrum`).
-- Value-output per kv group — **exact** on the calibration tokens: the rewrite
-  (:func:`compression.ops.vo_decomposition`) leaves the attention pattern as it is and changes each
-  head's W_O by a known low-rank term, so the output's error is a quadratic form in the Gram of
-  o_proj's input (the heads' contexts), summed into one curve over the kept value dims
-  (:func:`vo_curve`).
-- Query-key rotary-pair cuts — **measured** on dense inputs of a few calibration sequences (a copy of
-  each attention cut to every kept width, :func:`qk_curve`): exact there, an estimate for the rest;
-  ``qk_sequences=0`` falls back to a **proxy** from the pair scores (the discarded share of the squared
-  CR scores, :func:`score_curve`: a logit error, not the output's). The attention error combines the
-  two as √(f_vo + f_qk), as if the value and the pattern errors were uncorrelated (a **proxy** when
-  both are cut).
-- SliceGPT — a **proxy**: the discarded eigenvalue mass of the residual stream's PCA entering the MLP
-  and leaving the block, relative to the stream (the real run slices in a rotated basis built from the
-  already-sliced stream, and its per-layer "block" error accumulates over layers).
-- Layer dropping — **exact** on dense inputs: dropping block i leaves its input, so the stream loses
-  ‖x_out − x_in‖² / ‖x_out‖²; which blocks go comes from the same Block Influence the method uses.
+Exact on the dense stream and the calibration tokens: MoDeGPT's MLP refit error, Olica's neuron-pruning
+error and which layers its calibration branches go to, the value-output rewrite's error and a dropped
+block's loss. Measured on a few calibration sequences: the query-key pair cut. Approximate: what an
+Olica branch removes (ridge shrinkage left out) and the attention error when both its parts are cut.
+A proxy: SliceGPT (the discarded PCA mass of the dense stream). Each curve, module by module:
+:mod:`compression.preview_curves`.
 
 The real runs are sequential: each block is calibrated, and its error measured, on the outputs of the
 already-compressed blocks before it, while the forecast sees the dense stream everywhere; the real
@@ -48,6 +25,9 @@ refit, fitted in-sample, is forecast too well, more so with few tokens per MLP c
 attention + MLP outputs, for the per-block methods; the stream for SliceGPT and layer dropping), and
 ``stream`` is the error energy the layer injects relative to the stream leaving it, comparable across
 methods; a setting's ``total`` is √Σ stream², the forecast the trade-off curve plots.
+
+What the app and the CLI do with forecasts (measured errors drawn over them, the best allocation by
+forecast, the trade-off curve): :mod:`compression.preview_explore`.
 """
 from __future__ import annotations
 
@@ -61,11 +41,11 @@ import torch
 
 from .arch import ARCHITECTURES, BlockView, count_params, view
 from .calibration import Gram, capture_block_inputs, cosine_influence, mlp_activations, mlp_outputs
-from .methods import Method, get, method_for
+from .methods import method_for
 from .modeling import CompressedDecoderLayer, block_math, dense_spec, spec_params
 from .modeling_compressed import BlockMath, Shape
-from .ops import ridge_leverage
-from .plan import MAX_LAYER_SPARSITY
+from .preview_curves import (at as _at, branch_basis, branch_spectrum, eigen_curve, explained_curve, nystrom_curve,
+                             olica_order, pruning_curve, qk_curve, score_curve, sequences, vo_curve)
 from .rewrite import keep_rotary_pairs
 
 Progress = Callable[[float, str], None]
@@ -166,211 +146,6 @@ class Statistics:
         return lay.mlp[key]
 
 
-# --- the curves -----------------------------------------------------------------------------------
-
-def _cholesky(g: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factor of a PSD matrix, with a growing diagonal jitter if it is singular."""
-    factor, info = torch.linalg.cholesky_ex(g)
-    jitter = float(g.diagonal().mean().clamp_min(1e-30)) * 1e-12
-    while int(info):
-        shifted = g.clone()
-        shifted.diagonal().add_(jitter)
-        factor, info = torch.linalg.cholesky_ex(shifted)
-        jitter *= 100
-    return factor
-
-
-def _fractions(tail: torch.Tensor) -> list[float]:
-    """A tail-energy vector (index k: what is lost keeping the first k) as fractions of the whole."""
-    total = float(tail[0])
-    return (tail / total).clamp(0.0, 1.0).tolist() if total > 0 else [0.0] * tail.numel()
-
-
-def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """[Σ_{j≥0} x_j, Σ_{j≥1} x_j, ..., x_{n-1}, 0] (n + 1 values)."""
-    return torch.cat([x.flip(0).cumsum(0).flip(0), x.new_zeros(1)])
-
-
-def nystrom_curve(c: torch.Tensor, w_down: torch.Tensor, ridge: float) -> list[float]:
-    """MoDeGPT's MLP: relative squared refit error for every number of kept channels k = 0..m.
-
-    Channels are kept in ridge-leverage order P (as :func:`compression.ops.nystrom_mlp`, λ = ridge ·
-    mean diag C) and down_proj is refitted by least squares. With G = P C Pᵀ = L Lᵀ the first k
-    columns of Z Pᵀ span the first k columns of its orthogonal factor, so the refit leaves
-    Σ_{j≥k} ‖(W_down Pᵀ L)[:, j]‖², exactly; the whole, tr(W_down C W_downᵀ), is the k = 0 value."""
-    c = c.double()
-    scores = ridge_leverage(c, float(ridge * c.diagonal().mean()))
-    order = torch.argsort(scores, descending=True, stable=True)
-    factor = _cholesky(c[order][:, order])
-    b = w_down.double()[:, order] @ factor                        # (D, m)
-    return _fractions(_reverse_cumsum(b.square().sum(0)))
-
-
-def olica_order(z_sq: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """Olica's neuron ranking, most important first (:func:`compression.olica.neuron_importance`)."""
-    from .olica import neuron_importance
-
-    return torch.argsort(neuron_importance(z_sq, w_down), descending=True, stable=True)
-
-
-def pruning_curve(c: torch.Tensor, w_down: torch.Tensor, z_sq: torch.Tensor) -> list[float]:
-    """Olica's MLP: relative squared error for every number of kept neurons k = 0..m.
-
-    Neurons are kept by ‖z_j‖·‖W_down[:, j]‖ (:func:`compression.olica.neuron_importance`) and
-    nothing is refitted, so dropping the tail T loses Σ_{i,j∈T} (WᵀW)_ij C_ij of the output energy:
-    with H = (WᵀW) ⊙ C in that order, the tail sums Σ_{i≥k} (H_ii + 2 Σ_{j>i} H_ij), exactly."""
-    w = w_down.double()
-    order = olica_order(z_sq, w)
-    wo = w[:, order]
-    h = (wo.T @ wo) * c.double()[order][:, order]
-    per_row = h.diagonal() + 2 * torch.triu(h, diagonal=1).sum(1)
-    return _fractions(_reverse_cumsum(per_row))
-
-
-def vo_curve(attn, gram: torch.Tensor, context: torch.Tensor, energy: float | None = None,
-             eps: float = 1e-8) -> list[float]:
-    """Value-output: the attention output's relative squared error for every number of kept value dims
-    v = 0..head_dim (all kv groups alike), exact on the calibration tokens.
-
-    Per group, :func:`compression.ops.vo_decomposition` writes W_V W_O = V₁S₁⁻¹ (U₂S₂V₂ᵀ) and keeps the
-    leading v terms of the core's SVD, so the rewrite changes W_O,h of each head h of the group by
-    ΔW_h = −Σ_{j≥v} s_j a_j b_{j,h}ᵀ (a_j = V₁S₁⁻¹u_j, b_{j,h} head h's slice of V₂'s column j). The
-    attention pattern is untouched, so the output changes by Σ_h c_h ΔW_h, c_h head h's context (the
-    input of o_proj); its energy over the tokens is a quadratic form in ``context``, the Gram of
-    o_proj's input (H·hd × H·hd, value biases taken out). With Ψ_jj' the (j, j') terms summed over
-    groups and heads, the error keeping v is Σ_{j,j'≥v} Ψ_jj', relative to ``energy`` (the dense
-    attention output's per-token energy, biases included; default: its value part, the v = 0 term)."""
-    H, Hkv, hd, G = attn.num_heads, attn.num_kv_heads, attn.v_dim, attn.num_key_value_groups
-    wv = attn.v_proj.weight.double().view(Hkv, hd, -1)
-    wo = attn.o_proj.weight.double().view(-1, H, hd)
-    D = wo.shape[0]
-    k = context.double().view(H, hd, H, hd)
-    scaled_a, b = [], []  # per head: s_j a_j (hd × hd, columns j) and b_{j,h} (hd × D, rows j)
-    g_ = gram.double()
-    for g in range(Hkv):
-        w_o = torch.cat([wo[:, h, :].T for h in range(g * G, (g + 1) * G)], dim=1)   # (hd, G·D)
-        vals, v1 = torch.linalg.eigh(wv[g] @ g_ @ wv[g].T)
-        s1 = vals.clamp_min(eps * vals.max().clamp_min(1e-30)).sqrt()
-        u2, s2, v2t = torch.linalg.svd((s1[:, None] * v1.T) @ w_o, full_matrices=False)
-        a = (v1 / s1[None, :]) @ u2 * s2[None, :]
-        for t in range(G):
-            scaled_a.append(a)
-            b.append(v2t[:, t * D:(t + 1) * D])
-    psi = torch.zeros(hd, hd, dtype=torch.float64)
-    for h in range(H):
-        for h2 in range(H):
-            psi += (scaled_a[h].T @ k[h, :, h2, :] @ scaled_a[h2]) * (b[h] @ b[h2].T)
-    psi = (psi + psi.T) / 2
-    per_row = psi.diagonal() + 2 * torch.triu(psi, diagonal=1).sum(1)
-    lost = _reverse_cumsum(per_row)
-    if energy is None:
-        return _fractions(lost)
-    return (lost / max(energy, 1e-30)).clamp(0.0, 1.0).tolist()
-
-
-def score_curve(scores: torch.Tensor) -> list[float]:
-    """Query-key, the cheap proxy (``collect(..., qk_sequences=0)``): for every number of kept rotary
-    pairs r = 0..hd/2, the share of Σ score² in the pairs each kv group drops (the lowest-scored, as
-    :func:`compression.rewrite.keep_rotary_pairs` keeps the highest). Were pairs uncorrelated, a pair's
-    share of the logits' energy is about its score²: a relative squared *logit* error, not the output's."""
-    energy = scores.double().square().sort(dim=-1, descending=True).values  # (Hkv, hd/2)
-    return _fractions(_reverse_cumsum(energy.sum(0)))
-
-
-def qk_curve(layer, gram: torch.Tensor, hidden: list, kwargs: list, dense: list, points: int = 33) -> list[float]:
-    """Query-key: the attention output's relative squared error for every number of kept rotary pairs
-    r = 0..hd/2 (values unchanged), measured by cutting a copy of the attention with
-    :func:`compression.rewrite.keep_rotary_pairs` and running it on ``hidden`` (a few dense block
-    inputs) against their ``dense`` attention outputs: exact on those tokens, where measured. At most
-    ``points`` widths are run (every one for head_dim ≤ 64), the rest interpolated linearly."""
-    import copy
-
-    half = layer.self_attn.head_dim // 2
-    energy = sum(float(d.double().square().sum()) for d in dense)
-    step = max(1, math.ceil(half / max(points - 1, 1)))
-    measured = {half: 0.0}
-    for r in sorted({*range(1, half, step), half - 1} - {0}):
-        attn = copy.deepcopy(layer.self_attn)
-        keep_rotary_pairs(attn, gram, r)
-        lost = 0.0
-        for h, kw, d in zip(hidden, kwargs, dense):
-            a = attn(layer.input_layernorm(h), position_embeddings=kw["position_embeddings"],
-                     attention_mask=kw.get("attention_mask"))[0]
-            if layer.attn_output_norm is not None:
-                a = layer.attn_output_norm(a)
-            lost += float((a.double() - d.double()).square().sum())
-        measured[r] = lost / max(energy, 1e-30)
-    known = sorted(measured)
-    curve = [measured[known[0]]] + [0.0] * half  # r = 0 never planned (whole pairs, at least one)
-    for lo, hi in zip(known, known[1:]):
-        for r in range(lo, hi + 1):
-            t = (r - lo) / (hi - lo)
-            curve[r] = (1 - t) * measured[lo] + t * measured[hi]
-    return [min(max(v, 0.0), 1.0) for v in curve]
-
-
-def _sequences(batch: torch.Tensor | None, kwargs: dict, n: int):
-    """The first ``n`` sequences of a captured batch and its keyword arguments (tensors whose first dim
-    is the batch's are cut; broadcast ones, batch dim 1, are kept)."""
-    size = batch.shape[0]
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size and size > 1:
-            return v[:n]
-        return tuple(cut(x) for x in v) if isinstance(v, tuple) else v
-    return batch[:n], {k: cut(v) for k, v in kwargs.items()}
-
-
-def branch_basis(gram_x: torch.Tensor, cross: torch.Tensor, w_down: torch.Tensor, order: torch.Tensor) -> dict:
-    """What Olica's calibration branch of a layer is forecast from: the eigenvalues Λ and the cross
-    moment Uᵀ XᵀZ/n of the MLP input X (G = XᵀX/n = U Λ Uᵀ) with the channels in Olica's ``order``
-    (so any pruning's dropped channels are a suffix; float32), and W_down (a reference)."""
-    vals, vecs = torch.linalg.eigh(gram_x.double())
-    return {"eigvals": vals.clamp_min(0), "scale": float(gram_x.diagonal().double().mean()),
-            "cross": (vecs.T @ cross.double())[:, order].float(), "w_down": w_down, "order": order}
-
-
-def _ridge_weights(basis: dict, ridge: float) -> tuple[torch.Tensor, float]:
-    lam = ridge * basis["scale"]
-    return basis["eigvals"], lam
-
-
-def explained_curve(basis: dict, ridge: float) -> list[float]:
-    """Olica's linear calibration of a layer pruned to its first k channels, k = 0..m: the energy per
-    token its ridge fit explains of the residual, exactly (on the dense MLP input).
-
-    The residual R = Z_T W_Tᵀ of the dropped channels T has cross moment c' = Uᵀ XᵀR/n = M_T W_Tᵀ
-    (M = Uᵀ XᵀZ/n, :func:`branch_basis`), and the ridge fit W = U (Λ + λ)⁻¹ c' explains
-    Σ_i ω_i ‖c'_i‖², ω_i = 2/(λ_i + λ) − λ_i/(λ_i + λ)²; that is ⟨M_Tᵀ Ω M_T, W_Tᵀ W_T⟩, a sum over the
-    tail block of one m × m matrix, so one pass gives every k (as :func:`pruning_curve`)."""
-    lam_i, lam = _ridge_weights(basis, ridge)
-    omega = 2 / (lam_i + lam) - lam_i / (lam_i + lam) ** 2
-    m, w = basis["cross"].double(), basis["w_down"].double()[:, basis["order"]]
-    h = (m.T @ (omega[:, None] * m)) * (w.T @ w)
-    return _reverse_cumsum(h.diagonal() + 2 * torch.triu(h, diagonal=1).sum(1)).tolist()
-
-
-def branch_spectrum(basis: dict, kept: int, ridge: float, rank: int) -> float:
-    """The residual energy a rank-``rank`` calibration branch removes from a layer pruned to its first
-    ``kept`` channels: the best rank-r factorisation of the ridge fit under the input weighting keeps
-    the top r eigenvalues of YᵀY, Y = Λ^{1/2}(Λ + λ)⁻¹ c' (c' as in :func:`explained_curve`); the
-    residual after the branch is the residual before minus their sum, up to a term of order λ (the
-    ridge's shrinkage) left out."""
-    if kept >= basis["order"].numel():
-        return 0.0
-    tail = basis["w_down"][:, basis["order"][kept:]].to(basis["cross"].dtype)
-    c = (basis["cross"][:, kept:] @ tail.T).double()   # (D, D) in the eigenbasis of G
-    lam_i, lam = _ridge_weights(basis, ridge)
-    y = (lam_i.sqrt() / (lam_i + lam))[:, None] * c
-    return float(torch.linalg.eigvalsh(y.T @ y).flip(0).clamp_min(0)[:rank].sum())
-
-
-def eigen_curve(gram: torch.Tensor) -> list[float]:
-    """The share of a Gram matrix's eigenvalue mass outside its top d directions, d = 0..D."""
-    vals = torch.linalg.eigvalsh(gram.double()).flip(0).clamp_min(0)
-    return _fractions(_reverse_cumsum(vals))
-
-
 # --- collecting ---------------------------------------------------------------------------------
 
 def compressed_view(block: BlockView, base, math: BlockMath, shape: Shape):
@@ -447,7 +222,7 @@ def collect(model, calibration_tokens: torch.Tensor, batch_size: int = 8, progre
         finally:
             hook.remove()
         if qk_sequences:
-            probe = [_sequences(hidden[0], kwargs[0], qk_sequences)]
+            probe = [sequences(hidden[0], kwargs[0], qk_sequences)]
             qk = qk_curve(layer, g_attn, [p[0] for p in probe], [p[1] for p in probe],
                           [a[0][:qk_sequences]])
         else:
@@ -541,10 +316,6 @@ SLICED_LABELS = {"attn": "stream into the MLP (sliced)", "mlp": "block output (s
                  "predicted_error": "stream"}
 
 
-def _at(curve: list[float], kept: int) -> float:
-    return curve[min(max(int(kept), 0), len(curve) - 1)]
-
-
 def _mlp_rule(config) -> tuple[str, float] | None:
     """Which channel rule a per-block config's MLP follows: ("modegpt", ridge) keeps channels by ridge
     leverage and refits; ("olica", 0) prunes by importance. Keyed by config type (the methods' own)."""
@@ -567,7 +338,8 @@ def _combine(attn_f: float, mlp_f: float, energy: dict) -> tuple[float, float]:
 
 def _calibrate(statistics: Statistics, config, base_config, specs: list, modules: dict) -> tuple[dict, list[int]]:
     """Olica's calibration branches: the layers whose pruning residual a linear map explains best get
-    a rank-r branch (:func:`explained_curve`, :func:`branch_spectrum`); their MLP error in ``modules`` becomes the residual after it.
+    a rank-r branch (:func:`explained_curve`, :func:`branch_spectrum`); their MLP error in ``modules``
+    becomes the residual after it.
     Returns ({layer: MLP error before}, the calibrated layers)."""
     from .olica import branch_cost
 
@@ -607,8 +379,8 @@ def predict(statistics: Statistics, config, base_config) -> dict:
         if spec is not None and not spec.get("attn_skip"):  # a per-block rewrite: module errors
             mlp_f = 0.0 if rule is None else _at(statistics.mlp_curve(i, *rule), spec["mlp_dim"])
             modules[i] = [min(_at(lay.vo, spec["v_dim"]) + _at(lay.qk, spec["qk_dim"] // 2), 1.0), mlp_f]
-    before, calibrated = _calibrate(statistics, config, base_config, plan.specs, modules) if rule and rule[0] == "olica" \
-        else ({}, [])
+    olica = rule is not None and rule[0] == "olica"
+    before, calibrated = _calibrate(statistics, config, base_config, plan.specs, modules) if olica else ({}, [])
     for i, (lay, spec) in enumerate(zip(statistics.layers, plan.specs)):
         e = lay.energy
         if spec is None:  # dropped: the stream keeps the block's input
@@ -632,118 +404,3 @@ def predict(statistics: Statistics, config, base_config) -> dict:
             "dropped": [i for i, s in enumerate(plan.specs) if s is None], "calibrated": calibrated,
             "mlp_before_calibration": [math.sqrt(before[i]) if i in before else None for i in range(L)],
             "labels": SLICED_LABELS if sliced else MODULE_LABELS}
-
-
-def measured_errors(report, statistics: Statistics | None = None) -> dict:
-    """A report's (or its dict's) measured per-layer errors in :func:`predict`'s layout, to draw over a
-    forecast: ``attn``, ``mlp``, ``predicted_error``'s counterpart ``per_layer`` (the block update's
-    error from attn and mlp weighted by the dense output energies of ``statistics``, equal weights
-    without them; SliceGPT's "block" error as it is) and, with ``statistics``, ``stream`` and ``total``
-    as :func:`predict` defines them (a dropped block counts what dropping it loses on the dense stream).
-    None where the report has no value (dropped blocks, methods that measure none)."""
-    report = report.to_dict() if hasattr(report, "to_dict") else report
-    layers = report.get("layers") or []
-    attn, mlp, per_layer, stream = [], [], [], []
-    for i, lay in enumerate(layers):
-        errors = lay.get("errors") or {}
-        a, m = errors.get("attn"), errors.get("mlp")
-        e = statistics.layers[i].energy if statistics is not None else None
-        attn.append(a), mlp.append(m)
-        s = None
-        if lay.get("removed"):
-            per_layer.append(None)
-            s = statistics.layers[i].drop if statistics is not None else None
-        elif "block" in errors:
-            per_layer.append(errors["block"])
-            s = errors["block"] ** 2
-        elif a is not None and m is not None:
-            w_attn, w_mlp = (e["attn"], e["mlp"]) if e is not None else (1.0, 1.0)
-            lost = a * a * w_attn + m * m * w_mlp
-            per_layer.append(math.sqrt(lost / max(w_attn + w_mlp, 1e-30)))
-            s = lost / max(e["stream_out"], 1e-30) if e is not None else None
-        else:
-            per_layer.append(None)
-            s = 0.0 if statistics is not None and not errors else None
-        stream.append(s)
-    out = {"attn": attn, "mlp": mlp, "per_layer": per_layer}
-    if statistics is not None:
-        known = [s for s in stream if s is not None]
-        out["stream"] = [None if s is None else math.sqrt(s) for s in stream]
-        out["total"] = math.sqrt(sum(known)) if known else None
-    return out
-
-
-# --- ranking allocations by forecast ----------------------------------------------------------------
-
-def _method(method) -> Method:
-    return method if isinstance(method, Method) else get(method)
-
-
-def allocation_candidates(method, ratio: float, num_layers: int, options: dict | None = None,
-                          epsilons=(0.02, 0.05, 0.1, 0.2, 0.5), spare=(1, 2, 3, 4, 6, 8)) -> list[tuple[str, object]]:
-    """(label, config) of the allocations :func:`best_allocation` compares at ``ratio``: uniform,
-    automatic at each ε, and manual plans that spare the first or last k layers (sparsity 0 there, the
-    rest raised to keep the mean). ``options``: the method's other knob values."""
-    m = _method(method)
-    if "auto" not in m.allocations or not m.has_knob("layer_sparsity"):
-        raise ValueError(f"{m.label} has no per-layer allocation to rank")
-    base = {**(options or {}), "ratio": ratio}
-    out = [("uniform", m.make_config({**base, "allocation": "uniform"}))]
-    out += [(f"auto ε={e:g}", m.make_config({**base, "allocation": "auto", "epsilon": e})) for e in epsilons]
-    for k in spare:
-        rest = ratio * num_layers / (num_layers - k) if k < num_layers else math.inf
-        if rest > MAX_LAYER_SPARSITY:
-            continue
-        for side, spared in (("first", range(k)), ("last", range(num_layers - k, num_layers))):
-            values = tuple(0.0 if i in spared else rest for i in range(num_layers))
-            out.append((f"spare {side} {k}", m.make_config({**base, "allocation": "manual",
-                                                            "layer_sparsity": values})))
-    return out
-
-
-def best_allocation(statistics: Statistics, method, ratio: float, base_config, options: dict | None = None,
-                    **candidates) -> tuple[object, list[dict]]:
-    """The allocation with the lowest forecast ``total`` among :func:`allocation_candidates` at
-    ``ratio``: (its config, every candidate as {"label", "total", "params", "config"} sorted best
-    first). Candidates whose parameters exceed uniform's by more than 0.5 % of the blocks are skipped,
-    so a cheaper forecast error is never bought with parameters."""
-    rows = []
-    for label, config in allocation_candidates(method, ratio, statistics.num_layers, options, **candidates):
-        p = predict(statistics, config, base_config)
-        rows.append({"label": label, "total": p["total"], "params": p["params"], "config": config})
-    budget = rows[0]["params"] + 0.005 * statistics.params_blocks
-    fair = sorted((r for r in rows if r["params"] <= budget), key=lambda r: r["total"])
-    return fair[0]["config"], fair + [r for r in rows if r["params"] > budget]
-
-
-# --- the trade-off curve ------------------------------------------------------------------------------
-
-TRADEOFF_RATIOS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 .. 0.6
-
-
-def tradeoff_curve(statistics: Statistics, method, base_config, options: dict | None = None,
-                   ratios=TRADEOFF_RATIOS) -> list[dict]:
-    """The forecast at each target ratio for ``method`` with its other knob values ``options``: rows
-    {"ratio", "total", "params"} for :func:`viz.tradeoff_figure`. Ratios the method cannot reach are
-    left out; manual per-layer values in ``options`` are dropped (the curve varies the target)."""
-    m = _method(method)
-    values = {k: v for k, v in (options or {}).items() if k not in ("layer_sparsity", "layers", "widths", "slicing")}
-    if values.get("allocation") == "manual":
-        values["allocation"] = "uniform"
-    rows = []
-    for r in ratios:
-        try:
-            p = predict(statistics, m.make_config({**values, "ratio": r}), base_config)
-        except ValueError:
-            continue
-        rows.append({"ratio": r, "total": p["total"], "params": p["params"]})
-    return rows
-
-
-def run_point(report, statistics: Statistics, label: str | None = None) -> dict:
-    """A finished run as a measured point of the trade-off figure: the ratio it achieved, its measured
-    ``total`` (:func:`measured_errors`), its label and wiki perplexity (None if not measured)."""
-    data = report.to_dict() if hasattr(report, "to_dict") else report
-    return {"ratio": data.get("ratio_achieved"), "total": measured_errors(data, statistics).get("total"),
-            "label": label or f"{data.get('method', '?')} {data.get('ratio_target')}",
-            "ppl": data.get("ppl_compressed")}

@@ -7,8 +7,9 @@ import torch
 
 from compression import LayerDropConfig, MoDeGPTConfig, OlicaConfig, SliceGPTConfig, compress, forecast
 from compression.ops import nystrom_mlp
-from compression.preview import (StatisticsCache, best_allocation, collect, measured_errors, nystrom_curve,
-                                 predict, pruning_curve)
+from compression.preview import StatisticsCache, collect, predict
+from compression.preview_curves import nystrom_curve, pruning_curve
+from compression.preview_explore import best_allocation, measured_errors
 from conftest import logits, tiny_model
 
 
@@ -324,7 +325,7 @@ def test_figures_draw_the_forecast_and_the_measured_errors_over_it(tiny):
 
 
 def test_tradeoff_curve_and_a_run_as_a_measured_point(tiny):
-    from compression.preview import run_point, tradeoff_curve
+    from compression.preview_explore import run_point, tradeoff_curve
 
     model, tokens, st = tiny
     curve = tradeoff_curve(st, "olica", model.config, {"allocation": "manual", "layer_sparsity": (0.1,) * 4,

@@ -8,13 +8,12 @@ from .figures import (
     leverage_figure,
     loss_figure,
     pareto_figure,
-    preview_errors_figure,
     sizes_figure,
     spectra_overview_figure,
     spectrum_figure,
     spectrum_title,
-    tradeoff_figure,
 )
+from .preview import preview_errors_figure, tradeoff_figure
 
 __all__ = [
     "X_AXES",
