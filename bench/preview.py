@@ -80,7 +80,7 @@ def predicted_part(p: dict) -> dict:
 
 def correlations(rows: list[dict], st) -> dict:
     """``spearman`` (pooled module errors) and its breakdown, and the total-vs-perplexity one."""
-    from compression.preview_explore import measured_errors
+    from compression.preview import measured_errors
 
     pooled_p, pooled_m, by = [], [], {"attn": ([], []), "mlp": ([], []), "per_layer": ([], []),
                                       "mlp_before_calibration": ([], [])}
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     from compression.models import load_model
     from compression.pipeline import calibration_tokens
     from compression.preview import collect, predict
-    from compression.preview_explore import best_allocation
+    from compression.preview import best_allocation
     from compression.knobs import values
 
     model, tokenizer = load_model(MODEL)
@@ -235,7 +235,7 @@ def markdown(result: dict) -> str:
               f"{_f(by['mlp_before_calibration'], '.3f')}), per-layer total {_f(by['per_layer'], '.3f')}.",
               f"- **Spearman, forecast total vs measured perplexity** over the {len(result['rows'])} settings: "
               f"{_f(result['spearman_ppl'], '.3f')}.",
-              f"- **Best allocation by forecast** at {b['ratio']:g} (MoDeGPT; `compression.preview_explore.best_allocation`, "
+              f"- **Best allocation by forecast** at {b['ratio']:g} (MoDeGPT; `compression.preview.best_allocation`, "
               f"{len(b['candidates'])} candidates: uniform, automatic at five ε, sparing the first or last k "
               f"layers): its top {len(b['top'])} compressed for real, against automatic allocation (ε = 0.1, "
               f"forecast {b['auto_total']:.3f}, perplexity {b['auto_ppl']:.2f}, {b['auto_params'] / 1e6:.2f} M "

@@ -440,7 +440,7 @@ def cmd_preview(args) -> dict:
     from .calibration import statistics_precision
     from .models import load_model
     from .preview import collect
-    from .preview_explore import rows
+    from .preview import rows
     from .sources import MAX_CALIBRATION_TOKENS, parse as parse_source
 
     configs, best = _preview_configs(args)

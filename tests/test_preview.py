@@ -9,7 +9,7 @@ from compression import LayerDropConfig, MoDeGPTConfig, OlicaConfig, SliceGPTCon
 from compression.ops import nystrom_mlp
 from compression.preview import StatisticsCache, collect, predict
 from compression.preview_curves import nystrom_curve, pruning_curve
-from compression.preview_explore import best_allocation, measured_errors
+from compression.preview import best_allocation, measured_errors
 from conftest import logits, tiny_model
 
 
@@ -213,12 +213,12 @@ def test_best_allocation_is_the_lowest_forecast_within_the_budget(tiny):
 
 
 def test_cache_collects_once_per_model_and_calibration(tiny, monkeypatch):
-    from compression import preview
+    from compression import preview_statistics
     from compression.data import TextSpec
 
     model, tokens, st = tiny
     calls = []
-    monkeypatch.setattr(preview, "collect", lambda *a, **k: calls.append(1) or st)
+    monkeypatch.setattr(preview_statistics, "collect", lambda *a, **k: calls.append(1) or st)
     cache = StatisticsCache(size=2)
     spec = TextSpec(8, 32, source="wiki")
     for _ in range(2):
@@ -325,7 +325,7 @@ def test_figures_draw_the_forecast_and_the_measured_errors_over_it(tiny):
 
 
 def test_tradeoff_curve_and_a_run_as_a_measured_point(tiny):
-    from compression.preview_explore import run_point, tradeoff_curve
+    from compression.preview import run_point, tradeoff_curve
 
     model, tokens, st = tiny
     curve = tradeoff_curve(st, "olica", model.config, {"allocation": "manual", "layer_sparsity": (0.1,) * 4,
