@@ -15,6 +15,7 @@ from .calibration import Gram, capture_block_inputs, cosine_influence, mlp_activ
 from .methods import method_for
 from .modeling import CompressedDecoderLayer, block_math, dense_spec, spec_params
 from .modeling_compressed import BlockMath, Shape
+from .ops import fingerprint
 from .preview_curves import (at as _at, branch_basis, branch_spectrum, eigen_curve, explained_curve, nystrom_curve,
                              olica_order, pruning_curve, qk_curve, score_curve, sequences, vo_curve)
 from .rewrite import keep_rotary_pairs
@@ -151,10 +152,6 @@ def _energy(batches: list[torch.Tensor]) -> tuple[float, int]:
     """Σ ‖row‖² over every token of ``batches`` (float64) and the token count."""
     total = sum(float(b.double().square().sum()) for b in batches)
     return total, sum(b.numel() // b.shape[-1] for b in batches)
-
-
-def fingerprint(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()
