@@ -25,13 +25,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench import marked
 
 SECTION = ("<!-- latency:start -->", "<!-- latency:end -->")
 
@@ -242,17 +243,11 @@ def inference_markdown(inf: dict | None) -> list[str]:
 
 def section(results: Path) -> str:
     """BENCHMARKS.md's latency section from ``results`` (bench/latency.json); "" when absent."""
-    if not results.exists():
-        return ""
-    return f"\n{SECTION[0]}\n{markdown(json.loads(results.read_text()))}{SECTION[1]}\n"
+    return marked.section(results, SECTION, markdown)
 
 
 def write_section(path: Path, result: dict) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = f"{SECTION[0]}\n{markdown(result)}{SECTION[1]}"
-    pattern = re.compile(re.escape(SECTION[0]) + ".*?" + re.escape(SECTION[1]), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    marked.write_section(path, SECTION, markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench import marked
 
 SECTION = ("<!-- preview:start -->", "<!-- preview:end -->")
 MODEL = "smollm2-135m"
@@ -284,17 +285,11 @@ NOTES = [
 
 def section(results: Path) -> str:
     """BENCHMARKS.md's preview section from ``results`` (bench/preview.json); "" when absent."""
-    if not results.exists():
-        return ""
-    return f"\n{SECTION[0]}\n{markdown(json.loads(results.read_text()))}{SECTION[1]}\n"
+    return marked.section(results, SECTION, markdown)
 
 
 def write_section(path: Path, result: dict) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = f"{SECTION[0]}\n{markdown(result)}{SECTION[1]}"
-    pattern = re.compile(re.escape(SECTION[0]) + ".*?" + re.escape(SECTION[1]), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    marked.write_section(path, SECTION, markdown(result))
 
 
 if __name__ == "__main__":

@@ -4,31 +4,23 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
-import threading
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
-from conftest import tiny_chat_llama, tiny_model  # noqa: E402
+from conftest import tiny_chat_llama  # noqa: E402
 from ui import runs as R  # noqa: E402
-from ui import weights_check as W  # noqa: E402
-from ui.chat import (MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, ChatError, Sampling,  # noqa: E402
-                     build_prompt, check_history)
 from ui.chat_tab import ChatTab  # noqa: E402
-from ui.common import WARN, Context, md_code, md_text, on_page, queue_settings  # noqa: E402
+from ui.common import WARN, Context, on_page  # noqa: E402
 from ui.compress_tab import CompressTab  # noqa: E402
 from ui.inspect_tab import InspectTab  # noqa: E402
 from ui.runs_tab import RunsTab  # noqa: E402
-from ui.store import MAX_REFERENCES, LRU, ModelStore  # noqa: E402
+from ui.store import ModelStore  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]

@@ -1,14 +1,8 @@
 """Issue #27, uploads: weights are checked against their config (never random weights) and configs are
 no larger than the served model; an uploaded chat template never runs. Tiny random models only."""
-import io
 import json
 import os
-import random
-import subprocess
-import sys
 import threading
-import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,22 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
-from conftest import tiny_chat_llama, tiny_model  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 from ui import runs as R  # noqa: E402
 from ui import weights_check as W  # noqa: E402
-from ui.chat import (MAX_HISTORY_MESSAGE_CHARS, MAX_HISTORY_MESSAGES, ChatError, Sampling,  # noqa: E402
-                     build_prompt, check_history)
-from ui.chat_tab import ChatTab  # noqa: E402
-from ui.common import WARN, Context, md_code, md_text, on_page, queue_settings  # noqa: E402
-from ui.compress_tab import CompressTab  # noqa: E402
-from ui.inspect_tab import InspectTab  # noqa: E402
-from ui.runs_tab import RunsTab  # noqa: E402
-from ui.store import MAX_REFERENCES, LRU, ModelStore  # noqa: E402
+from ui.chat import build_prompt  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 
-from hardening_helpers import (LOOPS, dense_folder, empty_safetensors, loaded, refused, refused_load, report_for, run_members, tabs, upload, zip_bytes)  # noqa: E402,F401  (fixtures by name)
+from hardening_helpers import (LOOPS, dense_folder, empty_safetensors, loaded, refused_load,
+                               report_for, run_members, tabs, upload, zip_bytes)  # noqa: E402,F401  (fixtures by name)
 
 
 # --- High: uploaded weights must match their config; configs no larger than the served model ----------
