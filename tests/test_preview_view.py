@@ -6,7 +6,7 @@ gr = pytest.importorskip("gradio")
 from app_helpers import _compress, last  # noqa: E402
 from ui import forms  # noqa: E402
 from ui import runs as R  # noqa: E402
-from ui.preview_view import NOT_YET  # noqa: E402
+from ui.preview_view import NO_CALIBRATION, NOT_YET  # noqa: E402
 
 CAL = (4, 64, "wiki", "", None)  # samples, length, source, text, upload
 
@@ -47,6 +47,14 @@ def test_bad_settings_are_said_not_raised(tabs, tiny_folder):
     last(tabs.compress.preview.measure(session, tiny_folder, *CAL))
     note, *_ = _draw(tabs, session, tiny_folder, allocation="manual")
     assert note.startswith("⚠")
+
+
+def test_unusable_calibration_is_not_a_second_error_message(tabs, tiny_folder):
+    """The Compress status already names a bad calibration; the forecast note says it waits, once."""
+    options = [k.default for _, k in forms.option_knobs()]
+    note, *_ = tabs.compress.preview.draw(R.Session(), tiny_folder, "modegpt", 0.25, "uniform", "", False, 0.1,
+                                          4, 64, "custom", "", None, None, *options)
+    assert note == NO_CALIBRATION
 
 
 def test_best_allocation_by_forecast_fills_manual_values(tabs, tiny_folder):

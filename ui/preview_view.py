@@ -24,6 +24,7 @@ from .runs import Stopped
 NOT_YET = ("Press **Measure** for a forecast of each layer's error at these settings: one pass of the "
            "dense model over the calibration tokens (about one plain forward), then every slider move "
            "redraws it at once.")
+NO_CALIBRATION = "The forecast waits for usable calibration settings: it is measured on those tokens."
 
 
 class PreviewView:
@@ -81,7 +82,11 @@ class PreviewView:
         """(note, per-layer forecast figure, trade-off figure) for the current settings; never raises."""
         try:
             name = (model_name or "").strip()
-            stats = self.cache.get(name, self._spec(samples, length, source, text, upload))
+            try:
+                spec = self._spec(samples, length, source, text, upload)
+            except ValueError:  # the Compress status names the problem; one message, not two
+                return NO_CALIBRATION, viz.preview_errors_figure({}), viz.tradeoff_figure([])
+            stats = self.cache.get(name, spec)
             if stats is None:
                 return NOT_YET, viz.preview_errors_figure({}), viz.tradeoff_figure([])
             options = dict(zip(self.tab.option_names, option_values))
