@@ -204,8 +204,8 @@ def table(rows: list[dict]) -> str:
     head = ["method", "ratio", "achieved", "params (M)", "wiki ppl", "0-shot avg ±95%", *tasks,
             "compress s", "prefill tok/s", "decode tok/s", "decode vs dense", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = ("dense", "layerdrop", "slicegpt", "modegpt", "olica")
-    rank = lambda m: next((i for i, o in enumerate(order) if m.startswith(o)), 9)  # noqa: E731
+    order = {"dense": 0, **{m.name: m.table_rank for m in METHODS.values()}}
+    rank = lambda label: next((i for name, i in order.items() if label.startswith(name)), 9)  # noqa: E731
     for r in sorted(rows, key=lambda r: (r["ratio"], rank(r["method"]), r["method"])):
         label = r["method"]
         cells = [label, _fmt(r["ratio"]), _fmt(r.get("ratio_achieved", 0.0), ".3f"),

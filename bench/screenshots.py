@@ -172,9 +172,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a running app (default: launch one in-process)")
     ap.add_argument("--model", default=None, help="default model of the launched app")
+    from compression.methods import METHODS
     from ui.compress_tab import DEFAULT_METHOD, DEFAULT_RATIO
 
-    ap.add_argument("--method", default=DEFAULT_METHOD, choices=["modegpt", "olica", "slicegpt", "layerdrop", "none"],
+    ap.add_argument("--method", default=DEFAULT_METHOD, choices=[*METHODS, "none"],
                     help="none: only --saved (default: the app's)")
     ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="default: the app's")
     ap.add_argument("--prompt", default="Write a haiku about autumn.")

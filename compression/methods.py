@@ -50,6 +50,8 @@ class Method:
     # Report config entries that record what the plan resolved rather than what was asked, each with
     # the knobs that asked instead (the run's command line leaves the entry out when one is set).
     resolved: dict = field(default_factory=dict)
+    # Row position in the benchmark tables (after dense): the papers' order of publication.
+    table_rank: int = 9
 
     def knobs(self) -> list[Knob]:
         return knobs(self.config)
@@ -73,18 +75,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "smaller inner widths, from calibration correlations (arXiv 2408.09632).",
            modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, partial(layerwise_from_form, modegpt.MoDeGPTConfig),
            ("uniform", "auto", "manual"), calibration="wiki+self-chat", fits_mlp=True, takes_influence=True,
-           refusal=rotary_pairs_refusal, headline={"allocation": "auto"}),
+           refusal=rotary_pairs_refusal, headline={"allocation": "auto"}, table_rank=3),
     Method("olica", "Olica", "Orthogonal decomposition of value-output per head, rotary-pair query-key "
            "pruning, MLP neuron pruning, and a **low-rank linear calibration branch** fitted by ridge "
            "regression on the layers whose pruning error is most predictable.",
            olica.OlicaConfig, olica.plan, olica.run, partial(layerwise_from_form, olica.OlicaConfig),
            ("uniform", "auto", "manual"), calibration="wiki+self-chat", fits_mlp=True, takes_influence=True,
-           refusal=rotary_pairs_refusal),
+           refusal=rotary_pairs_refusal, table_rank=4),
     Method("slicegpt", "SliceGPT", "Folds the norms, rotates the residual stream into its principal "
            "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
            slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run, slicegpt.from_form, calibration="wiki+self-chat",
-           refusal=slicegpt.refusal, resolved={"widths": ("ratio", "slicing")},
+           refusal=slicegpt.refusal, resolved={"widths": ("ratio", "slicing")}, table_rank=2,
            per_layer_note="SliceGPT's per-layer values (and the slicing-fraction target) are fractions of "
                           "the **hidden size** deleted, the paper's knob, not of the parameters: the skip "
                           "matrices it adds between layers give some back, so a fraction removes fewer block "
@@ -94,7 +96,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "optional recovery training heals the model (arXiv 2305.14864).",
            layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, layerdrop.from_form, ("auto", "manual"),
            needs_calibration=False, calibration="self-chat", per_layer="blocks", keeps_class=True,
-           resolved={"layers": ("ratio",)}),
+           resolved={"layers": ("ratio",)}, table_rank=1),
 )}
 
 
