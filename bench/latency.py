@@ -108,6 +108,14 @@ def inference(store, dense, tokenizer, spec, ratio: float = 0.25) -> dict:
     return out
 
 
+def whole_forward(store, dense, spec) -> float:
+    """Seconds of a whole plain forward over the app's calibration tokens: the check on the runs'
+    unit, which times a share of the batches and scales."""
+    fit = store.calibration("smollm2-135m", spec)[0]
+    seconds, _ = store.dense.calibration_forward("smollm2-135m", dense, fit, timed_share=1.0)
+    return seconds
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/latency.json"))
@@ -146,6 +154,7 @@ def main(argv=None) -> None:
     first_s, first = app_run(tab, session, DEFAULT_RATIO)
     second_s, second = app_run(tab, session, args.second_ratio)
 
+    unit_whole = whole_forward(store, dense, spec)
     config = METHODS[DEFAULT_METHOD].make_config({"ratio": 0.25, "allocation": DEFAULT_ALLOCATION})
     _, ppl_report = compress_and_measure("smollm2-135m", dense, tokenizer, config, spec, eval_windows=32,
                                          cache=store.dense, calibration=store.calibration("smollm2-135m", spec))
@@ -160,7 +169,7 @@ def main(argv=None) -> None:
             "model_load_s": round(load_s, 1), "first_s": round(first_s, 1), "second_s": round(second_s, 1),
             "ppl_wiki_modegpt_025": ppl_report.ppl_compressed, "ppl_wiki_dense": ppl_report.ppl_dense,
             "ppl_windows": 32, "first_timing": first.get("timing"), "second_timing": second.get("timing"),
-            "ppl_run_timing": ppl_report.timing,
+            "ppl_run_timing": ppl_report.timing, "unit_whole_forward_s": round(unit_whole, 3),
         },
         "targets": {"first_s": 120, "second_s": 60, "ppl_wiki_modegpt_025": 34.5,
                     "batch16_vs_dense": 1.15},
@@ -202,9 +211,20 @@ def markdown(result: dict) -> str:
         f"- first run: {_stages(a['first_timing'])}",
         f"- second run: {_stages(a['second_timing'])}",
         f"- ppl run: {_stages(a['ppl_run_timing'])}",
+        *unit_check(a),
         "",
         *inference_markdown(result.get("inference")),
     ])
+
+
+def unit_check(a: dict) -> list[str]:
+    """One line comparing the runs' scaled unit with a whole forward timed after them."""
+    timing, whole = a.get("first_timing") or {}, a.get("unit_whole_forward_s")
+    unit, share = timing.get("calibration_forward_s"), timing.get("calibration_forward_timed")
+    if not (whole and unit and share):
+        return []
+    return [f"- the runs time {share:.0%} of the calibration batches and scale ({unit:.1f} s); a whole "
+            f"forward timed after them took {whole:.1f} s ({unit / whole - 1:+.0%})."]
 
 
 def inference_markdown(inf: dict | None) -> list[str]:

@@ -8,6 +8,7 @@ labels every stage and maps its own 0..1 onto the whole job's bar.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -114,25 +115,33 @@ class DenseCache:
     influence: dict[str, list[float]] = field(default_factory=dict)  # Block Influence per model and tokens
 
     def calibration_forward(self, name: str, model, tokens: torch.Tensor, batch_size: int = 8,
-                            progress: Progress = _noop) -> float:
-        """Seconds of one plain dense forward (logits included) over ``tokens`` in batches of
-        ``batch_size``: the unit a compression's time is measured in. Timed once per model, tokens,
-        device and thread count in this process (it describes this machine now, so not on disk)."""
+                            progress: Progress = _noop, timed_share: float = 1.0) -> tuple[float, float]:
+        """(seconds, share timed) of one plain dense forward (logits included) over ``tokens`` in
+        batches of ``batch_size``: the unit a compression's time is measured in. Every batch has the
+        same shape, so the cost is linear in batches: ``timed_share`` < 1 times only the first
+        ceil(share × batches) of them and scales (the app's first run would otherwise spend a whole
+        forward, a fifth of its time, on a number). Timed once per model, tokens, share, device and
+        thread count in this process (it describes this machine now, so not on disk)."""
         device = next(model.parameters()).device
+        batches = math.ceil(tokens.shape[0] / batch_size)
+        timed = max(1, min(batches, math.ceil(batches * timed_share)))
         key = self.key(name, "forward", tokens=fingerprint(tokens), shape=list(tokens.shape),
-                       batch=batch_size, device=str(device), threads=torch.get_num_threads())
+                       batch=batch_size, timed=timed, device=str(device), threads=torch.get_num_threads())
         if key in self.forward_seconds:
             progress(1.0, "cached")
-            return self.forward_seconds[key]
+            return self.forward_seconds[key], timed / batches
         t0 = time.perf_counter()
         with torch.no_grad():
-            for start in range(0, tokens.shape[0], batch_size):
-                model(tokens[start:start + batch_size].to(device), use_cache=False)
-                progress(min(1.0, (start + batch_size) / tokens.shape[0]), "plain dense forward")
+            for b in range(timed):
+                model(tokens[b * batch_size:(b + 1) * batch_size].to(device), use_cache=False)
+                progress((b + 1) / timed, "plain dense forward")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        self.forward_seconds[key] = time.perf_counter() - t0
-        return self.forward_seconds[key]
+        seconds = time.perf_counter() - t0
+        if timed < batches:  # the last batch may be short: scale by tokens, not batches
+            seconds *= tokens.shape[0] / min(tokens.shape[0], timed * batch_size)
+        self.forward_seconds[key] = seconds
+        return seconds, timed / batches
 
     def key(self, name: str, metric: str, **settings) -> str:
         return json.dumps([model_identity(name), metric, settings], sort_keys=True)
@@ -217,7 +226,8 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
                          cache: DenseCache | None = None, progress: Progress = _noop,
                          calibration: tuple | None = None, windows: torch.Tensor | None = None,
                          offload: bool | None = None, offload_folder: str | Path | None = None,
-                         precision: str | None = None, time_forward: bool = True):
+                         precision: str | None = None, time_forward: bool = True,
+                         forward_share: float = 0.25):
     """Calibrate, compress a copy of ``dense`` and measure both models: wiki perplexity and agreement
     on ``eval_windows`` windows of ``eval_len`` tokens, and chat agreement on ``chat_eval`` held-out
     instructions (0 skips either). Returns (compressed model, Report).
@@ -230,14 +240,16 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
 
     time_forward: time one plain dense forward over the calibration tokens (once per model and
     tokens in ``cache``), the report's ``timing.calibration_forward_s``: the unit of its compress
-    time (skipped for streamed models, where a forward reads every block from disk)."""
+    time (skipped for streamed models, where a forward reads every block from disk). Only
+    ``forward_share`` of its batches are run and the time scaled (``timing.calibration_forward_timed``
+    says which share; ``bench.latency`` checks the scaled figure against a whole forward)."""
     from .data import evaluation_windows
     from .streaming import is_streamed
 
     weights = {"calibration text": 0.05 if spec.source != "self-chat" else 0.3, "compress": 1.0}
     time_forward = time_forward and not is_streamed(dense)
     if time_forward:
-        weights["plain forward (time unit)"] = 0.6
+        weights["plain forward (time unit)"] = 0.6 * forward_share
     if eval_windows:
         weights.update({"dense reference": 0.15, "compressed perplexity and agreement": 0.15})
     if chat_eval:
@@ -261,9 +273,9 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     report.calibration.update(facts, seed=int(seed))
     timing = {"calibration_text_s": facts["text_seconds"], "calibration_forward_s": None}
     if time_forward:
-        unit = cache.calibration_forward(name, dense, fit, getattr(config, "batch_size", 8),
-                                         stages.stage("plain forward (time unit)"))
-        timing.update(calibration_forward_s=round(unit, 6),
+        unit, share = cache.calibration_forward(name, dense, fit, getattr(config, "batch_size", 8),
+                                                stages.stage("plain forward (time unit)"), forward_share)
+        timing.update(calibration_forward_s=round(unit, 6), calibration_forward_timed=round(share, 4),
                       compress_per_forward=round(report.compress_seconds / max(unit, 1e-9), 3))
     t0 = time.perf_counter()
     if eval_windows:

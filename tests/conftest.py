@@ -82,14 +82,25 @@ def tokens():
 
 # --- the app tests' fixtures (helpers in app_helpers.py; requesting tabs or compressed needs gradio) ---
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """A 2-layer random Llama saved with the default model's tokenizer (and chat template)."""
+@pytest.fixture(scope="session", autouse=True)
+def runs_root_of_the_tests(tmp_path_factory):
+    """The app saves every finished run under the runs root (ui.run_saving): in tests, a throwaway
+    folder, never the project's runs/ (tests that need another root or none set their own)."""
+    os.environ["COMPRESSION_RUNS_ROOT"] = str(tmp_path_factory.mktemp("runs-root"))
+
+
+def saved_tiny_chat_llama(folder) -> str:
+    """:func:`tiny_chat_llama` saved (weights, config, tokenizer) in ``folder``; returns it."""
     model, tok = tiny_chat_llama()
-    folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer random Llama saved with the default model's tokenizer (and chat template)."""
+    return saved_tiny_chat_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
-from conftest import tiny_chat_llama  # noqa: E402
+from conftest import saved_tiny_chat_llama  # noqa: E402
 from ui import runs as R  # noqa: E402
 from ui.chat_tab import ChatTab  # noqa: E402
 from ui.common import WARN, Context, on_page  # noqa: E402
@@ -33,11 +33,7 @@ LOOPS = ("{% for i in range(100000) %}{% for j in range(100000) %}{% for k in ra
 @pytest.fixture(scope="module")
 def dense_folder(tmp_path_factory):
     """A 2-layer random Llama (64 wide, 2048 positions) with the default model's tokenizer and template."""
-    model, tok = tiny_chat_llama()
-    folder = tmp_path_factory.mktemp("dense")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return saved_tiny_chat_llama(tmp_path_factory.mktemp("dense"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The app and the CLI facing hostile or broken input (issue: a crafted run cannot touch the server,
 and bad input never costs a result). App cases go through the tab handlers and, for the named
 endpoints scripts use, through gradio_client; everything runs on a tiny random model."""
-import io
 import json
 import os
 import random
@@ -18,6 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 
 import app  # noqa: E402
+from hardening_helpers import zip_bytes  # noqa: E402
 from app_helpers import CALIB, _compress, _free_port, _tabs, last, refusal  # noqa: E402,F401
 from ui import runs as R  # noqa: E402
 from ui.common import on_page  # noqa: E402
@@ -39,14 +39,6 @@ def upload(name: str, data: bytes) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data)
     return str(folder / name)
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def good_report(session) -> dict:

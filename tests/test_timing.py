@@ -75,6 +75,20 @@ def test_the_pipeline_times_the_unit_forward_once_per_tokens(tokens):
     assert r3.timing["calibration_forward_s"] is None and "×" not in breakdown(r3.timing)
 
 
+def test_the_unit_forward_times_a_share_of_the_batches_and_scales():
+    """The app's first run times a quarter of the calibration batches, not all (a fifth of its time):
+    batches share one shape, so the forward's cost is linear in them."""
+    model = tiny_model("llama")
+    calls = []
+    model.register_forward_hook(lambda mod, args, out: calls.append(1))
+    tokens = torch.randint(0, model.config.vocab_size, (32, 16))
+    seconds, share = DenseCache().calibration_forward("tiny", model, tokens, batch_size=8, timed_share=0.25)
+    assert len(calls) == 1 and share == 0.25 and seconds > 0
+    calls.clear()
+    _, share = DenseCache().calibration_forward("tiny", model, tokens, batch_size=8)
+    assert len(calls) == 4 and share == 1.0  # the whole forward by default
+
+
 def test_one_pass_mlp_gives_the_same_model_as_recomputing(tokens):
     """The cut MLP's output taken from the kept channels of the dense activations equals a forward of
     the cut MLP: per-layer errors match a fresh measurement of the compressed model."""
