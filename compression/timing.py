@@ -84,7 +84,9 @@ def breakdown(timing: dict) -> str:
     unit, total = timing.get("calibration_forward_s"), timing.get("compress_s", 0.0)
     head = f"compress {total:.1f} s"
     if unit:
-        head += f" = {total / unit:.2f} × a plain forward over the calibration tokens ({unit:.1f} s)"
+        share = timing.get("calibration_forward_timed") or 1.0
+        how = "" if share >= 1 else f", {share:.0%} of it timed and scaled"
+        head += f" = {total / unit:.2f} × a plain forward over the calibration tokens ({unit:.1f} s{how})"
     stages = sorted((timing.get("stages") or {}).items(), key=lambda kv: -kv[1])
     parts = " · ".join(f"{name} {sec:.1f}" for name, sec in stages if sec >= 0.05)
     tail = " · ".join(f"{label} {timing[key]:.1f} s" for key, label in

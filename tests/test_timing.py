@@ -87,6 +87,8 @@ def test_the_unit_forward_times_a_share_of_the_batches_and_scales():
     calls.clear()
     _, share = DenseCache().calibration_forward("tiny", model, tokens, batch_size=8)
     assert len(calls) == 4 and share == 1.0  # the whole forward by default
+    line = breakdown({"compress_s": 30.0, "calibration_forward_s": 20.0, "calibration_forward_timed": 0.25})
+    assert "(20.0 s, 25% of it timed and scaled)" in line
 
 
 def test_one_pass_mlp_gives_the_same_model_as_recomputing(tokens):
