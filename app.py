@@ -21,7 +21,7 @@ from ui.common import ACCEL, Context, queue_settings  # noqa: F401  (ACCEL: the 
 from ui.compress_tab import CompressTab
 from ui.evaluate_tab import EvaluateTab
 from ui.inspect_tab import InspectTab
-from ui.page import CSS, Page
+from ui.page import CSS, TABS, Page, launch_options  # noqa: F401  (CSS: the browser test serves it)
 from ui.runs import Session, clean_leftovers, max_upload_bytes
 from ui.runs_tab import RunsTab
 from ui.space import prepare_space
@@ -41,7 +41,7 @@ def build_app(default_model: str = DEFAULT_MODEL, device: str | None = None, dty
                     f"({torch.get_num_threads()} threads).")
         run_dd = gr.Dropdown(label="Run (used by Inspect, Evaluate, Chat and download)", choices=[],
                              interactive=True)
-        with gr.Tabs():
+        with gr.Tabs(**TABS):
             with gr.Tab("Compress", id="compress"):
                 compress = tabs.compress.build(default_model)
             with gr.Tab("Inspect", id="inspect"):
@@ -79,7 +79,7 @@ def main(**launch_kwargs):
     clean_leftovers()  # what killed jobs of earlier processes left
     model = os.environ.get("COMPRESSION_APP_MODEL", DEFAULT_MODEL)
     launch_kwargs.setdefault("max_file_size", max_upload_bytes())
-    return build_app(model).queue(**queue_settings()).launch(css=CSS, **launch_kwargs)
+    return build_app(model).queue(**queue_settings()).launch(**{**launch_options(), **launch_kwargs})
 
 
 if __name__ == "__main__":

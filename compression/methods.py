@@ -70,29 +70,29 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("modegpt", "MoDeGPT", "Rebuilds each block's MLP (Nyström, **ridge leverage scores**), "
+    Method("modegpt", "MoDeGPT", "Rebuilds each block's MLP (Nyström, ridge leverage scores), "
            "query-key (CR decomposition, whole rotary pairs) and value-output (SVD per kv group) at "
            "smaller inner widths, from calibration correlations (arXiv 2408.09632).",
            modegpt.MoDeGPTConfig, modegpt.plan, modegpt.run, partial(layerwise_from_form, modegpt.MoDeGPTConfig),
            ("uniform", "auto", "manual"), calibration="wiki+self-chat", fits_mlp=True, takes_influence=True,
            refusal=rotary_pairs_refusal, headline={"allocation": "auto"}, table_rank=3),
     Method("olica", "Olica", "Orthogonal decomposition of value-output per head, rotary-pair query-key "
-           "pruning, MLP neuron pruning, and a **low-rank linear calibration branch** fitted by ridge "
+           "pruning, MLP neuron pruning, and a low-rank linear calibration branch fitted by ridge "
            "regression on the layers whose pruning error is most predictable.",
            olica.OlicaConfig, olica.plan, olica.run, partial(layerwise_from_form, olica.OlicaConfig),
            ("uniform", "auto", "manual"), calibration="wiki+self-chat", fits_mlp=True, takes_influence=True,
            refusal=rotary_pairs_refusal, table_rank=4),
     Method("slicegpt", "SliceGPT", "Folds the norms, rotates the residual stream into its principal "
-           "components (PCA of calibration activations) and **deletes the weakest directions**; skip "
+           "components (PCA of calibration activations) and deletes the weakest directions; skip "
            "matrices carry the stream between bases (arXiv 2401.15024).",
            slicegpt.SliceGPTConfig, slicegpt.plan, slicegpt.run, slicegpt.from_form, calibration="wiki+self-chat",
            refusal=slicegpt.refusal, resolved={"widths": ("ratio", "slicing")}, table_rank=2,
            per_layer_note="SliceGPT's per-layer values (and the slicing-fraction target) are fractions of "
-                          "the **hidden size** deleted, the paper's knob, not of the parameters: the skip "
+                          "the hidden size deleted, the paper's knob, not of the parameters: the skip "
                           "matrices it adds between layers give some back, so a fraction removes fewer block "
                           "parameters than it says; the forecast above counts them."),
     Method("layerdrop", "Layer dropping (ShortGPT / LayerChop)", "Deletes whole decoder blocks, those "
-           "with the lowest **Block Influence** (1 − cos between a block's input and output) first; "
+           "with the lowest Block Influence (1 − cos between a block's input and output) first; "
            "optional recovery training heals the model (arXiv 2305.14864).",
            layerdrop.LayerDropConfig, layerdrop.plan, layerdrop.run, layerdrop.from_form, ("auto", "manual"),
            needs_calibration=False, calibration="self-chat", per_layer="blocks", keeps_class=True,

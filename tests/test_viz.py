@@ -1,4 +1,5 @@
 """Tests for viz/: figures built from a synthetic Report dict (no model, no torch)."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -106,15 +107,27 @@ def test_bad_layer_index_raises(report, fn, layer):
 def test_spectra_overview_is_a_layer_heat_map_with_the_layer_outlined(report):
     fig = viz.spectra_overview_figure(report, "attn_input", layer=1)
     heat, kept = fig.data
-    assert heat.type == "heatmap" and list(heat.y) == [0, 1, 3]  # removed layer has none
-    assert all(row[0] == pytest.approx(0.0) for row in heat.z)  # log10(λ/λ_max) of the top one
-    assert all(max(v for v in row if v is not None) <= 0 for row in heat.z)
+    assert heat.type == "heatmap" and list(heat.y) == [0, 1, 2, 3]
+    assert all(v is None for v in heat.z[2])  # the removed layer is a blank row of its own
+    live = [row for row in heat.z if row[0] is not None]
+    assert all(row[0] == pytest.approx(0.0) for row in live)  # log10(λ/λ_max) of the top one
+    assert all(max(v for v in row if v is not None) <= 0 for row in live)
     assert list(kept.x) == [5, 5, 5] and list(kept.y) == [0, 1, 3]
     (box,) = [s for s in fig.layout.shapes if s.type == "rect"]
     assert (box.y0, box.y1) == (0.5, 1.5)
     assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.range == (-0.5, 3.5)
     assert not [s for s in viz.spectra_overview_figure(report, "attn_input").layout.shapes if s.type == "rect"]
     assert "no data" in _annotations(viz.spectra_overview_figure(report, "nope"))
+
+
+def test_spectra_overview_says_what_the_ticks_and_the_dark_cells_mean(report):
+    fig = viz.spectra_overview_figure(report, "attn_input", layer=1)
+    key = fig.layout.title.subtitle.text
+    assert "white tick: the layer's kept rank" in key and "red box: layer 1" in key
+    assert "darkest" in key and "numerically zero" in key and "blank row" in key
+    bar = fig.data[0].colorbar
+    assert list(bar.tickvals) == [0, -3, -6, -9, -12] and bar.ticktext[-1].startswith("≤")
+    assert "red box" not in viz.spectra_overview_figure(report, "attn_input").layout.title.subtitle.text
 
 
 def test_leverage_partition(report):
@@ -154,6 +167,22 @@ def test_error_figure_overlays_a_second_run(report):
     assert {"block · r1", "block · r2", "attn · r1"} <= set(traces)
     assert traces["block · r2"].line.dash == "dash" and traces["block · r1"].line.dash == "solid"
     assert list(traces["block · r2"].y) == [1.0, 1.0, 1.0]
+
+
+def test_error_figure_names_dropped_layers_and_an_overlay_without_errors(report):
+    """A layer-dropping run has no per-module errors (its dropped blocks are gone, the rest untouched):
+    overlaid, it drew nothing and said nothing; the subtitle now says why."""
+    dropped = {**report, "layers": [{**lay, "errors": {}, "removed": lay["index"] in (1, 2)}
+                                    for lay in report["layers"]]}
+    fig = viz.error_figure(report, dropped, names=("r1", "r2"))
+    assert all("r2" not in t.name for t in fig.data)  # nothing to draw for it...
+    note = fig.layout.title.subtitle.text
+    assert "r2: layers 1, 2 dropped" in note and "no per-module errors" in note  # ...and it says so
+    assert "r1: layer 2 dropped" in note
+    alone = viz.error_figure(dropped)
+    assert "no data" in _annotations(alone) and "layers 1, 2 dropped" in alone.layout.title.subtitle.text
+    plain = {**report, "layers": [{**lay, "removed": False} for lay in report["layers"]]}
+    assert not viz.error_figure(plain).layout.title.subtitle.text  # nothing missing, nothing said
 
 
 def test_influence_figure(report):
@@ -222,6 +251,59 @@ def test_accuracy_front():
     assert list(zip(front.x, front.y)) == [(10, 0.40), (30, 0.50), (50, 0.60)]
     assert fig.layout.yaxis.type != "log"
     assert "no data" in _annotations(viz.accuracy_figure(runs, key="missing"))
+
+
+SIZE = 123_872_256  # the one-run case a user met: ticks "123.872255M … 123.872257M", y from −0.5
+
+
+def _range(axis):
+    return tuple(axis.range)
+
+
+def test_accuracy_of_one_run_is_centred_with_its_interval_and_no_front():
+    run = dict(method="modegpt", params=SIZE, zero_shot_avg=0.45, zero_shot_avg_stderr=0.03, label="r1")
+    fig = viz.accuracy_figure([run])
+    lo, hi = _range(fig.layout.xaxis)
+    assert lo < SIZE < hi and hi - lo >= 0.05 * SIZE  # room around the point, not a millionth of it
+    (point,) = fig.data  # no "Pareto front" entry for a front of one run
+    assert point.error_y.array[0] == pytest.approx(1.96 * 0.03)
+    assert point.error_y.arrayminus[0] == pytest.approx(1.96 * 0.03)
+    ylo, yhi = _range(fig.layout.yaxis)
+    assert 0 <= ylo < 0.45 - 1.96 * 0.03 and 0.45 + 1.96 * 0.03 < yhi <= 1  # the bar fits, inside [0, 1]
+
+
+def test_accuracy_axis_and_bars_stay_within_0_and_1():
+    runs = [dict(method="dense", params=SIZE, zero_shot_avg=0.02, zero_shot_avg_ci=[-0.05, 0.09]),
+            dict(method="olica", params=SIZE * 0.8, zero_shot_avg=0.99, zero_shot_avg_stderr=0.02)]
+    fig = viz.accuracy_figure(runs)
+    assert _range(fig.layout.yaxis) == pytest.approx((0.0, 1.0))
+    dense, olica = fig.data[:2]
+    assert dense.error_y.arrayminus[0] == pytest.approx(0.02) and dense.error_y.array[0] == pytest.approx(0.07)
+    assert olica.error_y.array[0] == pytest.approx(0.01)  # 0.99 + 1.96·0.02 cut at 1
+
+
+def test_perplexity_of_one_run_has_its_interval_on_a_padded_log_axis():
+    run = dict(method="slicegpt", params=SIZE, ppl=25.0, ppl_ci=[22.0, 29.0])
+    fig = viz.pareto_figure([run, dict(method="olica", params=SIZE, ppl=None)])
+    (point,) = fig.data
+    assert (point.error_y.array[0], point.error_y.arrayminus[0]) == pytest.approx((4.0, 3.0))
+    assert fig.layout.yaxis.type == "log"
+    ylo, yhi = _range(fig.layout.yaxis)  # log10 units on a log axis
+    assert ylo < math.log10(22.0) and math.log10(29.0) < yhi and yhi - ylo < 1
+    lo, hi = _range(fig.layout.xaxis)
+    assert lo < SIZE < hi and hi - lo >= 0.05 * SIZE
+    assert "95% interval 22.00 – 29.00" in point.text[0]  # one precision for both ends
+
+
+def test_runs_without_intervals_have_no_error_bars():
+    fig = viz.pareto_figure(_runs())
+    assert all(t.error_y.array is None for t in fig.data)
+
+
+@pytest.mark.parametrize("lo, hi, text", [(57.538, 161.1, "57.5 – 161.1"), (0.41234, 0.488, "0.412 – 0.488"),
+                                           (1234.4, 2345.6, "1234 – 2346"), (0.0, 0.0, "0.000 – 0.000")])
+def test_a_range_has_one_precision(lo, hi, text):
+    assert viz.range_text(lo, hi) == text
 
 
 def test_loss_figure():

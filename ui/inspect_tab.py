@@ -47,8 +47,8 @@ class InspectTab:
         heat_key = key if key in keys else (keys[0] if keys else "")
         others = [(NO_OVERLAY, NO_OVERLAY)] + [(r.label, r.id) for r in session.runs.values() if r.id != run.id]
         measured_on = md_text((rep.get("extra") or {}).get("errors_measured_on", "calibration (in-sample)"))
-        summary = (f"**{run.id}** · {md_text(rep.get('method'))} on {md_code(run.model_name)} · "
-                   f"{rep.get('params_dense', 0) / 1e6:,.1f}M → {rep.get('params_compressed', 0) / 1e6:,.1f}M "
+        summary = (f"{run.id} · {md_text(rep.get('method'))} on {md_code(run.model_name)} · "
+                   f"{rep.get('params_dense', 0) / 1e6:,.1f}M → **{rep.get('params_compressed', 0) / 1e6:,.1f}M** "
                    f"parameters · target {rep.get('ratio_target') or 0:.0%}, achieved "
                    f"{rep.get('ratio_achieved') or 0:.1%} · errors measured on {measured_on} tokens")
         names = (run.id, other.id if other else "")

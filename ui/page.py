@@ -28,10 +28,34 @@ CSS = jobs.CSS + """
   line-height: 1.1em; text-align: center; opacity: 0.55;}
 .chat-panes .bubble-wrap {margin-top: 2.25rem; height: calc(100% - 2.25rem); padding-top: 0.25rem;}
 .compare-table .cell-wrap {font-family: var(--font); font-size: var(--text-sm);}
+.job-text {font-size: max(14px, var(--text-md)); color: var(--body-text-color);}
+.slider_input_container input[type=range] {min-width: 0 !important; flex: 1 1 auto;}
+.slider_input_container .min_value, .slider_input_container .max_value {flex-shrink: 0;}
+.prose table, .prose th, .prose td, .header-cell, .header-cell * {word-break: normal !important;
+  overflow-wrap: normal !important; hyphens: none;}
+.prose td[align="right"], .prose td[style*="right"] {white-space: nowrap;}
 """  # knobs show their help under the label; the "?" marks that they have some. Chat panes: gradio's
 # Chatbot floats its label and buttons (absolute, top 0) over the scrolling message list, whose top
 # padding scrolls away with the messages, so a scrolled user message slid under the pane's header;
-# the list now starts below the header, which clips it there.
+# the list now starts below the header, which clips it there. Progress text: the theme's subdued grey
+# (#bbbbc2 on white, 1.9:1) at 0.9em (12.6 px) was hard to read; body text colour, 14 px at least.
+# Sliders: gradio gives the track a 112 px minimum, which in a narrow per-layer slider pushed the
+# track out of its box over the max label; it may shrink now. Tables (markdown and data frames):
+# gradio breaks words anywhere to fit a narrow column ("compresse/d", "473.2 M/B"); they wrap at
+# spaces only, and right-aligned (number) cells not at all, so a column is as wide as its longest word.
+
+# The tab bar wraps onto a second row where it does not fit (a phone): gradio's default hides the
+# tabs that do not fit behind a "⋯" menu, two taps away.
+TABS = dict(overflow_behavior="wrap")
+
+# Gradio's status announcer (a screen-reader live region) says ``common.complete`` when an event
+# ends, a key its own English strings lack, so the raw key was read out; this fills it in.
+TRANSLATIONS = {"en": {"common.complete": "Done"}}
+
+
+def launch_options() -> dict:
+    """What ``launch`` needs besides the server settings: the page CSS and the missing strings."""
+    return dict(css=CSS, i18n=gr.I18n(**TRANSLATIONS))
 
 
 class Page:

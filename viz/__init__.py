@@ -1,19 +1,18 @@
 """Plotly figures for compression Reports (plain dicts; no torch, no ``compression`` import)."""
 from .figures import (
     X_AXES,
-    accuracy_figure,
     error_figure,
     has_influence,
     influence_figure,
     leverage_figure,
     loss_figure,
-    pareto_figure,
     sizes_figure,
     spectra_overview_figure,
     spectrum_figure,
     spectrum_title,
 )
 from .preview import preview_errors_figure, tradeoff_figure
+from .sweeps import accuracy_figure, pareto_figure, range_text
 
 __all__ = [
     "X_AXES",
@@ -30,4 +29,5 @@ __all__ = [
     "has_influence",
     "preview_errors_figure",
     "tradeoff_figure",
+    "range_text",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import Any
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
@@ -161,43 +161,60 @@ def spectrum_figure(report: dict, layer: int, key: str | None = None, x_axis: st
     return fig
 
 
+def _overview_legend(outlined: int | None, has_marks: bool, has_gaps: bool) -> str:
+    """The heat map's key, under its title: what the ticks, the colours, blank rows and the box mean."""
+    first = (["white tick: the layer's kept rank (components up to it are kept)"] if has_marks else []) + \
+        ([f"red box: layer {outlined}"] if outlined is not None else [])
+    second = ["colour: eigenvalue / the layer's largest; darkest: 10<sup>-12</sup> or less (numerically zero)"] + \
+        (["blank row: no such spectrum (layer dropped)"] if has_gaps else [])
+    return "<br>".join(" · ".join(part) for part in (first, second) if part)
+
+
 def spectra_overview_figure(report: dict, key: str, layer: int | None = None,
                             x_axis: str = "index") -> go.Figure:
     """Heat map, layers × components, of one spectrum normalised by each layer's largest eigenvalue
-    (log10), with every layer's kept rank marked and ``layer`` outlined."""
+    (log10), with every layer's kept rank marked, ``layer`` outlined, and a key under the title (a
+    layer without the spectrum is a blank row, so the others keep one row each)."""
     report = _as_dict(report)
     if not key:
         return _no_data("Normalised spectra by layer", "the report has no spectra")
     title = f"{spectrum_title(key)}: normalised spectra by layer"
-    rows = []
+    rows = {}
     for i, lay in enumerate(_layers(report)):
         values = (lay.get("spectra") or {}).get(key) or []
         top = max((v for v in values if _finite(v)), default=0)
         if top > 0:
-            rows.append((lay.get("index", i), values, top, (lay.get("kept") or {}).get(key)))
+            rows[lay.get("index", i)] = (values, top, (lay.get("kept") or {}).get(key))
     if not rows:
         return _no_data(title, f"no layer has a spectrum {key!r}")
 
-    width = max(len(values) for _, values, _, _ in rows)
+    width = max(len(values) for values, _, _ in rows.values())
     floor = -12.0  # log10 of the smallest ratio shown; smaller (and zero, negative) values sit on it
-    z = [[max(math.log10(v / top), floor) if _finite(v) and v > 0 else floor for v in values]
-         + [None] * (width - len(values)) for _, values, top, _ in rows]
+    layer_ids = sorted(set(rows) | {lay.get("index", i) for i, lay in enumerate(_layers(report))})
+    z = [[None] * width if idx not in rows else
+         [max(math.log10(v / rows[idx][1]), floor) if _finite(v) and v > 0 else floor for v in rows[idx][0]]
+         + [None] * (width - len(rows[idx][0])) for idx in layer_ids]
     x = _components(width, x_axis)
     fig = _figure(title, _x_title(x_axis), "layer")
-    fig.add_trace(go.Heatmap(z=z, x=x, y=[idx for idx, *_ in rows], colorscale="Viridis", zmin=floor, zmax=0,
-                             colorbar=dict(title="log10 λ/λ_max"),
-                             hovertemplate="layer %{y}<br>#%{x}: 10^%{z:.2f}<extra></extra>"))
-    marks = [(idx, x[int(k) - 1]) for idx, values, _, k in rows if _finite(k) and 0 < k <= len(values)]
+    decades = [0, -3, -6, -9, -12]
+    ticks = ["1"] + [f"10<sup>{d}</sup>" for d in decades[1:-1]] + ["≤ 10<sup>-12</sup>"]
+    fig.add_trace(go.Heatmap(z=z, x=x, y=layer_ids, colorscale="Viridis", zmin=floor, zmax=0,
+                             colorbar=dict(title="λ / λ_max", tickvals=decades, ticktext=ticks),
+                             hoverongaps=False, hovertemplate="layer %{y}<br>#%{x}: 10^%{z:.2f}<extra></extra>"))
+    marks = [(idx, x[int(k) - 1]) for idx, (values, _, k) in rows.items() if _finite(k) and 0 < k <= len(values)]
     if marks:
         fig.add_trace(go.Scatter(x=[m[1] for m in marks], y=[m[0] for m in marks], mode="markers",
                                  name="kept rank", marker=dict(symbol="line-ns-open", size=10, color="white",
                                                                line_width=2),
                                  hovertemplate="layer %{y}: kept up to %{x}<extra></extra>"))
-    if layer is not None and any(idx == layer for idx, *_ in rows):
+    outlined = layer if layer is not None and layer in rows else None
+    if outlined is not None:
         fig.add_shape(type="rect", xref="paper", x0=0, x1=1, y0=layer - 0.5, y1=layer + 0.5,
                       line=dict(color=DROPPED_COLOR, width=2))
     _layer_ticks(fig, len(_layers(report)), axis="y")
-    fig.update_layout(legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(title=dict(text=title, subtitle=dict(text=_overview_legend(
+        outlined, bool(marks), len(rows) < len(layer_ids)))), margin=dict(t=110),
+        legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -236,24 +253,51 @@ def _run_name(names, i: int) -> str:
     return str(names[i]) if names and i < len(names) and names[i] else ("this run", "other run")[i]
 
 
+def _layer_list(indices: list[int], most: int = 12) -> str:
+    """``3, 5, 7`` (the first ``most``, then how many more)."""
+    shown = ", ".join(str(i) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
+
+
+def _dropped_note(name: str, removed: list[int], drew: bool, overlaid: bool) -> str:
+    """Why a run's errors are missing from the plot, or '' when nothing is: dropped layers are gone
+    whole, so they have no per-module errors (an overlaid layer-dropping run would vanish silently)."""
+    prefix = f"{name}: " if overlaid else ""
+    if removed:
+        what = "layer" if len(removed) == 1 else "layers"
+        return (f"{prefix}{what} {_layer_list(removed)} dropped, no per-module errors there"
+                + ("" if drew else " and none measured on the others"))
+    return "" if drew or not overlaid else f"{name}: no per-module errors in its report"
+
+
 def error_figure(report: dict, other: dict | None = None, names: tuple = ()) -> go.Figure:
-    """Relative reconstruction error per layer, one trace per error key (removed layers skipped);
-    ``other`` (a second run's report) is overlaid in dashed lines, ``names`` label the two runs."""
+    """Relative reconstruction error per layer, one trace per error key; ``other`` (a second run's
+    report) is overlaid in dashed lines, ``names`` label the two runs. Removed layers have no errors:
+    the subtitle names them, and says when a run has no errors to draw at all."""
     title = "Reconstruction error per layer"
     reports = [_as_dict(report)] + ([_as_dict(other)] if other else [])
-    fig = _figure(title, "layer", "relative Frobenius error")
+    fig, notes = _figure(title, "layer", "relative Frobenius error"), []
     for r, rep in enumerate(reports):
-        live = [(lay.get("index", i), lay.get("errors") or {})
-                for i, lay in enumerate(_layers(rep)) if not lay.get("removed")]
+        layers = [(lay.get("index", i), lay) for i, lay in enumerate(_layers(rep))]
+        live = [(idx, lay.get("errors") or {}) for idx, lay in layers if not lay.get("removed")]
+        drew = False
         for j, key in enumerate(dict.fromkeys(k for _, errs in live for k in errs)):  # first-seen order
             pts = [(idx, errs[key]) for idx, errs in live if _finite(errs.get(key))]
+            if not pts:
+                continue
+            drew = True
             name = key if len(reports) == 1 else f"{key} · {_run_name(names, r)}"
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=name,
                                      mode="lines+markers", line=dict(color=PALETTE[j % len(PALETTE)],
                                                                      dash="dash" if r else "solid"),
                                      hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>"))
+        removed = [idx for idx, lay in layers if lay.get("removed")]
+        notes.append(_dropped_note(_run_name(names, r), removed, drew, len(reports) > 1))
+    note = " · ".join(n for n in notes if n)
     if not fig.data:
-        return _no_data(title, "no layer reports reconstruction errors")
+        return _no_data(title, note or "no layer reports reconstruction errors")
+    if note:
+        fig.update_layout(title=dict(text=title, subtitle=dict(text=note)))
     _layer_ticks(fig, max(len(_layers(rep)) for rep in reports))
     return fig
 
@@ -324,68 +368,7 @@ def sizes_figure(report: dict, other: dict | None = None, names: tuple = ()) -> 
     return fig
 
 
-# --------------------------------------------------------------------------------------- run sweeps
-def _pick(run: dict, *keys: str) -> Any:
-    """First present, non-None value among ``keys``."""
-    return next((run[k] for k in keys if run.get(k) is not None), None)
-
-
-def _front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
-    """Non-dominated points: best y among all runs of that size or smaller, sorted by x."""
-    sign = -1 if higher_is_better else 1
-    front, best = [], math.inf
-    for x, y in sorted(points, key=lambda p: (p[0], sign * p[1])):
-        if sign * y < best:
-            front.append((x, y))
-            best = sign * y
-    return front
-
-
-def _runs_figure(runs: list[dict], title: str, ytitle: str, y_of: Callable[[dict], Any],
-                 higher_is_better: bool, log_y: bool, empty: str = "no run has both a size and a score") -> go.Figure:
-    """Shared body of pareto/accuracy figures: one trace per method, dense star, dashed front."""
-    pts = []
-    for run in runs or []:
-        x, y = _pick(run, "params", "params_compressed"), y_of(run)
-        if _finite(x) and _finite(y) and (y > 0 or not log_y):
-            pts.append((x, y, str(run.get("method", "?")), run))
-    if not pts:
-        return _no_data(title, empty)
-
-    fig = _figure(title, "parameters", ytitle)
-    for method in dict.fromkeys(p[2] for p in pts):
-        sel = [p for p in pts if p[2] == method]
-        text = [str(_pick(p[3], "label") or (f"ratio {p[3]['ratio']:.0%}" if _finite(p[3].get("ratio"))
-                                              else method)) for p in sel]
-        dense = method == "dense"
-        fig.add_trace(go.Scatter(
-            x=[p[0] for p in sel], y=[p[1] for p in sel], text=text, name=method, mode="markers",
-            marker=dict(size=14 if dense else 9, symbol="star" if dense else "circle",
-                        color="black" if dense else None),
-            hovertemplate=f"{method}<br>%{{text}}<br>%{{x:,}} params<br>{ytitle} %{{y:.4g}}<extra></extra>"))
-    front = _front([(p[0], p[1]) for p in pts], higher_is_better)
-    fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], name="Pareto front",
-                             mode="lines", line=dict(dash="dash", color="gray"), line_shape="hv",
-                             hoverinfo="skip"))
-    if log_y:
-        fig.update_yaxes(type="log")
-    return fig
-
-
-def pareto_figure(runs: list[dict]) -> go.Figure:
-    """Perplexity (log y) vs parameters of many runs, with the Pareto front (lowest ppl per size)."""
-    return _runs_figure(runs, "Perplexity vs size", "perplexity",
-                        lambda r: _pick(r, "ppl", "ppl_compressed"), higher_is_better=False, log_y=True,
-                        empty="no run has a perplexity yet:<br>compress with perplexity windows, or run Evaluate")
-
-
-def accuracy_figure(runs: list[dict], key: str = "zero_shot_avg") -> go.Figure:
-    """Zero-shot accuracy (``run[key]``) vs parameters, with the front (highest accuracy per size)."""
-    return _runs_figure(runs, "Zero-shot accuracy vs size", key.replace("_", " "),
-                        lambda r: r.get(key), higher_is_better=True, log_y=False,
-                        empty="no run has a zero-shot score yet:<br>tick tasks in Evaluate and run it")
-
-
+# ------------------------------------------------------------------------------------------ training
 def loss_figure(losses: list[float], tokens: list[int] | None = None) -> go.Figure:
     """Recovery-training loss against step (or tokens seen), with an exponential moving average."""
     title = "Recovery training loss"
