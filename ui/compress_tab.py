@@ -1,31 +1,30 @@
 """The Compress tab: model, method, target and allocation (with a per-layer editor), calibration,
-method options (generated from the configs' knobs), a live forecast, the job with its progress, and
-recovery training (heal) of the selected run. :meth:`CompressTab.build` lays it out, :meth:`CompressTab.wire`
-connects it; the handlers are the tab's other methods."""
+method options (generated from the configs' knobs), a live forecast, the job with its progress (the
+finished run is kept and, locally, saved: :mod:`ui.run_saving`), the summary of the selected run, and
+recovery training (heal, :mod:`ui.heal_view`) of the selected run. :meth:`CompressTab.build` lays it
+out, :meth:`CompressTab.wire` connects it; the handlers are the tab's other methods."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import gradio as gr
 
-import viz
 from compression.command import command_for
-from compression.heal import HealConfig, check_fits
 from compression.methods import METHODS
 from compression.models import PACKAGED_MODELS
-from compression.pipeline import Stages, compress_and_measure, heal_and_measure
+from compression.pipeline import Stages, compress_and_measure
 
 from . import calibration_form, forms
 from .calibration_form import MAX_CHAT_EVAL, calibration_line, calibration_spec
 from .common import OK, STOP, WARN, Context, millions, user_errors
+from .heal_view import HealView
 from .jobs import progress_html, watch
 from .page import HIDDEN, HOVER, JOB, LAST, knob_info, knob_slider, option_control, with_option_params
 from .preview_view import PreviewView
-from .runs import Run, Stopped
+from .run_saving import keep_compressed
+from .runs import Run, RunError, Stopped
 from .space import cpu_notice
 
-HEAL_STOPPED = ("Stopped. LoRA adapters are discarded (the run's model is as before); a full-parameter heal "
-                "(rank 0) keeps the steps already taken.")
 DEFAULT_METHOD = "modegpt"  # leads BENCHMARKS.md at ratio 0.25 (with automatic allocation)
 DEFAULT_ALLOCATION = "auto"
 # The chat demo's starting point (bench/calibration_sources.json, default model, self-chat calibration):
@@ -49,6 +48,7 @@ class CompressTab:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.preview = PreviewView(ctx, self)
+        self.healing = HealView(ctx)
         self.option_names = [forms.option_param(m, k) for m, k in forms.option_knobs()]  # the controls' order
 
     # --- the form ------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class CompressTab:
         def job(progress):
             text_weight = 0.4 if "self-chat" in spec.label else 0.02  # generating replies takes minutes
             stages = Stages(progress, {"loading the model": 0.05, "calibration text": text_weight,
-                                       "compressing": 1.0})
+                                       "compressing": 1.0, "saving": 0.05})
             step = stages.stage("loading the model")
             dense, tokenizer = store.get(model_name)
             step(1.0, "ready")
@@ -230,7 +230,8 @@ class CompressTab:
                 seed=int(seed), cache=store.dense, progress=stages.stage("compressing"),
                 calibration=calibration,
                 windows=store.eval_windows(model_name, windows) if windows else None)
-            return Run(session.new_id(), model_name, report.to_dict(), model, tokenizer)
+            run = Run(session.new_id(), model_name, report.to_dict(), model, tokenizer)
+            return run, keep_compressed(session, run, stages.stage("saving"))  # in the session, then on disk
 
         try:
             with user_errors():
@@ -241,12 +242,13 @@ class CompressTab:
             yield "", f"{STOP} Stopped. The dense model is untouched.", {"stopped": True}, \
                 self.runs_dropdown(session), session
             return
-        run = session.add(state.result)
-        yield progress_html(state, "Compress"), self.status(run), self.summary(run), \
+        run, saved = state.result
+        yield progress_html(state, "Compress"), self.status(run, saved), self.summary(run), \
             self.runs_dropdown(session, run.id), session
 
     @staticmethod
-    def status(run: Run) -> str:
+    def status(run: Run, saved: str = "") -> str:
+        """The status line of a finished run; ``saved``: where it was saved (or why not)."""
         r = run.report
         ppl = r.get("evaluation", {}).get("ppl")
         ppl_text = (f" · wiki ppl {ppl['dense']:.2f} → **{ppl['compressed']:.2f}** "
@@ -259,14 +261,17 @@ class CompressTab:
             ppl_text += (f" · on chat replies ({chat.get('conversations')} conversations): "
                          f"top-1 {chat['top1']:.1%}, KL {chat['kl']:.3f}")
         warn = "".join(f"\n\n{WARN} **{w}**" for w in r.get("warnings") or [])
+        saved = f" · {saved}" if saved else ""
         return (f"{OK} **{run.id}**: {millions(r['params_dense'])} → **{millions(r['params_compressed'])}** "
                 f"parameters (blocks −{r['ratio_achieved']:.1%}){ppl_text} in "
-                f"{r['compress_seconds']:.1f} s · calibration: {calibration_line(r)}{warn}")
+                f"{r['compress_seconds']:.1f} s · calibration: {calibration_line(r)}{saved}{warn}")
 
     @staticmethod
     def summary(run: Run) -> dict:
         summary = {k: v for k, v in run.report.items() if not isinstance(v, (list, dict))}
-        summary["run"] = run.id
+        summary["run"], summary["origin"] = run.id, run.origin
+        if run.saved:
+            summary["saved_as"] = run.saved
         summary["calibration"] = calibration_line(run.report)
         summary["command"] = command_for(run.report, out=f"runs/{run.id}")  # "copy as command"
         return summary
@@ -278,9 +283,16 @@ class CompressTab:
         session.request_stop()
         return "", f"{STOP} Stopped. The dense model is untouched."
 
-    def heal_stopped(self, session):
-        session.request_stop()
-        return "", f"{STOP} {HEAL_STOPPED}"
+    @staticmethod
+    def selected_summary(session, run_id):
+        """The summary of the run the picker shows (None without one), so the two never disagree: the
+        picker also changes when a run is loaded, picked or healed, not only when one is compressed."""
+        try:
+            return CompressTab.summary(session.get(run_id))
+        except RunError:
+            return None
+
+    heal = property(lambda self: self.healing.heal)  # the heal handler (ui.heal_view), by its old name
 
     @staticmethod
     def runs_dropdown(session, value=None):
@@ -342,7 +354,7 @@ class CompressTab:
                 c.status = gr.Markdown("")
                 with gr.Accordion("Run summary", open=False):
                     c.summary = gr.JSON(label="report")
-        self._build_heal(c, gpu)
+        self.healing.build(c, gpu)
         return c
 
     @staticmethod
@@ -362,27 +374,6 @@ class CompressTab:
                                    label=f"layer {i}", min_width=110, interactive=True, visible=False)
                          for i in range(forms.MAX_SLIDERS)]
         c.drop_box = gr.CheckboxGroup([], label="Blocks to drop", interactive=True, visible=False)
-
-    @staticmethod
-    def _build_heal(c: SimpleNamespace, gpu: bool) -> None:
-        with gr.Accordion("Recovery training (heal) of the selected run", open=False):
-            gr.Markdown("A short causal-LM fine-tune of the compressed model on calibration text (after the "
-                        "tokens it was calibrated on), LoRA merged back, or every parameter with rank 0. It "
-                        "changes the run's model in place.")
-            with gr.Row():
-                c.heal_tokens = gr.Number(1_000_000 if gpu else 16_384, precision=0, label="Tokens",
-                                          elem_classes=HOVER, info="training budget; LayerChop uses far more")
-                c.heal_rank = gr.Number(8, precision=0, label="LoRA rank", elem_classes=HOVER,
-                                        info="0 trains every parameter")
-                c.heal_len = gr.Number(256, precision=0, label="Sequence length")
-                c.heal_windows = gr.Number(32 if gpu else 4, precision=0, label="Perplexity windows",
-                                           elem_classes=HOVER, info="held-out windows measured before and after (0: skip)")
-            with gr.Row():
-                c.heal_btn = gr.Button("Heal")
-                c.heal_stop = gr.Button("Stop healing", variant="stop")
-            c.heal_progress = gr.HTML("")
-            c.heal_md = gr.Markdown("")
-            c.heal_plot = gr.Plot(label="loss")
 
     def wire(self, page, c: SimpleNamespace, demo, state, run_dd) -> tuple:
         """Connect the tab's events; returns the (compress, heal) events for the runs view to follow."""
@@ -428,12 +419,10 @@ class CompressTab:
                                      [c.progress, c.status, c.summary, run_dd, state], c.status, clear=[c.progress],
                                      api_name="compress", trigger_mode="once", show_progress="hidden", **JOB)
         c.stop_btn.click(self.stop, state, [c.progress, c.status], cancels=[compress_evt], queue=False, **HIDDEN)
-        heal_evt = page.endpoint([c.heal_btn.click], self.heal, [state, run_dd, c.heal_tokens, c.heal_rank,
-                                                                 c.heal_len, c.heal_windows],
-                                 [c.heal_progress, c.heal_md, c.heal_plot], c.heal_md, clear=[c.heal_progress],
-                                 api_name="heal", show_progress="hidden", **JOB)
-        c.heal_stop.click(self.heal_stopped, state, [c.heal_progress, c.heal_md], cancels=[heal_evt], queue=False,
-                          **HIDDEN)
+        heal_evt = self.healing.wire(page, c, state, run_dd)
+        # the summary shows the picker's run, whatever changed it (compress, load, pick) or it (heal)
+        run_dd.change(self.selected_summary, [state, run_dd], c.summary, **HIDDEN, **LAST)
+        heal_evt.then(self.selected_summary, [state, run_dd], c.summary, **HIDDEN)
         self._wire_preview(page, c, state, run_dd, compress_evt)
         return compress_evt, heal_evt
 
@@ -457,42 +446,3 @@ class CompressTab:
         compress_evt.then(**draw)
         gr.on([c.forecast_md.change, run_dd.change, cal.calib_samples.change, cal.calib_len.change,
                cal.calib_source.change], **draw)
-
-    # --- healing -------------------------------------------------------------------------------
-    def heal(self, session, run_id, tokens=16384, lora_rank=8, seq_len=256, ppl_windows=4):
-        """Recovery-train the run's compressed model in place; yields (progress, status, loss figure)."""
-        store = self.ctx.store
-        with user_errors():
-            run = session.get(run_id)
-            if run.model is None:
-                raise ValueError(f"run {run.id}'s model is no longer in memory; compress or load it again")
-            calib = run.report.get("calibration") or {}
-            config = HealConfig(tokens=int(tokens), lora_rank=int(lora_rank), seq_len=int(seq_len),
-                                offset=int(calib.get("tokens", 0)))
-            check_fits(config, run.model, self.ctx.store.info(run.model_name).context)  # before any work
-            windows = int(ppl_windows)
-            if not 0 <= windows <= 64:
-                raise ValueError("perplexity windows must be in [0, 64]")
-
-        def job(progress):
-            eval_windows = store.eval_windows(run.model_name, windows) if windows else None
-            return heal_and_measure(run.model, run.tokenizer, config, eval_windows, progress)
-
-        try:
-            with user_errors():
-                for state in watch(job, session, self.ctx.slot):
-                    if not state.done.is_set():
-                        yield progress_html(state, "Heal"), "", gr.update()
-        except Stopped:
-            yield "", f"{STOP} {HEAL_STOPPED}", viz.loss_figure([])
-            return
-        rec = state.result
-        run.report["heal"] = rec
-        if rec.get("ppl_after") is not None:
-            run.report["ppl_compressed"] = rec["ppl_after"]
-        run.metrics = {}  # evaluation numbers describe the model before healing
-        ppl = (f" · ppl {rec['ppl_before']:.2f} → **{rec['ppl_after']:.2f}** ({windows} windows)"
-               if rec.get("ppl_after") is not None else "")
-        status = (f"{OK} healed **{run.id}** on {rec['tokens']:,} tokens in {rec['seconds']:.0f} s · loss "
-                  f"{rec['loss'][0]:.3f} → {rec['loss'][-1]:.3f}{ppl}")
-        yield progress_html(state, "Heal"), status, viz.loss_figure(rec["loss"], rec.get("tokens_seen"))

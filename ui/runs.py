@@ -1,4 +1,4 @@
-"""Per-session runs and everything that touches files: save, zip, load (the app's trust boundary).
+"""Per-session runs and loading them from files (the app's trust boundary; saving and zips: :mod:`ui.run_saving`).
 
 The app may be a public Space, so every upload, folder name and report is hostile until checked:
 
@@ -85,12 +85,20 @@ class Run:
     tokenizer: Any = None
     metrics: dict = field(default_factory=dict)  # settings-keyed evaluation results, see ui.evaluate
     note: str = ""  # what loading left out, and why (shown in the load status)
+    saved: str = ""  # the folder under the runs root this session saved it to (ui.run_saving), or ""
+    loaded_from: str = ""  # a folder name under the runs root, or "an upload"; "" when compressed here
+
+    @property
+    def origin(self) -> str:
+        """Where the run came from: a loaded run is a copy of a saved one, not the run that made it."""
+        return f"loaded from {self.loaded_from}" if self.loaded_from else "compressed in this session"
 
     @property
     def label(self) -> str:
         r = self.report
+        loaded = f" · loaded from {self.loaded_from}" if self.loaded_from else ""
         return (f"{self.id} · {r.get('method')} −{100 * (r.get('ratio_achieved') or 0):.0f}% · "
-                f"{Path(self.model_name).name or self.model_name}")
+                f"{Path(self.model_name).name or self.model_name}{loaded}")
 
 
 class Session:
@@ -185,39 +193,6 @@ class Session:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-
-# --- saving --------------------------------------------------------------------------------------
-
-def zip_run(session: Session, run: Run) -> Path:
-    """``<workdir>/downloads/<id>-<method>.zip`` with the model and report.json at its top level.
-
-    Safetensors do not compress, so members are stored, not deflated (seconds instead of a minute
-    for a few hundred MB). The name comes from the app's run id and a validated method name."""
-    from compression import pipeline
-
-    if run.model is None:
-        raise RunError(f"run {run.id}'s model is no longer in memory (only its report is); "
-                       "compress or load it again to download it")
-    validated_report(run.report)  # the method name below is one of the registry's
-    stage = inside(session.workdir, "downloads", run.id)
-    archive = inside(session.workdir, "downloads", f"{run.id}-{run.report['method']}.zip")
-    downloads = inside(session.workdir, "downloads")
-    if downloads.is_dir():  # one download per session: the page shows only the latest
-        for old in downloads.iterdir():
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-    pipeline.save(stage, run.model, run.tokenizer, run.report)
-    tmp = archive.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for file in sorted(stage.iterdir()):
-            if file.is_file():
-                zf.write(file, arcname=file.name)
-    tmp.replace(archive)
-    shutil.rmtree(stage, ignore_errors=True)
-    return archive
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -402,7 +377,7 @@ def load_run(session: Session, upload: str | Path | None = None, folder: str | N
         if staging is not None and where is staging:
             shutil.rmtree(staging, ignore_errors=True)
     run = Run(session.new_id(), report.get("model") or "uploaded run", report, model, tokenizer,
-              note="; ".join(notes))
+              note="; ".join(notes), loaded_from="an upload" if upload else name)
     if upload:
         discard_upload(file)
     return session.add(run)
