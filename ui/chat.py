@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -25,6 +25,7 @@ MAX_NEW_TOKENS = 512
 MAX_HISTORY_MESSAGES = 200  # user and assistant messages a conversation may send back
 MAX_HISTORY_MESSAGE_CHARS = 2 * MAX_MESSAGE_CHARS  # a message, or a reply of MAX_NEW_TOKENS tokens
 CHARS_PER_TOKEN = 16  # history kept before tokenizing: context × this many characters, newest first
+MAX_GENERATION_SECONDS = 600.0  # one reply's wall time at most, whoever is (or is no longer) listening
 OWN = "own"  # build_prompt's template: the tokenizer's own chat template
 
 
@@ -165,13 +166,39 @@ def _sample(logits: torch.Tensor, previous: list[int], s: Sampling, gen: torch.G
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+@dataclass
+class Halt:
+    """When a generation ends early, checked before every token: its job's stop flag was set (Stop,
+    a cancelled or vanished client), or it has run for ``seconds`` since it was made. A thread whose
+    request was cancelled thus ends within a token instead of burning a core to the token cap.
+    ``reason`` says which ("" while it runs on)."""
+
+    stop: threading.Event | None = None
+    seconds: float = field(default_factory=lambda: MAX_GENERATION_SECONDS)
+    started: float = field(default_factory=time.monotonic)
+    reason: str = ""
+
+    def __call__(self) -> bool:
+        if self.stop is not None and self.stop.is_set():
+            self.reason = "stopped"
+        elif time.monotonic() - self.started > self.seconds:
+            self.reason = "time limit"
+        return bool(self.reason)
+
+    def note(self) -> str:
+        """What the reply's stats line says about an early end ("" when there was none)."""
+        return f"cut at the {self.seconds:.0f} s time limit · " if self.reason == "time limit" else ""
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompt: torch.Tensor, s: Sampling,
-             context: int | None = None) -> Iterator[tuple[str, int, float]]:
+def generate(model, tokenizer, prompt: torch.Tensor, s: Sampling, context: int | None = None,
+             halt: Halt | None = None) -> Iterator[tuple[str, int, float]]:
     """Yield (text so far, tokens, seconds spent in the model) after every new token (KV cache).
 
     context: the prompt is cut from the left to ``context - max_new_tokens`` tokens; pass the served
-    dense model's context (:func:`context_of`), since an uploaded run's config may claim any."""
+    dense model's context (:func:`context_of`), since an uploaded run's config may claim any.
+    halt: ends the reply early (:class:`Halt`; default: the time limit alone)."""
+    halt = halt if halt is not None else Halt()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(s.seed))
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
@@ -179,6 +206,8 @@ def generate(model, tokenizer, prompt: torch.Tensor, s: Sampling,
     ids, cache, out, seconds = prompt[:, -max(limit, 1):].to(device), None, [], 0.0
     context = prompt[0].tolist()
     for _ in range(int(s.max_new_tokens)):
+        if halt():
+            break
         t0 = time.perf_counter()
         logits, cache = cached_step(model, ids, cache)
         token = _sample(logits[0, -1], context + out, s, gen)
@@ -201,14 +230,16 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
     """Answer ``message`` with every (model, tokenizer) in ``pairs`` in lockstep, same settings and seed.
 
     Yields the updated histories (gradio "messages" format) after each step; a ``<sub>... tok/s</sub>``
-    line closes every reply: tokens, time to the first token, and decode tokens/s after it. A pair may be None (that side is left alone).
+    line closes every reply: tokens, time to the first token, and decode tokens/s after it (and "cut at
+    the … time limit" when :class:`Halt` ended it). A pair may be None (that side is left alone).
     templates: one chat template per pair (see :func:`build_prompt`; default: each tokenizer's own);
     context: the served dense model's context, for every pair (default: each model's own).
     """
     histories = [list(h or []) for h in histories]
     templates = list(templates) if templates is not None else [OWN] * len(pairs)
-    streams = []
+    streams, halts = [], []
     for (pair, hist, template) in zip(pairs, histories, templates):
+        halts.append(Halt(stop))
         if pair is None:
             streams.append(None)
             continue
@@ -216,7 +247,7 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
             return
         model, tok = pair
         prompt = build_prompt(tok, hist, message, s.chat_template, template, context or context_of(model))
-        streams.append(generate(model, tok, prompt, s, context))
+        streams.append(generate(model, tok, prompt, s, context, halts[-1]))
         hist += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
     alive = [st is not None for st in streams]
     first = [None] * len(streams)  # seconds to the first token: the prompt's prefill and one sample
@@ -237,6 +268,6 @@ def chat_stream(pairs: list[tuple], histories: list[list[dict]], message: str, s
             decode = seconds - (first[i] or 0.0)
             rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
             ttft = f"first token {first[i]:.2f} s · " if first[i] is not None else ""
-            histories[i][-1] = {"role": "assistant",
-                                "content": f"{text or NO_REPLY}\n\n<sub>{n} tokens · {ttft}{rate:.1f} tok/s</sub>"}
+            stats = f"{halts[i].note()}{n} tokens · {ttft}{rate:.1f} tok/s"
+            histories[i][-1] = {"role": "assistant", "content": f"{text or NO_REPLY}\n\n<sub>{stats}</sub>"}
         yield histories

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .chat import Sampling, build_prompt, chat_stream, check_history, check_message, context_of, generate
+from .chat import (NO_REPLY, Halt, Sampling, build_prompt, chat_stream, check_history, check_message, context_of,
+                   generate)
 from .common import STOP, Context, user_errors
 from .jobs import progress_html, watch
 from .runs import Stopped
@@ -20,6 +21,8 @@ CHAT_EXAMPLES = ["Write a haiku about autumn.", "Explain photosynthesis to a ten
 COMPARE_MAX_TOKENS = 96  # per reply in the comparison table: prompts x models replies on one slot
 PROMPT_WIDTH = 16  # % of the comparison table's width for the prompt column
 NOT_IN_MEMORY = "_(run {id}'s model is no longer in memory, only its report: compress or load it again)_"
+STOPPED_CELL = f"{STOP} stopped"  # a comparison cell whose model was stopped before it answered
+MAX_TABLE_ROWS = 64  # rows of a comparison table sent back with Stop (the page has as many as prompts)
 
 
 class ChatTab:
@@ -122,9 +125,10 @@ class ChatTab:
                     where = f"{headers[col].split(' · ')[0]}, prompt {row + 1}/{len(prompts)}"
                     progress(done / total, f"{where}: prompt")
                     ids = build_prompt(tok, [], prompt, s.chat_template, template, context)
-                    for text, n, _ in generate(model, tok, ids, s, context):
+                    for text, n, _ in generate(model, tok, ids, s, context, Halt(progress.stop)):
                         rows[row][col] = text
                         progress((done + n / s.max_new_tokens) / total, f"{where}: {n} tokens")
+                    rows[row][col] = rows[row][col] or NO_REPLY.strip("_")  # empty: "not answered" (Stop)
                     done += 1
             return rows
 
@@ -138,12 +142,16 @@ class ChatTab:
                 for state in watch(job, session, self.ctx.slot):
                     yield progress_html(state, "Compare"), table()  # replies appear as they are written
         except Stopped:
-            yield f"{STOP} Stopped; the replies so far are in the table.", table()
+            yield f"{STOP} Stopped; the replies so far are in the table.", stopped_table(table()["value"])
 
     @staticmethod
-    def stopped():
-        """(status, blank progress panel) when Stop cancels a reply or the comparison."""
-        return f"{STOP} Stopped.", ""
+    def stopped(session, table=None):
+        """(status, blank progress panel, comparison table) when Stop cancels a reply or the
+        comparison: the session's job hears its stop flag within a token (a cancelled stream alone
+        may never be pulled again, nor closed), and every model's cell the comparison had not
+        reached says so (the cancelled stream cannot send its last table)."""
+        session.request_stop()
+        return f"{STOP} Stopped.", "", stopped_table(table)
 
     @staticmethod
     def clear():
@@ -195,8 +203,8 @@ class ChatTab:
         compare_evt = page.endpoint([c.compare_btn.click], self.compare, [state, c.runs, model, *c.sampling],
                                     [c.compare_progress, c.compare_table], c.status, clear=[c.compare_progress],
                                     show_progress="hidden", **JOB)
-        c.stop_btn.click(self.stopped, None, [c.status, c.compare_progress], cancels=[chat_evt, compare_evt],
-                         queue=False, **HIDDEN)
+        c.stop_btn.click(self.stopped, [state, c.compare_table], [c.status, c.compare_progress, c.compare_table],
+                         cancels=[chat_evt, compare_evt], queue=False, **HIDDEN)
         c.clear_btn.click(self.clear, None, [*panes, c.msg], queue=False, **HIDDEN)
 
 
@@ -207,6 +215,23 @@ def templates(dense: tuple, runs: int) -> list:
     from .chat import OWN
 
     return [OWN] + [getattr(dense[1], "chat_template", None)] * runs
+
+
+def stopped_table(table):
+    """The comparison table after Stop: each model's empty cell (no answer yet) says "■ stopped";
+    prompts and replies stay as they are. ``table``: the table as the page holds it (a DataFrame,
+    or {headers, data}); at most :data:`MAX_TABLE_ROWS` rows of it come back. No rows: no change."""
+    if table is None:
+        return gr.update()
+    if isinstance(table, dict):
+        headers, data = list(table.get("headers") or []), table.get("data") or []
+    else:  # the page sends a pandas DataFrame
+        headers, data = [str(h) for h in table.columns], table.values.tolist()
+    if not data:
+        return gr.update()
+    rows = [[cell if isinstance(cell, str) else "" for cell in row] for row in list(data)[:MAX_TABLE_ROWS]]
+    rows = [row[:1] + [cell or STOPPED_CELL for cell in row[1:]] for row in rows]
+    return gr.update(value=dict(headers=headers, data=rows))
 
 
 def padded(histories: list) -> list:
