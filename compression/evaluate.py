@@ -252,18 +252,22 @@ def _prompt(model, prompt_len: int, seed: int, batch: int = 1) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
-def _greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Seconds for the prefill of ``ids`` and for ``new_tokens`` cached greedy steps after it."""
+def _greedy(model, ids: torch.Tensor, new_tokens: int, between: Callable[[], None] = lambda: None
+            ) -> tuple[float, float]:
+    """Seconds for the prefill of ``ids`` and for ``new_tokens`` cached greedy steps after it;
+    ``between()`` runs after every forward (a stop check: it may raise to end the run)."""
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
     logits, cache = cached_step(model, ids)
     _sync(device)
     t1 = time.perf_counter()
+    between()
     token = logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
         logits, cache = cached_step(model, token, cache)
         token = logits[:, -1:].argmax(-1)
+        between()
     _sync(device)
     return t1 - t0, time.perf_counter() - t1
 
@@ -278,21 +282,34 @@ def speed(model, prompt_len: int = 512, new_tokens: int = 128, repeats: int = 3,
 
 @torch.no_grad()
 def speed_side_by_side(models: dict, prompt_len: int = 512, new_tokens: int = 128, rounds: int = 3,
-                       seed: int = 0, batch: int = 1, memory: bool = True) -> dict[str, dict[str, float]]:
+                       seed: int = 0, batch: int = 1, memory: bool = True,
+                       progress: Progress = _noop) -> dict[str, dict[str, float]]:
     """:func:`speed` for several models in one process, rounds alternating between them (A B A B …)
     so that drift on a shared machine hits every model alike; same prompt and thread count for all.
 
     ``batch`` sequences of ``prompt_len`` tokens are prefilled together and decoded together; rates
     count the tokens of the whole batch. Per model: ``prefill_tok_s`` and ``decode_tok_s`` are medians
     over rounds; their spread comes with them: ``<metric>_rounds`` (every round's rate, in order),
-    ``<metric>_min`` and ``<metric>_max``; ``peak_mem_mb`` unless ``memory`` is False."""
+    ``<metric>_min`` and ``<metric>_max``; ``peak_mem_mb`` unless ``memory`` is False. ``progress``
+    hears of every warm-up, round and memory run of every model, and is called again after each
+    forward, so a progress that raises (a stop) ends the measurement within one forward."""
     prompts = {name: _prompt(m, prompt_len, seed, batch) for name, m in models.items()}
+    steps = len(models) * (1 + rounds + memory)
+    done = iter(range(steps))
+
+    def step(what: str) -> Callable[[], None]:
+        """Report the next step; returns the check that repeats the report between forwards."""
+        report = ((next(done) / steps), what)
+        progress(*report)
+        return lambda: progress(*report)
+
     for name, m in models.items():
-        m(prompts[name][:, :16], use_cache=False)  # warm-up
+        step(f"warm-up, {name}")
+        m(prompts[name][:, :16], use_cache=False)
     samples = {name: {"prefill_tok_s": [], "decode_tok_s": []} for name in models}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, m in models.items():
-            prefill_s, decode_s = _greedy(m, prompts[name], new_tokens)
+            prefill_s, decode_s = _greedy(m, prompts[name], new_tokens, step(f"round {r + 1}/{rounds}, {name}"))
             samples[name]["prefill_tok_s"].append(batch * prompt_len / prefill_s)
             samples[name]["decode_tok_s"].append(batch * new_tokens / decode_s)
     out = {name: {**_spread("prefill_tok_s", samples[name]["prefill_tok_s"]),
@@ -301,7 +318,8 @@ def speed_side_by_side(models: dict, prompt_len: int = 512, new_tokens: int = 12
            for name in models}
     if memory:
         for name, m in models.items():
-            out[name]["peak_mem_mb"] = inference_memory_mb(m, prompts[name])
+            out[name]["peak_mem_mb"] = inference_memory_mb(m, prompts[name], between=step(f"memory, {name}"))
+    progress(1.0, "done")
     return out
 
 
@@ -312,7 +330,8 @@ def _spread(metric: str, rates: list[float]) -> dict:
 
 
 @torch.no_grad()
-def inference_memory_mb(model, ids: torch.Tensor, new_tokens: int = 16) -> float:
+def inference_memory_mb(model, ids: torch.Tensor, new_tokens: int = 16,
+                        between: Callable[[], None] = lambda: None) -> float:
     """Memory to hold the model and run a prefill of ``ids`` plus ``new_tokens`` cached steps.
 
     CUDA: the allocator's peak during the run (weights included). CPU: the weights' bytes plus the
@@ -322,13 +341,13 @@ def inference_memory_mb(model, ids: torch.Tensor, new_tokens: int = 16) -> float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        _greedy(model, ids, new_tokens)
+        _greedy(model, ids, new_tokens, between)
         return torch.cuda.max_memory_allocated(device) / 2**20
     weights = sum(t.numel() * t.element_size()
                   for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
     _release_free_memory()  # else freed blocks the allocator kept would hide the run's growth
     with _PeakResident() as rss:
-        _greedy(model, ids, new_tokens)
+        _greedy(model, ids, new_tokens, between)
     return (weights + rss.growth) / 2**20
 
 
