@@ -34,6 +34,11 @@ CSS = jobs.CSS + """
 .prose table, .prose th, .prose td, .header-cell, .header-cell * {word-break: normal !important;
   overflow-wrap: normal !important; hyphens: none;}
 .prose td[align="right"], .prose td[style*="right"] {white-space: nowrap;}
+@font-face {font-family: "Source Sans Pro Whole"; font-style: normal; font-weight: 400;
+  src: url("static/fonts/SourceSansPro/SourceSansPro-Regular.woff2") format("woff2");}
+@font-face {font-family: "Source Sans Pro Whole"; font-style: normal; font-weight: 600 700;
+  src: url("static/fonts/SourceSansPro/SourceSansPro-Bold.woff2") format("woff2");}
+.gradio-container {--font: "Source Sans Pro Whole", "Source Sans Pro", ui-sans-serif, system-ui, sans-serif;}
 """  # knobs show their help under the label; the "?" marks that they have some. Chat panes: gradio's
 # Chatbot floats its label and buttons (absolute, top 0) over the scrolling message list, whose top
 # padding scrolls away with the messages, so a scrolled user message slid under the pane's header;
@@ -43,6 +48,11 @@ CSS = jobs.CSS + """
 # track out of its box over the max label; it may shrink now. Tables (markdown and data frames):
 # gradio breaks words anywhere to fit a narrow column ("compresse/d", "473.2 M/B"); they wrap at
 # spaces only, and right-aligned (number) cells not at all, so a column is as wide as its longest word.
+# Bold text: the theme's font (Source Sans Pro) takes its bold from gradio's SemiBold file, which holds
+# 55 glyphs ("A" and "B" among them, no digits), so bold words fell back glyph by glyph to a wider
+# system font ("473.2 M" in one font, "B" in another): bold now comes from the complete Bold file it
+# ships. A family of its own, first in the font list: gradio's theme stylesheet loads after this CSS, so
+# a face redefined under its family name would lose to the broken one.
 
 # The tab bar wraps onto a second row where it does not fit (a phone): gradio's default hides the
 # tabs that do not fit behind a "⋯" menu, two taps away.
