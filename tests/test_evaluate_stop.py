@@ -83,6 +83,21 @@ def test_speed_rounds_report_every_step_and_stop_within_a_forward():
     assert len(forwards) == 1 + 51  # warm-up and round 1 of b: nothing after the stop
 
 
+def test_the_zero_shot_stop_check_hears_only_forwards_of_its_own_thread():
+    model, calls = tiny_model(), []
+    beat = E.Heartbeat(lambda fraction, message="": calls.append((fraction, message)))
+    beat(0.5, "zero-shot arc_easy")
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    with torch.no_grad(), E.beating(model, beat):
+        model(ids)  # lm-eval's forward, in the job's thread: the report repeats (a Stop raises here)
+        other = threading.Thread(target=lambda: model(ids))  # another session's chat on the shared model
+        other.start()
+        other.join()
+    with torch.no_grad():
+        model(ids)  # after the block: no hook left
+    assert calls == [(0.5, "zero-shot arc_easy")] * 2
+
+
 # ------------------------------------------------------------------------------------ Stop, every stage
 STAGES = {"perplexity": dict(ppl_windows=16, tasks=[], limit=0, measure_speed=False),
           "zero-shot": dict(ppl_windows=0, tasks=["arc_easy"], limit=400, measure_speed=False),

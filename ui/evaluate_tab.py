@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -57,8 +58,14 @@ class Heartbeat:
 @contextlib.contextmanager
 def beating(model, heartbeat: Heartbeat):
     """``heartbeat`` repeats its last report before every forward of ``model`` in the block (a
-    Stop raises there, between two batches of requests)."""
-    handle = model.register_forward_pre_hook(heartbeat.beat)
+    Stop raises there, between two batches of requests). Only forwards of this thread: the dense
+    model is shared, and another session's chat must never hear this job's stop."""
+    owner = threading.get_ident()
+
+    def beat(*_):
+        if threading.get_ident() == owner:
+            heartbeat.beat()
+    handle = model.register_forward_pre_hook(beat)
     try:
         yield
     finally:
