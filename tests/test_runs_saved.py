@@ -248,3 +248,42 @@ def test_the_summary_follows_the_run_picker(tabs, tiny_folder, root):
     healed = [fn for fn in demo.fns.values()
               if report in fn.outputs and getattr(fn.fn, "__name__", "") == "selected_summary"]
     assert len(healed) == 2  # also after a heal, which changes the selected run's report
+
+
+# --- in a real browser: pick a saved run, load it, and each download is one click ----------------------
+@pytest.mark.slow
+def test_in_the_browser_a_saved_run_loads_and_each_download_is_one_click(compressed, tiny_folder, root):
+    import shutil
+
+    from app_helpers import _free_port
+
+    from compression import pipeline
+
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip(f"Chromium not found at {chromium}")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    run = compressed.get("r1")
+    pipeline.save(root / "kept", run.model, run.tokenizer, run.report)
+    demo = app.build_app(tiny_folder, device="cpu")
+    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(240_000)
+            page.goto(demo.local_url)
+            page.get_by_role("tab", name="Runs").click()
+            page.wait_for_function("() => [...document.querySelectorAll('input')].some(i => i.value.startsWith('kept · '))")
+            page.get_by_role("button", name="Load saved run").click()
+            page.get_by_text("loaded from kept").first.wait_for()
+            with page.expect_download() as zipped:  # one click: the zip is made, then it downloads
+                page.get_by_role("button", name="Download the selected run").click()
+            assert zipped.value.suggested_filename == "r1-slicegpt-fp32.zip"
+            with page.expect_download() as table:
+                page.get_by_role("button", name="Runs table as CSV").click()
+            assert table.value.suggested_filename == "runs.csv"
+            assert "loaded from kept" in Path(table.value.path()).read_text()
+            browser.close()
+    finally:
+        demo.close()
