@@ -111,6 +111,8 @@ def test_saved_runs_are_listed_newest_first_and_load_marked_as_loaded(tabs, comp
     assert len(names) == 50 and names[1:4] == ["old54", "old53", "old52"]
     assert "broken" not in names and not any(n.startswith(".") for n in names)
     assert "slicegpt" in picker["choices"][0][0]
+    assert tabs.runs.saved_choices("old53")["value"] == "old53"  # a pick stays while listed
+    assert tabs.runs.saved_choices("old00")["value"] == "r1-20260101-000000"  # not among the newest 50
 
     from ui.runs_tab import RunsTab
 

@@ -121,10 +121,12 @@ class RunsTab:
         """(CSV file, JSON file) of the Runs table for the two download buttons; None without runs."""
         return write_tables(session) if session.runs else (None, None)
 
-    def saved_choices(self):
-        """The saved-runs picker: the runs under the runs root, newest first (none on a Space)."""
+    def saved_choices(self, current=None):
+        """The saved-runs picker: the runs under the runs root, newest first (none on a Space); the
+        ``current`` pick stays while it is listed, else the newest is picked."""
         choices = saved_runs(runs_root(), self.labels)
-        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+        names = [name for _, name in choices]
+        return gr.update(choices=choices, value=current if current in names else (names or [None])[0])
 
     def load_saved(self, session, upload=None, folder="", request: gr.Request = None):
         """Load a saved run (uploaded zip / report.json, or a folder name under the runs root)."""
@@ -200,10 +202,10 @@ class RunsTab:
         for event in [*after, load_evt, listed_evt]:
             event.then(self.view, state, outputs, **HIDDEN).then(self.tables, state, [c.csv, c.json], **HIDDEN)
         for event in after:  # a finished compression or heal is saved: list it
-            event.then(self.saved_choices, None, c.saved, **HIDDEN)
+            event.then(self.saved_choices, c.saved, c.saved, **HIDDEN)
         tab.select(self.view, state, outputs, **HIDDEN)  # drawn while hidden, the legend came back clipped
         tab.select(self.tables, state, [c.csv, c.json], **HIDDEN)
-        tab.select(self.saved_choices, None, c.saved, **HIDDEN)
+        tab.select(self.saved_choices, c.saved, c.saved, **HIDDEN)
         zipped = page.endpoint([c.dl_btn.click], self.download, [state, run_dd, c.dl_dtype], [c.dl_file],
                                c.dl_status, api_name="download", **JOB)
         zipped.then(None, c.dl_status, None, js=CLICK_ZIP, **HIDDEN)  # one click: the zip downloads when ready
