@@ -1,5 +1,5 @@
 """A BENCHMARKS.md section between two HTML-comment markers, written by one benchmark and kept by the
-others when they rewrite the file (bench.latency, bench.preview)."""
+others when they rewrite the file (bench.latency, bench.compress_cost, bench.preview)."""
 from __future__ import annotations
 
 import json

@@ -358,8 +358,10 @@ Lowest perplexity at each target ratio (computed from the rows above):
                           sorted((results.parent / "qwen").glob("headline*.json")))
     text += ratio_section(rows, sorted((results.parent / "qwen").glob("headline*.json")))
     from .latency import section as latency_section
+    from .compress_cost import section as compress_cost_section
     from .preview import section as preview_section
 
     text += latency_section(results.parent / "latency.json")
+    text += compress_cost_section(results.parent / "compress_cost.json")
     text += preview_section(results.parent / "preview.json")
     markdown.write_text(text)

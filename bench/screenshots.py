@@ -63,6 +63,7 @@ def shoot(url: str, out: Path, method: str, ratio: float, prompt: str, timeout_s
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
                                     headless=True, args=CHROMIUM_ARGS)
+        phone(browser, url, out / "phone.png", int(timeout_s * 1000))
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
             _flow(page, url, out, method, ratio, prompt, timeout_s, saved, saved_layer)
@@ -135,6 +136,27 @@ def compare(page, path: Path, ms: int, timeout_s: float) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
+def forecast(page, path: Path, ms: int) -> None:
+    """The error forecast after Measure: per-layer predicted errors and the trade-off curve."""
+    page.get_by_role("button", name="Measure", exact=True).click()
+    page.get_by_text("Forecast total error").first.wait_for(timeout=ms)
+    page.wait_for_timeout(1500)
+    page.get_by_text("Error forecast (before compressing)").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(path), full_page=True)
+
+
+def phone(browser, url: str, path: Path, ms: int) -> None:
+    """The page at phone width (390 × 844): the tab bar wraps, the form in one column."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(url)
+        page.get_by_text("Training-free compression").first.wait_for(timeout=ms)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(path))
+    finally:
+        page.close()
+
+
 def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
     page.get_by_label(method_label(method)).check()
     page.get_by_text(method_note_start(method)).first.wait_for(timeout=ms)  # the form follows
@@ -142,6 +164,7 @@ def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
     ratio_box.fill(str(ratio))
     ratio_box.press("Enter")
     page.wait_for_timeout(2000)  # the live forecast
+    forecast(page, out / "tab_compress_forecast.png", ms)
     page.get_by_role("button", name="Compress", exact=True).click()
     page.locator(".job-progress").first.wait_for(timeout=30_000)  # painted within seconds, first run too
     page.wait_for_timeout(8000)
@@ -193,7 +216,7 @@ def main() -> None:
 
         demo = app.build_app(args.model or DEFAULT_MODEL)
         demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                            css=app.CSS, quiet=True)
+                            quiet=True, **app.launch_options())
         url = demo.local_url
     try:
         shoot(url, args.out, args.method, args.ratio, args.prompt, args.timeout, args.saved, args.saved_layer)

@@ -54,12 +54,12 @@ def test_evaluate_table_states_its_sample(tabs, compressed):
     assert "perplexity (wiki, 1 × 1024-token windows; 95% interval)" in table
     assert any(name.startswith("top-1 next-token agreement") for name in table)
     for metric in ("parameters", "block parameters", "weights (MB)", "peak memory (MB)",
-                   "prefill tokens/s (median of 5 alternating rounds; min–max)",
-                   "decode tokens/s (median of 5 alternating rounds; min–max)"):
+                   "prefill tokens/s (median of 5 alternating rounds at batch 1; min – max)",
+                   "decode tokens/s (median of 5 alternating rounds at batch 1; min – max)"):
         assert metric in table, metric
-    for speed in ("prefill", "decode"):  # median (min–max, n rounds) for both models
-        row = table[f"{speed} tokens/s (median of 5 alternating rounds; min–max)"]
-        assert all(re.fullmatch(r"[\d,.]+ \([\d,.]+–[\d,.]+, 5 rounds\)", cell) for cell in row[1:3]), row
+    for speed in ("prefill", "decode"):  # median (min – max, n rounds) for both models
+        row = table[f"{speed} tokens/s (median of 5 alternating rounds at batch 1; min – max)"]
+        assert all(re.fullmatch(r"[\d,.]+ \([\d,.]+ – [\d,.]+, 5 rounds\)", cell) for cell in row[1:3]), row
     assert not any("_rounds" in name or name.endswith(("_min", "_max")) for name in table)
     assert table["block parameters"][3].startswith("-") and table["weights (MB)"][1].endswith("MB")
     assert compressed.get("r1").report["evaluation"]["ppl"]["windows"] == 1
@@ -166,7 +166,13 @@ def test_runs_table_and_pareto(tabs, compressed):
 
     assert rows[0][:3] == ["r1", compressed.get("r1").model_name, "slicegpt"]
     assert len(rows[0]) == len(RUN_COLUMNS) and isinstance(rows[0][5], float)  # params in millions
-    assert {"slicegpt", "dense", "Pareto front"} <= {t.name for t in pareto.data}
+    names = {t.name for t in pareto.data}
+    assert {"slicegpt", "dense"} <= names
+    report = compressed.get("r1").report  # smaller and worse than dense: both on the front, a line joins them
+    assert ("Pareto front" in names) == (report["ppl_compressed"] > report["ppl_dense"])
+    run_trace = next(t for t in pareto.data if t.name == "slicegpt")
+    lo, hi = report["evaluation"]["ppl"]["compressed_ci"]  # the measured interval as the error bar
+    assert run_trace.error_y.array[0] == pytest.approx(hi - report["ppl_compressed"])
 
 
 def test_session_close_and_unload_free_models(tabs, tiny_folder):

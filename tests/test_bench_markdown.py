@@ -144,3 +144,19 @@ def test_inference_section_names_what_falls_short_of_the_target():
     text = "\n".join(inference_markdown(inf))
     assert "| modegpt | 108.0 M | 110 (1.10×) | 10.0 (1.00×) | 120 (1.20×) | 11.2 (1.12×) |" in text
     assert "Below it: modegpt decode (1.125×)." in text and "prefill (" not in text
+
+
+def test_compress_cost_section_gives_the_ratio_to_the_forward_and_the_sweeps_ppl(tmp_path):
+    from bench import compress_cost
+
+    result = {"machine": {"threads": 2}, "settings": {"calibration": [64, 512, "wiki"], "ppl_windows": 32},
+              "target_per_forward": 1.5,
+              "rows": [{"method": "olica", "ratio": 0.25, "forward_s": 50.0, "compress_s": 66.0, "per_forward": 1.32,
+                        "ppl": 35.59, "stages": {"forwards": 40.0, "statistics": 17.0, "copy": 0.01}}]}
+    path = tmp_path / "compress_cost.json"
+    path.write_text(__import__("json").dumps(result))
+    text = compress_cost.section(path)
+    assert text.startswith("\n" + compress_cost.SECTION[0])
+    row = next(line for line in text.splitlines() if line.startswith("| olica"))
+    assert "1.32×" in row and "forwards 40.0 · statistics 17.0 |" in row  # largest first, tiny stages left out
+    assert "35.59 (35.59)" in row  # the sweep's perplexity from bench/results.json beside it

@@ -28,6 +28,7 @@ sync_api = pytest.importorskip("playwright.sync_api",
                                reason="the playwright package is not installed (pip install playwright)")
 pytest.importorskip("gradio")
 from app_helpers import _free_port  # noqa: E402
+from ui.common import STOP  # noqa: E402
 
 
 def _serve(model):
@@ -35,7 +36,7 @@ def _serve(model):
 
     demo = app.build_app(model, device="cpu")
     demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
-                        quiet=True, css=app.CSS)
+                        quiet=True, **app.launch_options())
     return demo
 
 
@@ -137,6 +138,26 @@ def test_the_default_model_gets_one_interactive_slider_per_layer(browser):
         demo.close()
 
 
+def test_at_phone_width_every_tab_is_one_tap_away(browser, url, tmp_path):
+    """390 px wide: the tab bar wraps instead of hiding tabs behind an overflow menu."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(url)
+        for name in ("Compress", "Inspect", "Evaluate", "Chat", "Runs"):
+            tab = page.get_by_role("tab", name=name)
+            tab.wait_for()
+            box = tab.bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, name
+        page.get_by_role("tab", name="Runs").click()
+        page.get_by_text("This session's runs").first.wait_for()
+    except Exception:
+        page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+        print("page at failure:", tmp_path / "phone.png")
+        raise
+    finally:
+        page.close()
+
+
 def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
     try:
         page.get_by_text("Training-free compression").first.wait_for()
@@ -227,8 +248,15 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         layer_box.press("Enter")
         page.get_by_text("Layer 1: eigenvalue spectra").first.wait_for()
 
-        # Evaluate: every number states its sample
+        # Evaluate: Stop returns the tab to a ready state within seconds, then every number states its sample
         page.get_by_role("tab", name="Evaluate").click()
+        page.get_by_label("number input for Perplexity windows", exact=True).fill("64")  # long enough to stop
+        page.get_by_label("piqa").check()
+        page.get_by_role("button", name="Evaluate dense vs compressed").click()
+        page.locator(".job-progress").locator("visible=true").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Stop", exact=True).locator("visible=true").first.click()
+        page.get_by_text(f"{STOP} Stopped.").locator("visible=true").first.wait_for(timeout=15_000)
+        assert page.get_by_text("Evaluate 100%").count() == 0  # stopped, not finished
         page.get_by_label("number input for Perplexity windows", exact=True).fill("1")
         page.get_by_label("Zero-shot items per task").fill("5")
         page.get_by_label("piqa").check()
@@ -266,6 +294,13 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         table = page.locator(".compare-table")
         for text in ("Write a haiku about autumn.", "dense", "r1 · modegpt"):
             assert table.get_by_text(text).count() >= 1, text
+
+        # a reload starts a new session: r1 was saved under the runs root and loads back in one click
+        page.reload()
+        page.get_by_role("tab", name="Runs").click()
+        page.wait_for_function("() => [...document.querySelectorAll('input')].some(i => /^r1-/.test(i.value))")
+        page.get_by_role("button", name="Load saved run").click()
+        page.get_by_text("loaded from r1-").first.wait_for()
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         print("page at failure:", tmp_path / "failure.png")

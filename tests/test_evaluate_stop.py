@@ -238,3 +238,16 @@ def test_the_tab_wires_stop_downloads_and_keeps_the_endpoint(tiny_folder):
     cancel = next(fn for fn in fns if page._id in (fn.cancels or []))
     stop = next(fn for fn in fns if getattr(fn.fn, "__name__", "") == "stop" and fn.targets == cancel.targets)
     assert stop.outputs == page.outputs[:1] + page.outputs[-1:]  # the progress panel and the status line
+
+
+def test_the_table_gives_each_range_one_precision_and_no_settings_rows():
+    """Intervals and spreads at one precision for both ends, the timing's batch in the row name."""
+    dense = {"ppl": 13.93, "ppl_ci": [13.5, 14.41], "prefill_tok_s": 860.0, "prefill_tok_s_rounds": [850.0, 870.0],
+             "prefill_tok_s_min": 6.7731, "prefill_tok_s_max": 129.3, "batch": 1}
+    comp = {**dense, "ppl": 49053.47, "ppl_ci": [49053.47, 49053.47], "ppl_windows": 4, "speed_rounds": 2}
+    rows = {r[0].split(" (")[0]: r for r in E.compare_rows(dense, comp)}
+    assert "batch" not in rows  # a setting, not a result
+    speed = next(r for name, r in rows.items() if name.startswith("prefill"))
+    assert "(6.8 – 129.3, 2 rounds)" in speed[1] and "at batch 1" in speed[0]
+    ppl = rows["perplexity"]
+    assert ppl[1].endswith("[13.50 – 14.41]") and ppl[2].endswith("[49053 – 49053]")

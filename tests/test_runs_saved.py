@@ -268,7 +268,8 @@ def test_in_the_browser_a_saved_run_loads_and_each_download_is_one_click(compres
     run = compressed.get("r1")
     pipeline.save(root / "kept", run.model, run.tokenizer, run.report)
     demo = app.build_app(tiny_folder, device="cpu")
-    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+                        **app.launch_options())
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])

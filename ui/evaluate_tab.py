@@ -21,6 +21,7 @@ from compression.arch import view
 from compression.evaluate import sizes, speed_side_by_side
 from compression.models import cached_step
 from compression.pipeline import Stages, measure_against
+from viz import range_text
 
 from .common import STOP, WARN, Context, megabytes, user_errors
 from .jobs import progress_html, watch
@@ -117,7 +118,7 @@ def _speed(key: str, m: dict) -> str:
     rounds = m.get(f"{key}_rounds") or []
     if not rounds:
         return _fmt(key, m[key])
-    return f"{_fmt(key, m[key])} ({_fmt(key, m[f'{key}_min'])}–{_fmt(key, m[f'{key}_max'])}, {len(rounds)} rounds)"
+    return f"{_fmt(key, m[key])} ({range_text(m[f'{key}_min'], m[f'{key}_max'])}, {len(rounds)} rounds)"
 
 
 def compare_rows(dense: dict, comp: dict) -> list[list]:
@@ -126,7 +127,7 @@ def compare_rows(dense: dict, comp: dict) -> list[list]:
     windows = comp.get("ppl_windows")
     for key in dict.fromkeys([*comp, *dense]):
         a, b = dense.get(key), comp.get(key)
-        if key in ("threads", "ppl_windows", "ppl_ci", "agreement", "speed_rounds") or a is None or b is None:
+        if key in ("threads", "batch", "ppl_windows", "ppl_ci", "agreement", "speed_rounds") or a is None or b is None:
             continue
         if key.startswith(SPEEDS) and key.endswith(SPREAD_SUFFIXES):
             continue
@@ -147,10 +148,12 @@ def compare_rows(dense: dict, comp: dict) -> list[list]:
         delta = f"{100 * (b_val - a_val) / a_val:+.1f}%" if a_val else ""
         shown_a, shown = _fmt(key, a), _fmt(key, b)
         if key in SPEEDS:
-            name += f" (median of {comp.get('speed_rounds')} alternating rounds; min–max)"
+            name += (f" (median of {comp.get('speed_rounds')} alternating rounds"
+                     + (f" at batch {comp['batch']}" if comp.get("batch") else "") + "; min – max)")
             shown_a, shown = _speed(key, dense), _speed(key, comp)
-        if key == "ppl" and comp.get("ppl_ci"):
-            shown += " [{:.2f}, {:.2f}]".format(*comp["ppl_ci"])
+        if key == "ppl":  # each interval at the precision of both its ends
+            shown_a += f" [{range_text(*dense['ppl_ci'])}]" if dense.get("ppl_ci") else ""
+            shown += f" [{range_text(*comp['ppl_ci'])}]" if comp.get("ppl_ci") else ""
         rows.append([name, shown_a, shown, delta])
     return rows
 
@@ -352,7 +355,7 @@ class EvaluateTab:
                 ppl, agreement = measured["ppl"], measured["agreement"]
                 dense["ppl"], comp["ppl"] = ppl["dense"], ppl["compressed"]
                 comp["ppl_windows"] = dense["ppl_windows"] = windows
-                comp["ppl_ci"] = ppl["compressed_ci"]
+                comp["ppl_ci"], dense["ppl_ci"] = ppl["compressed_ci"], ppl.get("dense_ci")
                 comp["kl"], comp["top1"] = agreement["kl"], agreement["top1"]
                 dense["kl"], dense["top1"] = 0.0, 1.0
                 comp["agreement"] = agreement

@@ -95,13 +95,16 @@ def pareto_runs(session: Session) -> list[dict]:
     points, dense = [], {}
     for run in session.runs.values():
         r = run.report
-        zs = (r.get("evaluation") or {}).get("zero_shot") or {}
+        ev = r.get("evaluation") or {}
+        zs, ppl = ev.get("zero_shot") or {}, ev.get("ppl") or {}
         points.append({"method": r.get("method"), "params": r.get("params_compressed"),
-                       "ppl": r.get("ppl_compressed"), "ratio": r.get("ratio_achieved"),
-                       "label": run.id, "zero_shot_avg": zs.get("compressed")})
+                       "ppl": r.get("ppl_compressed"), "ppl_ci": ppl.get("compressed_ci"),
+                       "ratio": r.get("ratio_achieved"), "label": run.id, "zero_shot_avg": zs.get("compressed"),
+                       "zero_shot_avg_stderr": zs.get("compressed_stderr")})  # drawn as 95% error bars
         if r.get("ppl_dense") is not None:
             dense[run.model_name] = {"method": "dense", "params": r.get("params_dense"),
-                                     "ppl": r["ppl_dense"],  # plot text renders tags: escaped
+                                     "ppl": r["ppl_dense"], "ppl_ci": ppl.get("dense_ci"),
+                                     # plot text renders tags: escaped
                                      "label": html.escape(f"dense {Path(run.model_name).name}"[:100]),
                                      "zero_shot_avg": zs.get("dense")}
     return list(dense.values()) + points
