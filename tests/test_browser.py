@@ -139,7 +139,8 @@ def test_the_default_model_gets_one_interactive_slider_per_layer(browser):
 
 
 def test_at_phone_width_every_tab_is_one_tap_away(browser, url, tmp_path):
-    """390 px wide: the tab bar wraps instead of hiding tabs behind an overflow menu."""
+    """390 px wide: the tab bar wraps instead of hiding tabs behind an overflow menu, and the Compress
+    button stays on screen (it was 1,729 px down the form)."""
     page = browser.new_page(viewport={"width": 390, "height": 844})
     try:
         page.goto(url)
@@ -148,6 +149,8 @@ def test_at_phone_width_every_tab_is_one_tap_away(browser, url, tmp_path):
             tab.wait_for()
             box = tab.bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, name
+        go = page.get_by_role("button", name="Compress", exact=True).bounding_box()  # reachable unscrolled
+        assert go and go["y"] >= 0 and go["y"] + go["height"] <= 844, go
         page.get_by_role("tab", name="Runs").click()
         page.get_by_text("This session's runs").first.wait_for()
     except Exception:

@@ -347,7 +347,7 @@ class CompressTab:
                                 gr.Markdown(f"{METHODS[name].label} has no further options.")
                             for k in mine:
                                 c.options[forms.option_param(name, k)] = option_control(k)
-                with gr.Row():
+                with gr.Row(elem_classes=["run-buttons"]):  # pinned to the bottom of a phone's screen
                     c.go_btn = gr.Button("Compress", variant="primary")
                     c.stop_btn = gr.Button("Stop", variant="stop")
                 c.progress = gr.HTML("")

@@ -21,6 +21,11 @@ LAST = dict(trigger_mode="always_last")         # a change while the previous up
 JOB = dict(concurrency_id=ACCEL, concurrency_limit=1)  # runs a model: one at a time, whoever asks
 
 CSS = jobs.CSS + """
+@media (max-width: 640px) {
+  .run-buttons {position: fixed; left: 0; right: 0; bottom: 0; z-index: 50; margin: 0 !important;
+    padding: 8px 12px; background: var(--background-fill-primary); box-shadow: 0 -2px 8px rgba(0,0,0,0.15);}
+  .gradio-container {padding-bottom: 72px !important;}
+}
 .hover-info {overflow: visible !important;}
 .hover-info label {position: relative;}
 .hover-info [data-testid="block-info"]::after {content: "?"; display: inline-block; width: 1.2em;
