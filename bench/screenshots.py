@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 import time
@@ -169,9 +170,10 @@ def _compress_evaluate_chat(page, out, method, ratio, prompt, ms, timeout_s):
     page.locator(".job-progress").first.wait_for(timeout=30_000)  # painted within seconds, first run too
     page.wait_for_timeout(8000)
     page.screenshot(path=str(out / "tab_compress_progress.png"), full_page=True)
-    page.get_by_text("✔").first.wait_for(timeout=ms)
+    done = page.get_by_text(re.compile(r"✔ r\d+")).first  # the run's status line, not the forecast's "✔"
+    done.wait_for(timeout=ms)
     page.screenshot(path=str(out / "tab_compress.png"), full_page=True)
-    print("compress:", page.get_by_text("✔").first.inner_text())
+    print("compress:", done.inner_text())
 
     page.get_by_role("tab", name="Inspect").click()
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6", timeout=ms)

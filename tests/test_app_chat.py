@@ -62,7 +62,8 @@ def test_evaluate_table_states_its_sample(tabs, compressed):
         assert all(re.fullmatch(r"[\d,.]+ \([\d,.]+ – [\d,.]+, 5 rounds\)", cell) for cell in row[1:3]), row
     assert not any("_rounds" in name or name.endswith(("_min", "_max")) for name in table)
     assert table["block parameters"][3].startswith("-") and table["weights (MB)"][1].endswith("MB")
-    assert compressed.get("r1").report["evaluation"]["ppl"]["windows"] == 1
+    kept = compressed.get("r1").report["evaluation"]["ppl"]
+    assert kept["windows"] == 1 and len(kept["dense_ci"]) == 2  # both intervals kept: the Runs plot draws them
 
 
 def test_chat_streams_both_models_with_same_seed(tabs, compressed):

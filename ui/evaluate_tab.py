@@ -392,7 +392,8 @@ class EvaluateTab:
             best = run.report.setdefault("evaluation", {}).get("ppl")
             if best is None or windows >= best.get("windows", 0):
                 run.report["evaluation"]["ppl"] = {"dense": dense["ppl"], "compressed": comp["ppl"],
-                                                   "compressed_ci": comp["ppl_ci"], "windows": windows,
+                                                   "compressed_ci": comp["ppl_ci"], "dense_ci": dense.get("ppl_ci"),
+                                                   "windows": windows,
                                                    "seq_len": 1024, "text": "wiki evaluation split"}
                 run.report["ppl_dense"], run.report["ppl_compressed"] = dense["ppl"], comp["ppl"]
                 run.report["agreement"] = comp["agreement"]
