@@ -26,15 +26,6 @@ TARGET = 1.5  # compress_s ≤ TARGET × one plain forward over the calibration 
 MODEL = "smollm2-135m"
 
 
-def plain_forward_seconds(model, tokens: torch.Tensor, batch_size: int = 8) -> float:
-    """A whole plain forward (logits included) over ``tokens``: the unit, timed here once per method."""
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
-            model(tokens[start:start + batch_size], use_cache=False)
-    return time.perf_counter() - t0
-
-
 def sweep_ppl(results: Path, method: str, ratio: float) -> float | None:
     """The sweep's perplexity for the same method and ratio (bench/results.json), when present."""
     if not results.exists():
@@ -49,7 +40,7 @@ def measure(methods: list[str], samples: int, length: int, ppl_windows: int, rat
     from compression.evaluate import perplexity
     from compression.methods import get
     from compression.models import load_model
-    from compression.pipeline import calibration_tokens
+    from compression.pipeline import DenseCache, calibration_tokens
 
     model, tokenizer = load_model(MODEL)
     fit, held_out, _ = calibration_tokens(MODEL, model, tokenizer,
@@ -57,7 +48,7 @@ def measure(methods: list[str], samples: int, length: int, ppl_windows: int, rat
     windows = evaluation_windows(tokenizer, ppl_windows, 1024) if ppl_windows else None
     rows = []
     for name in methods:
-        forward_s = plain_forward_seconds(model, fit)
+        forward_s, _ = DenseCache().calibration_forward(MODEL, model, fit)  # a whole forward, timed afresh
         config = get(name).make_config({"ratio": ratio})
         t0 = time.perf_counter()
         compressed, report = compress(model, config, fit, held_out=held_out)

@@ -7,6 +7,7 @@ Skipped, with the reason, where Chromium or the playwright package is missing (`
 both when it can). Marked slow (it starts the app and a real browser): ``make test`` runs it,
 ``make test-fast`` leaves it out.
 """
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -138,11 +139,26 @@ def test_the_default_model_gets_one_interactive_slider_per_layer(browser):
         demo.close()
 
 
+@contextlib.contextmanager
+def shot_on_failure(page, path: Path, close: bool = False):
+    """A failing block leaves a full-page screenshot at ``path`` (its location printed); ``close``
+    closes the page after the block either way."""
+    try:
+        yield
+    except Exception:
+        page.screenshot(path=str(path), full_page=True)
+        print("page at failure:", path)
+        raise
+    finally:
+        if close:
+            page.close()
+
+
 def test_at_phone_width_every_tab_is_one_tap_away(browser, url, tmp_path):
     """390 px wide: the tab bar wraps instead of hiding tabs behind an overflow menu, and the Compress
     button stays on screen (it was 1,729 px down the form)."""
     page = browser.new_page(viewport={"width": 390, "height": 844})
-    try:
+    with shot_on_failure(page, tmp_path / "phone.png", close=True):
         page.goto(url)
         for name in ("Compress", "Inspect", "Evaluate", "Chat", "Runs"):
             tab = page.get_by_role("tab", name=name)
@@ -153,16 +169,10 @@ def test_at_phone_width_every_tab_is_one_tap_away(browser, url, tmp_path):
         assert go and go["y"] >= 0 and go["y"] + go["height"] <= 844, go
         page.get_by_role("tab", name="Runs").click()
         page.get_by_text("This session's runs").first.wait_for()
-    except Exception:
-        page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
-        print("page at failure:", tmp_path / "phone.png")
-        raise
-    finally:
-        page.close()
 
 
 def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
-    try:
+    with shot_on_failure(page, tmp_path / "failure.png"):
         page.get_by_text("Training-free compression").first.wait_for()
         # manual allocation: one interactive slider per layer of the chosen model, in step with the text
         page.get_by_label("MoDeGPT").check()
@@ -263,7 +273,13 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.get_by_label("number input for Perplexity windows", exact=True).fill("1")
         page.get_by_label("Zero-shot items per task").fill("5")
         page.get_by_label("piqa").check()
-        page.get_by_role("button", name="Evaluate dense vs compressed").click()
+        for _ in range(3):  # the button takes one job at a time: clicks before the cancel lands are ignored
+            page.get_by_role("button", name="Evaluate dense vs compressed").click()
+            try:  # the stop cleared the panel: a visible one is this run's
+                page.locator(".job-progress").locator("visible=true").first.wait_for(timeout=30_000)
+                break
+            except sync_api.TimeoutError:
+                continue
         # gradio's Dataframe draws many rows as positioned divs, not a <table>: wait for the text
         page.get_by_text("perplexity (wiki, 1 × 1024-token windows").first.wait_for()
         for sample in ("1 × 1024-token windows", "(n=5)", "median of 5 alternating rounds", "(1 windows)"):
@@ -304,7 +320,3 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.wait_for_function("() => [...document.querySelectorAll('input')].some(i => /^r1-/.test(i.value))")
         page.get_by_role("button", name="Load saved run").click()
         page.get_by_text("loaded from r1-").first.wait_for()
-    except Exception:
-        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-        print("page at failure:", tmp_path / "failure.png")
-        raise
