@@ -202,7 +202,7 @@ class ChatTab:
                                  **JOB)
         compare_evt = page.endpoint([c.compare_btn.click], self.compare, [state, c.runs, model, *c.sampling],
                                     [c.compare_progress, c.compare_table], c.status, clear=[c.compare_progress],
-                                    show_progress="hidden", **JOB)
+                                    show_progress="hidden", hold=c.compare_btn, **JOB)
         c.stop_btn.click(self.stopped, [state, c.compare_table], [c.status, c.compare_progress, c.compare_table],
                          cancels=[chat_evt, compare_evt], queue=False, **HIDDEN)
         c.clear_btn.click(self.clear, None, [*panes, c.msg], queue=False, **HIDDEN)

@@ -417,7 +417,8 @@ class CompressTab:
                   *c.options.values(), cal.calib_source, cal.calib_file, cal.chat_eval]
         compress_evt = page.endpoint([c.go_btn.click], with_option_params(self.compress), inputs,
                                      [c.progress, c.status, c.summary, run_dd, state], c.status, clear=[c.progress],
-                                     api_name="compress", trigger_mode="once", show_progress="hidden", **JOB)
+                                     api_name="compress", trigger_mode="once", show_progress="hidden",
+                                     hold=c.go_btn, **JOB)
         c.stop_btn.click(self.stop, state, [c.progress, c.status], cancels=[compress_evt], queue=False, **HIDDEN)
         heal_evt = self.healing.wire(page, c, state, run_dd)
         # the summary shows the picker's run, whatever changed it (compress, load, pick) or it (heal)

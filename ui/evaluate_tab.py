@@ -440,6 +440,6 @@ class EvaluateTab:
                             show_progress="hidden", **JOB)
         evaluate_evt = page.endpoint([c.btn.click], self.evaluate_page, inputs,
                                      [c.progress, c.table, c.csv, c.json, c.status], c.status, clear=[c.progress],
-                                     show_progress="hidden", **JOB)
+                                     show_progress="hidden", hold=c.btn, **JOB)
         c.stop_btn.click(self.stop, state, [c.progress, c.status], cancels=[evaluate_evt], queue=False, **HIDDEN)
         return evaluate_evt

@@ -92,7 +92,7 @@ class HealView:
         heal_evt = page.endpoint([c.heal_btn.click], self.heal, [state, run_dd, c.heal_tokens, c.heal_rank,
                                                                  c.heal_len, c.heal_windows],
                                  [c.heal_progress, c.heal_md, c.heal_plot], c.heal_md, clear=[c.heal_progress],
-                                 api_name="heal", show_progress="hidden", **JOB)
+                                 api_name="heal", show_progress="hidden", hold=c.heal_btn, **JOB)
         c.heal_stop.click(self.stopped, state, [c.heal_progress, c.heal_md], cancels=[heal_evt], queue=False,
                           **HIDDEN)
         return heal_evt

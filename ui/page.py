@@ -80,15 +80,36 @@ class Page:
     def __init__(self):
         self.api_only = gr.Button(visible=False)
 
-    def endpoint(self, triggers, fn, inputs, outputs, status, clear=(), api_name=None, **kwargs):
+    def endpoint(self, triggers, fn, inputs, outputs, status, clear=(), api_name=None, hold=None, **kwargs):
         """The page's event, where user errors show as text in ``status`` (added to the outputs when
         it is not one of them), and with ``api_name`` the named endpoint for scripts, where they
-        still raise (gradio_client gets an exception)."""
+        still raise (gradio_client gets an exception). ``hold``: the button greyed out while the
+        event runs (see :func:`hold_while_running`)."""
         if api_name:  # registered first, so it gets the name itself
             self.api_only.click(fn, inputs, outputs, api_name=api_name, **kwargs)
+        if hold is not None:  # before the event: the page runs a click's listeners in this order
+            hold.click(None, None, hold, js=GREY_OUT, queue=False, **HIDDEN)
         shown = outputs if status in outputs else [*outputs, status]
         page = on_page(fn, len(outputs), shown.index(status), tuple(outputs.index(c) for c in clear))
-        return gr.on(triggers, page, inputs, shown, **HIDDEN, **kwargs)
+        event = gr.on(triggers, page, inputs, shown, **HIDDEN, **kwargs)
+        if hold is not None:
+            hold_while_running(hold, event)
+        return event
+
+
+GREY_OUT = "() => ({__type__: 'update', interactive: false})"  # in the page: no server round trip to lose
+RELEASE = "() => ({__type__: 'update', interactive: true})"
+
+
+def hold_while_running(button, event) -> None:
+    """Give ``button`` back once ``event`` has ended: finished, failed or stopped.
+
+    The page counts a stopped event as running until its cancel request has come back (seconds on a
+    busy server), and it silently drops a click on a running event: after Stop, a quick click on
+    Compress did nothing. Greyed out, the button says "not yet" instead. The page runs ``.then``
+    steps after success and after a cancel, but after an error only ``.failure`` steps, hence both."""
+    event.then(None, None, button, js=RELEASE, queue=False, **HIDDEN)
+    event.failure(None, None, button, js=RELEASE, queue=False, **HIDDEN)
 
 
 def knob_info(k: Knob) -> str:
