@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .calibration import Gram, mlp_activations, mlp_outputs, prepare_sequential
 from . import knobs
 from .knobs import knob
-from .ops import nystrom_mlp, select_outputs, set_linear
+from .ops import eigenvalues, nystrom_mlp, select_outputs, set_linear
 from .plan import LayerwiseConfig, Plan, inner_widths
 from .report import LayerReport, Report
 from .rewrite import compress_attention
@@ -83,8 +81,7 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
         errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
         hidden = [x + m for x, m in zip(mid, m_new)]
         with stage("decompositions"):
-            spectra = {"mlp_corr": torch.linalg.eigvalsh(c.double()).flip(0).tolist(),
-                       "attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
+            spectra = {"mlp_corr": eigenvalues(c).tolist(), "attn_input": eigenvalues(g_attn).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
         layers.append(LayerReport(
             index=i, params_dense=params_dense,

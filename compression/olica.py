@@ -22,7 +22,7 @@ import torch
 from . import knobs
 from .calibration import Gram, mlp_activations, mlp_outputs, prepare_sequential
 from .knobs import knob
-from .ops import select_inputs, select_outputs, sqrt_psd
+from .ops import eigenvalues, select_inputs, select_outputs, sqrt_psd
 from .plan import LayerwiseConfig, Plan, inner_widths
 from .report import LayerReport, Report
 from .rewrite import compress_attention
@@ -190,7 +190,7 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None, influe
         hidden = [x + m for x, m in zip(mid, m_new)]
         del h_mid, m_dense, m_new
         with stage("decompositions"):
-            spectra = {"attn_input": torch.linalg.eigvalsh(g_attn.double()).flip(0).tolist()}
+            spectra = {"attn_input": eigenvalues(g_attn).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
         layers.append(LayerReport(
             index=i, params_dense=params_dense, spectra=spectra,

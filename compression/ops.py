@@ -24,6 +24,20 @@ def damped(c: torch.Tensor, damping: float) -> torch.Tensor:
     return c + damping * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
+def eigenvalues(c: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric matrix, descending, in float64 (the spectra reports show).
+
+    On the CPU through SciPy's LAPACK (divide and conquer on the lower triangle): 1.3-1.9x faster
+    than ``torch.linalg.eigvalsh`` at 1536 x 1536 on the 2-core machines this project measures on,
+    where the spectra were a quarter of MoDeGPT's decompositions."""
+    c = c.double()
+    if c.device.type != "cpu":
+        return torch.linalg.eigvalsh(c).flip(0)
+    from scipy.linalg import eigh
+
+    return torch.from_numpy(eigh(c.numpy(), eigvals_only=True, driver="evd", check_finite=False)).flip(0)
+
+
 def pca(c: torch.Tensor, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns, same order) of a symmetric matrix."""
     vals, vecs = torch.linalg.eigh(damped(c, damping) if damping else c.double())
@@ -44,14 +58,29 @@ def ridge_leverage(c: torch.Tensor, lam: float) -> torch.Tensor:
     """Ridge leverage scores diag(C (C + λI)⁻¹) of a PSD correlation C (one per channel).
 
     C (C + λI)⁻¹ = I − λ (C + λI)⁻¹, and C + λI is positive definite, so the scores come from its
-    Cholesky factor's inverse: half the work of a general solve (5.5 s vs 11 s at m = 4864 on one core)."""
+    Cholesky factor: with C + λI = L Lᵀ, diag((C + λI)⁻¹) is the column sums of squares of L⁻¹, a
+    triangular inverse (n³/3 flops; the whole inverse costs twice that)."""
     shifted = c.double().clone()
     shifted.diagonal().add_(lam)  # C + λI without an identity and a scaled copy
     factor, info = torch.linalg.cholesky_ex(shifted)
     if int(info):  # not positive definite in floating point (λ far below C's roundoff): solve generally
         return torch.linalg.solve(shifted, c.double()).diagonal().clone()
     del shifted
-    return 1.0 - lam * torch.cholesky_inverse(factor).diagonal()
+    return 1.0 - lam * triangular_inverse(factor).square().sum(0)
+
+
+def triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular float64 matrix (LAPACK trtri on the CPU: 3-4x faster here than
+    ``torch.cholesky_inverse``, which also forms L⁻ᵀL⁻¹)."""
+    if lower.device.type != "cpu":
+        eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    from scipy.linalg import lapack
+
+    inverse, info = lapack.dtrtri(lower.numpy(), lower=1)
+    if info:
+        raise ValueError(f"singular triangular factor (LAPACK trtri info {info})")
+    return torch.from_numpy(inverse).tril()
 
 
 def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

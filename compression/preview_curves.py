@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .ops import ridge_leverage
+from .ops import eigenvalues, ridge_leverage
 from .rewrite import keep_rotary_pairs
 
 
@@ -244,5 +244,5 @@ def branch_spectrum(basis: dict, kept: int, ridge: float, rank: int) -> float:
 
 def eigen_curve(gram: torch.Tensor) -> list[float]:
     """The share of a Gram matrix's eigenvalue mass outside its top d directions, d = 0..D."""
-    vals = torch.linalg.eigvalsh(gram.double()).flip(0).clamp_min(0)
+    vals = eigenvalues(gram).clamp_min(0)
     return _fractions(_reverse_cumsum(vals))

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from compression import compress
 from compression.arch import count_params
 from compression.modegpt import MoDeGPTConfig
-from compression.ops import nystrom_mlp, ridge_leverage, rotary_pair_scores, solve_psd, vo_decomposition
+from compression.ops import (eigenvalues, nystrom_mlp, ridge_leverage, rotary_pair_scores, solve_psd,
+                             triangular_inverse, vo_decomposition)
 from compression.plan import Allocation, entropic_allocation
 
 
@@ -32,6 +33,26 @@ def test_ridge_leverage_is_the_definition_also_for_a_rank_deficient_correlation(
     for lam in (1e-6, 1e-2, 10.0):
         expected = torch.linalg.solve(c + lam * torch.eye(60, dtype=torch.float64), c).diagonal()
         torch.testing.assert_close(ridge_leverage(c, lam), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_eigenvalues_are_the_spectrum_descending_in_float64():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64))
+    spectrum = torch.logspace(2, -8, 50, dtype=torch.float64)  # ten decades, as activation spectra span
+    c = (q * spectrum) @ q.T
+    vals = eigenvalues(c)
+    assert vals.dtype == torch.float64
+    torch.testing.assert_close(vals, spectrum, rtol=1e-6, atol=1e-12)
+    assert eigenvalues(c.float()).dtype == torch.float64  # a float32 statistic is widened first
+
+
+def test_triangular_inverse_inverts_a_cholesky_factor():
+    torch.manual_seed(0)
+    z = torch.randn(100, 40, dtype=torch.float64)
+    factor = torch.linalg.cholesky(z.T @ z)
+    inverse = triangular_inverse(factor)
+    torch.testing.assert_close(inverse @ factor, torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(inverse, inverse.tril())
 
 
 def test_solve_psd_is_cholesky_when_well_posed_and_least_squares_when_singular():

@@ -172,3 +172,19 @@ def test_block_influence_is_measured_once_per_tokens_and_reused(tokens, monkeypa
     assert len(calls) == 2  # compress() without a known influence measures it
     assert fresh.report.config["layer_sparsity"] == runs[1][1].config["layer_sparsity"]
     assert torch.equal(fresh.model(tokens).logits, runs[1][0](tokens).logits)
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "4"), ("12", "12")])
+def test_importing_the_library_lets_openblas_threads_sleep_unless_the_user_chose(user_value, expected):
+    """Busy-waiting OpenBLAS threads slowed torch's next operation by 40-60% (bench.blas_contention);
+    the variable must be set before SciPy loads OpenBLAS, so it is checked in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    code = "import os, compression, scipy.linalg; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
