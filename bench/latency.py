@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     _, ppl_report = compress_and_measure("smollm2-135m", dense, tokenizer, config, spec, eval_windows=32,
                                          cache=store.dense, calibration=store.calibration("smollm2-135m", spec))
     result = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "device": "cuda" if torch.cuda.is_available() else "cpu"},
         "settings": {"method": DEFAULT_METHOD, "allocation": DEFAULT_ALLOCATION,
@@ -176,9 +176,24 @@ def main(argv=None) -> None:
     }
     if args.inference:
         result["inference"] = inference(store, dense, tokenizer, spec)
+    elif args.out.exists() and "inference" in json.loads(args.out.read_text()):  # keep, and say so
+        earlier = json.loads(args.out.read_text())["inference"]
+        earlier.setdefault("kept_from", "`--no-inference` left the inference speed of the previous results file")
+        result["inference"] = earlier
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     write_section(args.markdown, result)
     print(json.dumps({k: v for k, v in result["app_default"].items() if not k.endswith("timing")}))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), so results from different machines are not compared blindly."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def _stages(timing: dict | None) -> str:
@@ -199,7 +214,8 @@ def markdown(result: dict) -> str:
     return "\n".join([
         "## Latency of the app's default run",
         "",
-        f"`python -m bench.latency` ({result['machine']['device']}, {result['machine']['threads']} threads): "
+        f"`python -m bench.latency` ({result['machine']['device']}, {result['machine'].get('cpu', '?')}, "
+        f"{result['machine']['threads']} threads): "
         f"the Compress tab's handler at the page's defaults ({s['method']}, {s['allocation']} allocation, "
         f"{cal[2]}, {cal[0]} × {cal[1]} tokens, {s['ppl_windows']} perplexity windows, {s['chat_eval']} chat "
         f"conversations), click to result. Model load ({a['model_load_s']:.1f} s, at app start) not included.",
@@ -235,6 +251,7 @@ def inference_markdown(inf: dict | None) -> list[str]:
     for st in inf["settings"]:
         head += [f"prefill b{st['batch']}", f"decode b{st['batch']}"]
     lines = [f"### Inference speed at {inf['ratio']}", "",
+             *([f"Kept from an earlier run: {inf['kept_from']}.", ""] if inf.get("kept_from") else []),
              "Tokens/s of the whole batch (median over rounds; × dense: the median of each round's ratio to "
              "the dense model, rounds alternating between all models in one process). Each method's headline "
              "variant (MoDeGPT with automatic allocation, as the app starts). Settings: "
