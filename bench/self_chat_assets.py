@@ -1,4 +1,4 @@
-"""Ship the default model's own chat replies, so that no first run generates them.
+"""Ship the default model's own chat replies and Block Influence, so that no first run measures them.
 
 ``python -m bench.self_chat_assets [--tokens N] [--chat 8,16]`` runs the project's own code
 (:func:`compression.sources.self_chat_text` and the dense chat reference's
@@ -7,6 +7,11 @@ then copies the reply files it wrote to the user cache into ``assets/self_chat/`
 the key is the model's portable identity, the prompts and the settings) and writes a manifest with
 the settings, the model identity and the seconds each part took. ``cached_replies`` reads a shipped
 file when the user cache has none.
+
+It also measures the dense model's Block Influence (:func:`compression.calibration.dense_block_influence`)
+on the app's default calibration tokens (wiki+self-chat at the CPU and GPU sizes) and writes
+``assets/dense/block_influence.json`` under the same keys the cache uses (model identity and the
+tokens' fingerprint), so the automatic allocation's dense pass is skipped on a first run.
 """
 from __future__ import annotations
 
@@ -55,6 +60,31 @@ def main(argv=None) -> None:
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest["seconds"]))
+    ship_block_influence(model, tokenizer)
+
+
+def ship_block_influence(model, tokenizer) -> None:
+    """``assets/dense/block_influence.json``: the dense model's Block Influence on each default
+    calibration of the app, keyed as :meth:`compression.pipeline.DenseCache.block_influence` looks it up."""
+    from compression.calibration import dense_block_influence
+    from compression.data import TextSpec
+    from compression.methods import METHODS
+    from compression.pipeline import SHIPPED_DENSE, calibration_tokens
+    from ui.calibration_form import CALIBRATION_CPU, CALIBRATION_GPU
+
+    cache, entries, settings = DenseCache(), {}, []
+    for samples, length in (CALIBRATION_CPU, CALIBRATION_GPU):
+        spec = TextSpec(samples, length, source=METHODS["modegpt"].calibration)
+        fit = calibration_tokens(DEFAULT_MODEL, model, tokenizer, spec)[0]
+        t0 = time.perf_counter()
+        entries[cache.influence_key(DEFAULT_MODEL, fit)] = dense_block_influence(model, fit)
+        settings.append({"samples": samples, "seq_len": length, "source": spec.source,
+                         "seconds": round(time.perf_counter() - t0, 1)})
+    SHIPPED_DENSE.parent.mkdir(parents=True, exist_ok=True)
+    SHIPPED_DENSE.write_text(json.dumps({"model": DEFAULT_MODEL, "identity": model_identity(DEFAULT_MODEL),
+                                         "calibrations": settings, "command": "python -m bench.self_chat_assets",
+                                         "entries": entries}, indent=1) + "\n")
+    print(json.dumps(settings))
 
 
 if __name__ == "__main__":

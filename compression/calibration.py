@@ -272,6 +272,16 @@ def block_influence(mv: ModelView, inputs: BlockInputs, progress=None) -> list[f
 IN_SAMPLE_BATCHES = 2  # calibration batches that stand in for held-out ones when none are given
 
 
+def dense_block_influence(model, tokens: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """The dense model's Block Influence on ``tokens``, as MoDeGPT and Olica measure it (on the
+    compressed-format copy, in batches of ``batch_size``): for shipping and checking cached values."""
+    from .arch import view
+    from .modeling import to_compressed
+
+    mv = view(to_compressed(model))
+    return block_influence(mv, capture_block_inputs(mv, tokens, batch_size))
+
+
 class Probe:
     """Where per-module reconstruction errors are measured, apart from the fitted statistics.
 

@@ -88,6 +88,8 @@ def calibration_tokens(name: str, model, tokenizer, spec: TextSpec, held_out: in
 
 # --- the dense reference, computed once ----------------------------------------------------------
 
+SHIPPED_DENSE = Path(__file__).resolve().parents[1] / "assets" / "dense" / "block_influence.json"
+
 def model_identity(name: str) -> str:
     """What identifies the dense weights: a packaged model's packages (version, file, size), the
     resolved folder's weight files (path, size, mtime), or the name itself for a hub id."""
@@ -113,6 +115,7 @@ class DenseCache:
     references: dict[str, DenseReference] = field(default_factory=dict)  # in memory only (~100 MB)
     forward_seconds: dict[str, float] = field(default_factory=dict)  # in memory only: machine state
     influence: dict[str, list[float]] = field(default_factory=dict)  # Block Influence per model and tokens
+    shipped: Path | None = SHIPPED_DENSE  # dense results shipped for the packaged default model
 
     def calibration_forward(self, name: str, model, tokens: torch.Tensor, batch_size: int = 8,
                             progress: Progress = _noop, timed_share: float = 1.0) -> tuple[float, float]:
@@ -142,6 +145,31 @@ class DenseCache:
             seconds *= tokens.shape[0] / min(tokens.shape[0], timed * batch_size)
         self.forward_seconds[key] = seconds
         return seconds, timed / batches
+
+    def block_influence(self, name: str, tokens: torch.Tensor) -> tuple[list[float] | None, str]:
+        """(the dense model's Block Influence on ``tokens``, where it came from) when known: measured in
+        this process, kept in the cache file, or shipped for the packaged default model at the app's
+        calibrations (``assets/dense``, written by ``python -m bench.self_chat_assets``); else
+        (None, "")."""
+        key = self.influence_key(name, tokens)
+        if key in self.influence:
+            return self.influence[key], "remembered"
+        shipped = read_json(self.shipped).get("entries", {}) if self.shipped and self.shipped.exists() else {}
+        for found, where in ((self.get(key), "remembered"), (shipped.get(key), "shipped")):
+            if isinstance(found, list) and found and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                         for x in found):
+                self.influence[key] = [float(x) for x in found]
+                return self.influence[key], where
+        return None, ""
+
+    def remember_influence(self, name: str, tokens: torch.Tensor, values: list[float]) -> None:
+        """Keep the dense model's Block Influence on ``tokens`` (a dense pass) in memory and on disk."""
+        key = self.influence_key(name, tokens)
+        self.influence[key] = [float(x) for x in values]
+        self.put(key, self.influence[key])
+
+    def influence_key(self, name: str, tokens: torch.Tensor) -> str:
+        return self.key(name, "block influence", tokens=fingerprint(tokens), shape=list(tokens.shape))
 
     def key(self, name: str, metric: str, **settings) -> str:
         return json.dumps([model_identity(name), metric, settings], sort_keys=True)
@@ -263,12 +291,16 @@ def compress_and_measure(name: str, dense, tokenizer, config, spec: TextSpec, *,
     facts = {**facts, "text_seconds": round(time.perf_counter() - t0, 3)}
     step(1.0, f"{fit.shape[0]} × {fit.shape[1]} tokens")
     torch.manual_seed(int(seed))
-    influence_key = cache.key(name, "block influence", tokens=fingerprint(fit), shape=list(fit.shape))
+    auto = getattr(config, "allocation", None) == "auto"
+    influence, where = cache.block_influence(name, fit) if auto else (None, "")
     model, report = compress(dense, config, fit, progress=stages.stage("compress"), held_out=held_out,
                              offload=offload, offload_folder=offload_folder, precision=precision,
-                             influence=cache.influence.get(influence_key))
-    if report.block_influence is not None and getattr(config, "allocation", None) == "auto":
-        cache.influence[influence_key] = list(report.block_influence)  # the dense model's: reused
+                             influence=influence)
+    if report.block_influence is not None and auto:
+        if report.block_influence != influence:  # measured now (a stale or mismatched one is replaced)
+            cache.remember_influence(name, fit, report.block_influence)
+            where = "measured"
+        facts["block_influence"] = where  # the dense pass it costs is skipped when remembered or shipped
     report.model = name
     report.calibration.update(facts, seed=int(seed))
     timing = {"calibration_text_s": facts["text_seconds"], "calibration_forward_s": None}

@@ -91,3 +91,24 @@ def test_self_chat_calibration_keeps_source_and_chat_agreement(tmp_path):
     chat = report["agreement_chat"]
     assert chat["conversations"] == 4 and chat["kl"] > 0 and 0 < chat["top1"] < 1
     assert report["agreement"]["kl"] > 0 and report["peak_memory_mb"] > 0
+
+
+def test_shipped_block_influence_is_the_default_models_on_the_apps_calibration():
+    """assets/dense holds the dense Block Influence under the keys the app's runs look up, and it is
+    what the library measures (a stale asset would silently change the automatic allocation)."""
+    from compression.calibration import dense_block_influence
+    from compression.data import TextSpec
+    from compression.methods import METHODS
+    from compression.models import DEFAULT_MODEL, load_model
+    from compression.pipeline import DenseCache, calibration_tokens
+    from ui.calibration_form import CALIBRATION_CPU, CALIBRATION_GPU
+
+    model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
+    cache = DenseCache()
+    for samples, length in (CALIBRATION_GPU, CALIBRATION_CPU):  # the CPU one last: it is re-measured
+        fit = calibration_tokens(DEFAULT_MODEL, model, tokenizer,
+                                 TextSpec(samples, length, source=METHODS["modegpt"].calibration))[0]
+        shipped, where = cache.block_influence(DEFAULT_MODEL, fit)
+        assert where == "shipped" and len(shipped) == model.config.num_hidden_layers
+    torch.testing.assert_close(torch.tensor(dense_block_influence(model, fit)), torch.tensor(shipped),
+                               rtol=1e-4, atol=1e-5)

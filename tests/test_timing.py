@@ -174,6 +174,42 @@ def test_block_influence_is_measured_once_per_tokens_and_reused(tokens, monkeypa
     assert torch.equal(fresh.model(tokens).logits, runs[1][0](tokens).logits)
 
 
+
+def test_block_influence_is_kept_on_disk_and_read_from_a_shipped_file(tokens, tmp_path, monkeypatch):
+    """A new process (a new DenseCache on the same file) and a first run with only the shipped file
+    skip the dense pass; a malformed shipped entry is measured instead; the report says which."""
+    from compression import calibration
+
+    model = tiny_model("llama")
+    spec = TextSpec(num_samples=8, seq_len=32, text="unused: tokens are given")
+    calls = []
+    real = calibration.block_influence
+    monkeypatch.setattr(calibration, "block_influence", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(cache):
+        return compress_and_measure("tiny", model, None, MoDeGPTConfig(ratio=0.3, allocation="auto"), spec,
+                                    cache=cache, calibration=(tokens, None, {"source": "text"}),
+                                    time_forward=False)[1]
+
+    first = run(DenseCache(tmp_path / "dense.json", shipped=None))
+    again = run(DenseCache(tmp_path / "dense.json", shipped=None))
+    assert len(calls) == 1 and first.calibration["block_influence"] == "measured"
+    assert again.calibration["block_influence"] == "remembered"
+    assert again.block_influence == first.block_influence
+    assert again.config["layer_sparsity"] == first.config["layer_sparsity"]
+
+    measured = calibration.dense_block_influence(model, tokens)  # what the asset generator ships
+    torch.testing.assert_close(torch.tensor(measured), torch.tensor(first.block_influence), rtol=1e-6, atol=1e-7)
+    key = DenseCache().influence_key("tiny", tokens)
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"entries": {key: measured}}))
+    from_asset = run(DenseCache(shipped=shipped))
+    assert len(calls) == 2 and from_asset.calibration["block_influence"] == "shipped"  # (one: the generator's)
+    assert from_asset.block_influence == measured
+    shipped.write_text(json.dumps({"entries": {key: ["not a number"]}}))
+    assert run(DenseCache(shipped=shipped)).calibration["block_influence"] == "measured"
+    assert len(calls) == 3
+
 @pytest.mark.parametrize("user_value, expected", [(None, "4"), ("12", "12")])
 def test_importing_the_library_lets_openblas_threads_sleep_unless_the_user_chose(user_value, expected):
     """Busy-waiting OpenBLAS threads slowed torch's next operation by 40-60% (bench.blas_contention);
