@@ -90,6 +90,7 @@ def calibration_tokens(name: str, model, tokenizer, spec: TextSpec, held_out: in
 
 SHIPPED_DENSE = Path(__file__).resolve().parents[1] / "assets" / "dense" / "block_influence.json"
 
+
 def model_identity(name: str) -> str:
     """What identifies the dense weights: a packaged model's packages (version, file, size), the
     resolved folder's weight files (path, size, mtime), or the name itself for a hub id."""
@@ -154,13 +155,21 @@ class DenseCache:
         key = self.influence_key(name, tokens)
         if key in self.influence:
             return self.influence[key], "remembered"
-        shipped = read_json(self.shipped).get("entries", {}) if self.shipped and self.shipped.exists() else {}
-        for found, where in ((self.get(key), "remembered"), (shipped.get(key), "shipped")):
+        for found, where in ((self.get(key), "remembered"), (self._shipped_entries().get(key), "shipped")):
             if isinstance(found, list) and found and all(isinstance(x, (int, float)) and math.isfinite(x)
                                                          for x in found):
                 self.influence[key] = [float(x) for x in found]
                 return self.influence[key], where
         return None, ""
+
+    def _shipped_entries(self) -> dict:
+        """The shipped file's entries; none when it is absent or unreadable (it only saves time)."""
+        try:
+            data = read_json(self.shipped) if self.shipped and self.shipped.exists() else {}
+        except FileError:
+            return {}
+        entries = data.get("entries") if isinstance(data, dict) else None
+        return entries if isinstance(entries, dict) else {}
 
     def remember_influence(self, name: str, tokens: torch.Tensor, values: list[float]) -> None:
         """Keep the dense model's Block Influence on ``tokens`` (a dense pass) in memory and on disk."""

@@ -206,9 +206,10 @@ def test_block_influence_is_kept_on_disk_and_read_from_a_shipped_file(tokens, tm
     from_asset = run(DenseCache(shipped=shipped))
     assert len(calls) == 2 and from_asset.calibration["block_influence"] == "shipped"  # (one: the generator's)
     assert from_asset.block_influence == measured
-    shipped.write_text(json.dumps({"entries": {key: ["not a number"]}}))
-    assert run(DenseCache(shipped=shipped)).calibration["block_influence"] == "measured"
-    assert len(calls) == 3
+    for broken in (json.dumps({"entries": {key: ["not a number"]}}), "{not json", "[1, 2]"):
+        shipped.write_text(broken)
+        assert run(DenseCache(shipped=shipped)).calibration["block_influence"] == "measured"
+    assert len(calls) == 5
 
 @pytest.mark.parametrize("user_value, expected", [(None, "4"), ("12", "12")])
 def test_importing_the_library_lets_openblas_threads_sleep_unless_the_user_chose(user_value, expected):
