@@ -59,6 +59,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def section(results: Path) -> str:
+    """BENCHMARKS.md's section from ``results`` (bench/blas_contention.json); "" when absent."""
+    return marked.section(results, SECTION, markdown)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/blas_contention.json"))

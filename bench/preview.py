@@ -180,7 +180,8 @@ def main(argv=None) -> None:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": "cpu", "load_average": round(load, 2)},
         "settings": {"model": MODEL, "calibration": [samples, length, "wiki"], "windows": args.windows,
-                     "held_out_sequences": 0 if held_out is None else int(held_out.shape[0])},
+                     "held_out_sequences": 0 if held_out is None else int(held_out.shape[0]),
+                     "modegpt_refit_shrinkage": configs[0][1].refit_shrinkage},
         "collect_s": round(collect_s, 1), "predict_ms": round(statistics.median(predict_ms), 2),
         "predict_ms_max": round(max(predict_ms), 2), "dense_ppl": dense_ppl,
         **correlations(rows, st),
@@ -247,7 +248,12 @@ def markdown(result: dict) -> str:
               "Levels, forecast ÷ measured per-layer error (median [min, max] over every layer of every setting): "
               + "; ".join(f"{k} {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
                           for k, v in result.get("levels", {}).items()) + ".", ""]
-    return "\n".join(lines + NOTES)
+    mu = result["settings"].get("modegpt_refit_shrinkage", 0.0)  # runs before it existed: least squares
+    refit = ("- **MoDeGPT's refit here was least squares** (`refit_shrinkage` 0), the error the curve gives "
+             "exactly in-sample." if mu == 0 else
+             f"- **MoDeGPT's refit here was shrunk** (`refit_shrinkage` {mu:g}): in-sample, the least-squares "
+             "curve is a lower bound of its error; held out it does better (`bench.refit_shrinkage`).")
+    return "\n".join(lines + NOTES + [refit])
 
 
 NOTES = [

@@ -360,8 +360,12 @@ Lowest perplexity at each target ratio (computed from the rows above):
     from .latency import section as latency_section
     from .compress_cost import section as compress_cost_section
     from .preview import section as preview_section
+    from .blas_contention import section as blas_contention_section
+    from .refit_shrinkage import section as refit_shrinkage_section
 
     text += latency_section(results.parent / "latency.json")
     text += compress_cost_section(results.parent / "compress_cost.json")
     text += preview_section(results.parent / "preview.json")
+    text += blas_contention_section(results.parent / "blas_contention.json")
+    text += refit_shrinkage_section(results.parent / "refit_shrinkage.json")
     markdown.write_text(text)

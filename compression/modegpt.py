@@ -2,7 +2,8 @@
 
 Each block is three modules, each rebuilt from calibration correlations to a smaller inner width:
 - Type I, MLP: Z = act(X W_gate) ⊙ X W_up, C = ZᵀZ. Keep the k channels with the largest ridge
-  leverage scores diag(C (C + λI)⁻¹) (Nyström); W_down ← (SᵀCS)⁺ SᵀC W_down.
+  leverage scores diag(C (C + λI)⁻¹) (Nyström); W_down ← (SᵀCS)⁺ SᵀC W_down, here by default
+  shrunk toward W_down's kept columns (``refit_shrinkage``; 0 gives the paper's refit).
 - Type II, key-query: keep the same columns of W_Q and W_K chosen by CR-decomposition scores
   ‖C_q^{1/2} e_i‖·‖C_k^{1/2} e_i‖. With RoPE a column is a rotary pair (i, i + d/2); with GQA the
   score of a kv group sums its query heads.
@@ -32,6 +33,11 @@ class MoDeGPTConfig(LayerwiseConfig):
                         flag="--leverage-ridge",
                         help="λ of the ridge leverage scores, relative to the mean eigenvalue of the "
                              "MLP correlation; larger → scores closer to the channels' energy")
+    refit_shrinkage: float = knob(0.5, kind="float", label="Refit shrinkage μ", low=0.0, advanced=True,
+                                  help="shrinks the least-squares refit of down_proj toward keeping its "
+                                       "columns as they are, relative to the mean kept-channel energy; "
+                                       "0 = the paper's plain least squares (fits the calibration "
+                                       "sample's noise: worse held-out at small calibrations)")
 
 
 def plan(config: MoDeGPTConfig, base, influence: list[float] | None = None) -> Plan:
@@ -70,7 +76,8 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
         with stage("errors"):
             m_dense = mlp_outputs(layer, h_mid[:probe.dense_batches], z)
         with stage("decompositions"):
-            index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge)
+            index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge,
+                                                    config.refit_shrinkage)
         cut = spec["mlp_dim"] < mlp.gate_proj.out_features
         if cut:
             select_outputs(mlp.gate_proj, index)

@@ -157,19 +157,29 @@ def round_down(x: float, multiple: int) -> int:
 # --- structured decompositions (MoDeGPT, Olica) ------------------------------------------------
 
 
-def nystrom_mlp(c: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float):
+def nystrom_mlp(c: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float, shrinkage: float = 0.0):
     """Channels to keep and the refitted down projection.
 
     c: (m, m) correlation of the intermediate activations; w_down: (D, m) as in nn.Linear.
     Returns (kept indices (keep,), new down weight (D, keep), leverage scores (m,)).
+
+    The refit minimises ‖Z W_downᵀ − Z_S W'ᵀ‖² + μ‖W' − W_S‖² with μ = ``shrinkage`` · mean diag(SᵀCS):
+    0 is the paper's least squares, (SᵀCS)⁺ SᵀC W_downᵀ; μ > 0 shrinks it toward dropping the channels
+    (W_S: the kept columns of W_down as they are). The least-squares refit also fits the sampling noise
+    of C, which a small calibration makes large (``bench.refit_shrinkage`` measures the held-out gain).
     """
     c = c.double()
     lam = ridge * c.diagonal().mean()
     scores = ridge_leverage(c, float(lam))
     index = torch.sort(torch.topk(scores, keep).indices).values
-    c_ss = c[index][:, index]                       # SᵀCS
-    c_s = c[index]                                  # SᵀC    (keep, m)
-    refit = solve_psd(c_ss, c_s @ w_down.double().T)  # (keep, D)
+    w = w_down.double()
+    c_ss = c[index][:, index]                       # SᵀCS    (keep, keep), a copy
+    rhs = c[index] @ w.T                            # SᵀC W_downᵀ   (keep, D)
+    if shrinkage > 0:
+        mu = shrinkage * c_ss.diagonal().mean()
+        c_ss.diagonal().add_(mu)
+        rhs += mu * w[:, index].T
+    refit = solve_psd(c_ss, rhs)                    # (keep, D)
     return index, refit.T, scores
 
 

@@ -10,7 +10,8 @@ own :meth:`~compression.methods.Method.plan` (automatic allocation from the stat
 Influence, the same scores the method measures on the same tokens) sets the widths, and each layer's
 errors are looked up at them — milliseconds per setting, no model.
 
-Exact on the dense stream and the calibration tokens: MoDeGPT's MLP refit error, Olica's neuron-pruning
+Exact on the dense stream and the calibration tokens: MoDeGPT's MLP least-squares refit error (a lower
+bound for the default shrunk refit), Olica's neuron-pruning
 error and which layers its calibration branches go to, the value-output rewrite's error and a dropped
 block's loss. Measured on a few calibration sequences: the query-key pair cut. Approximate: what an
 Olica branch removes (ridge shrinkage left out) and the attention error when both its parts are cut.

@@ -8,6 +8,8 @@ relative Frobenius errors, √f, as in every report's ``layers[i].errors``):
   (:func:`compression.ops.nystrom_mlp`) and down_proj is refitted by least squares. With P the
   leverage order and L the Cholesky factor of P C Pᵀ, the refit error of the first k channels is
   Σ_{j≥k} ‖(W_down Pᵀ L)[:, j]‖² (one factorisation gives every k), divided by tr(W_down C W_downᵀ).
+  That is the plain least-squares refit (``refit_shrinkage=0``); the default shrunk refit gives up a
+  little of the in-sample fit (this curve is its lower bound there) for a better held-out one.
 - Olica's MLP — **exact** on the calibration tokens: neurons kept by ‖z_j‖·‖W_down[:, j]‖ with no
   refit, so the error is the dropped part of the output energy, Σ_{i,j dropped} (W_downᵀW_down)_ij C_ij.
   Its linear calibration branches: which layers get one is **exact** (the share of the pruning

@@ -85,3 +85,18 @@ def test_scaling_reads_the_os_peak_of_each_mode_and_plots(tiny_folder, tmp_path)
         assert r["max_rss_mb"] > 50 and r["peak_memory_mb"] > 0 and r["ppl_compressed"] > 0
     assert rows[0]["ppl_compressed"] == pytest.approx(rows[1]["ppl_compressed"], rel=1e-5)
     assert png.stat().st_size > 10_000
+
+
+def test_refit_shrinkage_bench_reads_its_grid_and_writes_its_table(tmp_path):
+    from bench import refit_shrinkage
+
+    rows = refit_shrinkage.parse_grid(["32x512:wiki+self-chat:0,0.5", "64x512:wiki:0.15"])
+    assert rows == [(32, 512, "wiki+self-chat", 0.0), (32, 512, "wiki+self-chat", 0.5), (64, 512, "wiki", 0.15)]
+    result = {"settings": {"ratio": 0.25, "windows": 8, "default": 0.5}, "dense_ppl": 13.32,
+              "rows": [{"samples": 32, "seq_len": 512, "source": "wiki", "mu": m, "ppl": p, "kl": 0.9,
+                        "compress_s": 55.0} for m, p in ((0.5, 29.9), (0.0, 31.6))]}
+    (tmp_path / "refit_shrinkage.json").write_text(json.dumps(result))
+    text = refit_shrinkage.section(tmp_path / "refit_shrinkage.json")
+    assert text.index("| 0 | 31.60 |") < text.index("| 0.5 | 29.90 |")  # rows by μ within a calibration
+    assert refit_shrinkage.SECTION[0] in text and "default 0.5" in text
+    assert refit_shrinkage.section(tmp_path / "absent.json") == ""

@@ -26,6 +26,40 @@ def test_nystrom_is_exact_when_activations_live_on_kept_channels():
     assert scores.shape == (m,)
 
 
+def test_shrunk_refit_solves_its_ridge_problem_and_ends_at_the_kept_columns():
+    torch.manual_seed(0)
+    n, m, k, D = 300, 16, 6, 5
+    z = torch.randn(n, m, dtype=torch.float64) * torch.linspace(2, 0.5, m, dtype=torch.float64)
+    c, w_down = z.T @ z / n, torch.randn(D, m, dtype=torch.float64)
+    index, plain, _ = nystrom_mlp(c, w_down, k, ridge=1.0)
+    index_s, shrunk, _ = nystrom_mlp(c, w_down, k, ridge=1.0, shrinkage=0.5)
+    assert torch.equal(index, index_s)  # shrinkage changes the refit, never the choice of channels
+    c_ss, w_s = c[index][:, index], w_down[:, index]
+    mu = 0.5 * c_ss.diagonal().mean()
+    # the gradient of ‖Z Wᵀ − Z_S W'ᵀ‖²/n + μ‖W' − W_S‖² vanishes at the shrunk refit, not at the plain one
+    grad = lambda w: (w @ c_ss - w_down @ c[:, index]) + mu * (w - w_s)  # noqa: E731
+    torch.testing.assert_close(grad(shrunk), torch.zeros(D, k, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert grad(plain).abs().max() > 1e-3
+    _, limit, _ = nystrom_mlp(c, w_down, k, ridge=1.0, shrinkage=1e9)
+    torch.testing.assert_close(limit, w_s, rtol=0, atol=1e-6)  # μ → ∞: the channels are just dropped
+
+
+def test_shrunk_refit_generalises_better_from_a_small_sample():
+    """Few tokens per channel: the least-squares refit fits the sample's noise; shrinking it toward
+    the kept columns lowers the error on fresh tokens from the same distribution (seeded)."""
+    torch.manual_seed(0)
+    m, k, D = 48, 24, 8
+    mix = torch.randn(m, m, dtype=torch.float64) / m ** 0.5 + torch.eye(m, dtype=torch.float64)
+    sample = lambda n: torch.randn(n, m, dtype=torch.float64) @ mix  # noqa: E731  correlated channels
+    w_down = torch.randn(D, m, dtype=torch.float64)
+    fit, fresh = sample(40), sample(20000)
+    errors = {}
+    for mu in (0.0, 0.5):
+        index, w_new, _ = nystrom_mlp(fit.T @ fit / 40, w_down, k, ridge=1.0, shrinkage=mu)
+        errors[mu] = float((fresh[:, index] @ w_new.T - fresh @ w_down.T).norm())
+    assert errors[0.5] < 0.9 * errors[0.0]
+
+
 def test_ridge_leverage_is_the_definition_also_for_a_rank_deficient_correlation():
     torch.manual_seed(0)
     z = torch.randn(40, 60, dtype=torch.float64) * torch.logspace(0, -3, 60, dtype=torch.float64)

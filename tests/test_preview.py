@@ -132,11 +132,12 @@ def test_params_agree_with_the_forecast(tiny, config):
     assert p["total"] > 0 and any(v > 0 for v in p["predicted_error"])
 
 
-@pytest.mark.parametrize("config", [MoDeGPTConfig(ratio=0.3, allocation="auto"),
+@pytest.mark.parametrize("config", [MoDeGPTConfig(ratio=0.3, allocation="auto", refit_shrinkage=0.0),
                                     OlicaConfig(ratio=0.3, allocation="auto", calibrate_layers=0)], ids=repr)
 def test_a_real_run_has_the_forecast_widths_and_params_and_its_first_mlp_error(tiny, config):
     """Automatic allocation from the statistics' Block Influence plans the run's own widths; block 0
-    sees the dense input in the run too, so its MLP curve is the run's in-sample error."""
+    sees the dense input in the run too, so its MLP curve is the run's in-sample error (MoDeGPT's with
+    the least-squares refit the curve describes)."""
     model, tokens, st = tiny
     p = predict(st, config, model.config)
     report = compress(model, config, tokens).report
@@ -147,6 +148,17 @@ def test_a_real_run_has_the_forecast_widths_and_params_and_its_first_mlp_error(t
     assert p["mlp"][0] == pytest.approx(report.layers[0].errors["mlp"], rel=1e-3)
     measured = measured_errors(report, st)
     assert len(measured["per_layer"]) == 4 and measured["total"] > 0
+
+
+def test_the_least_squares_curve_bounds_the_shrunk_refit_in_sample(tiny):
+    """MoDeGPT's default refit is shrunk toward the kept columns: on the calibration tokens it fits
+    worse than least squares (the curve), by a little."""
+    model, tokens, st = tiny
+    config = MoDeGPTConfig(ratio=0.3, allocation="auto")
+    assert config.refit_shrinkage > 0
+    curve = predict(st, config, model.config)["mlp"][0]
+    measured = compress(model, config, tokens).report.layers[0].errors["mlp"]
+    assert curve * (1 + 1e-3) < measured < 2 * curve
 
 
 def test_olica_calibration_branches_are_forecast_on_the_layers_the_run_picks(tiny):

@@ -281,6 +281,8 @@ def cli(*args):
     (["--method", "olica", "--calibration-ridge", "nan"], "ridge must be a finite number"),
     (["--method", "modegpt", "--epsilon", "nan", "--allocation", "auto"], "epsilon must be a finite number"),
     (["--method", "modegpt", "--leverage-ridge", "0"], "ridge must be in"),
+    (["--method", "modegpt", "--refit-shrinkage", "-0.5"], "refit_shrinkage must be in"),
+    (["--method", "olica", "--refit-shrinkage", "1"], "--refit-shrinkage does not apply to olica"),
     (["--method", "modegpt", "--calibration-ridge", "1"], "--calibration-ridge does not apply to modegpt"),
     (["--method", "slicegpt", "--leverage-ridge", "1"], "--leverage-ridge does not apply to slicegpt"),
     (["--calib-samples", "0"], "--calib-samples must be at least 1"),

@@ -29,7 +29,7 @@ DEFAULT_METHOD = "modegpt"  # leads BENCHMARKS.md at ratio 0.25 (with automatic 
 DEFAULT_ALLOCATION = "auto"
 # The chat demo's starting point (bench/calibration_sources.json, default model, self-chat calibration):
 # MoDeGPT at 0.1 scores chat KL 0.26 / top-1 0.79 against the dense replies, at 0.25 KL 0.87 / 0.61
-# (32 × 512 tokens); at the app's defaults (wiki+self-chat, 16 × 256) 0.1 measured KL 0.63 / top-1 0.65.
+# (32 × 512 tokens); at an earlier CPU default (wiki+self-chat, 16 × 256) 0.1 measured KL 0.63 / top-1 0.65.
 DEFAULT_RATIO = 0.1
 def _same(value, shown) -> bool:
     """Whether a slider that shows ``shown`` already shows ``value`` (to its 0.01 step)."""

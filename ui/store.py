@@ -25,7 +25,7 @@ from compression.pipeline import DenseCache, calibration_tokens
 
 from .runs import Served, on_space
 
-INFLUENCE_SPEC = TextSpec(16, 256)  # the CPU default calibration: Block Influence in ~10 s on 2 cores
+INFLUENCE_SPEC = TextSpec(16, 256)  # a small wiki calibration: Block Influence in ~10 s on 2 cores
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 MAX_REFERENCES = 4  # dense references kept (agreement on perplexity windows, chat agreement)
 MAX_TOKEN_TEXTS = 16  # tokenized texts kept (wiki splits, calibration sources per model)
