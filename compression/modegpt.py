@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .calibration import Gram, mlp_activations, mlp_outputs, prepare_sequential
+from .calibration import Gram, mlp_activations, mlp_outputs, prepare_sequential, resolve_precision
 from . import knobs
 from .knobs import knob
 from .ops import eigenvalues, nystrom_mlp, select_outputs, set_linear
@@ -88,7 +88,9 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
         errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
         hidden = [x + m for x, m in zip(mid, m_new)]
         with stage("decompositions"):
-            spectra = {"mlp_corr": eigenvalues(c).tolist(), "attn_input": eigenvalues(g_attn).tolist()}
+            single = resolve_precision(None, c.device) == "mixed"  # the Grams' own precision
+            spectra = {"mlp_corr": eigenvalues(c, single).tolist(),
+                       "attn_input": eigenvalues(g_attn, single).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})
         layers.append(LayerReport(
             index=i, params_dense=params_dense,

@@ -80,6 +80,18 @@ def test_eigenvalues_are_the_spectrum_descending_in_float64():
     assert eigenvalues(c.float()).dtype == torch.float64  # a float32 statistic is widened first
 
 
+def test_single_precision_eigenvalues_err_by_about_float32_rounding_of_the_largest():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64))
+    spectrum = torch.logspace(2, -8, 300, dtype=torch.float64)
+    c = (q * spectrum) @ q.T
+    vals = eigenvalues(c, single=True)
+    assert vals.dtype == torch.float64 and torch.all(vals[:-1] >= vals[1:])
+    error = (vals - spectrum).abs().max()
+    assert error < 300 * 6e-8 * spectrum[0]  # n · eps32 · λ_max: LAPACK's bound
+    assert error > 1e-12 * spectrum[0]  # and it did run in float32 (float64 would be ~1e-14)
+
+
 def test_triangular_inverse_inverts_a_cholesky_factor():
     torch.manual_seed(0)
     z = torch.randn(100, 40, dtype=torch.float64)
