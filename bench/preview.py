@@ -253,7 +253,7 @@ def markdown(result: dict) -> str:
              "exactly in-sample." if mu == 0 else
              f"- **MoDeGPT's refit here was shrunk** (`refit_shrinkage` {mu:g}): in-sample, the least-squares "
              "curve is a lower bound of its error; held out it does better (`bench.refit_shrinkage`).")
-    return "\n".join(lines + NOTES + [refit])
+    return "\n".join(lines + NOTES + [refit, ""])
 
 
 NOTES = [
