@@ -167,10 +167,11 @@ def nystrom_mlp(c: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float, 
     c: (m, m) correlation of the intermediate activations; w_down: (D, m) as in nn.Linear.
     Returns (kept indices (keep,), new down weight (D, keep), leverage scores (m,)).
 
-    The refit minimises ‖Z W_downᵀ − Z_S W'ᵀ‖² + μ‖W' − W_S‖² with μ = ``shrinkage`` · mean diag(SᵀCS):
-    0 is the paper's least squares, (SᵀCS)⁺ SᵀC W_downᵀ; μ > 0 shrinks it toward dropping the channels
-    (W_S: the kept columns of W_down as they are). The least-squares refit also fits the sampling noise
-    of C, which a small calibration makes large (``bench.refit_shrinkage`` measures the held-out gain).
+    The refit minimises ‖Z W_downᵀ − Z_S W'ᵀ‖²/n + μ‖W' − W_S‖² over n tokens, with
+    μ = ``shrinkage`` · mean diag(SᵀCS): 0 is the paper's least squares, (SᵀCS)⁺ SᵀC W_downᵀ; μ > 0
+    shrinks it toward dropping the channels (W_S: the kept columns of W_down as they are). The
+    least-squares refit also fits the sampling noise of C, which a small calibration makes large
+    (``bench.refit_shrinkage`` measures the held-out gain).
     """
     c = c.double()
     lam = ridge * c.diagonal().mean()

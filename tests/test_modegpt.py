@@ -36,7 +36,7 @@ def test_shrunk_refit_solves_its_ridge_problem_and_ends_at_the_kept_columns():
     assert torch.equal(index, index_s)  # shrinkage changes the refit, never the choice of channels
     c_ss, w_s = c[index][:, index], w_down[:, index]
     mu = 0.5 * c_ss.diagonal().mean()
-    # the gradient of ‖Z Wᵀ − Z_S W'ᵀ‖²/n + μ‖W' − W_S‖² vanishes at the shrunk refit, not at the plain one
+    # the gradient of ‖Z Wᵀ − Z_S W'ᵀ‖²/n + μ‖W' − W_S‖² vanishes at the shrunk refit, not the plain one
     grad = lambda w: (w @ c_ss - w_down @ c[:, index]) + mu * (w - w_s)  # noqa: E731
     torch.testing.assert_close(grad(shrunk), torch.zeros(D, k, dtype=torch.float64), rtol=0, atol=1e-10)
     assert grad(plain).abs().max() > 1e-3
