@@ -74,12 +74,14 @@ def main(argv=None) -> None:
             if r["ratio"] == args.ratio and r["windows"] == args.windows}
     model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
     windows = evaluation_windows(tokenizer, args.windows, 1024)
-    cache = DenseCache()
+    cache, calibrations = DenseCache(), {}  # tokens per calibration, shared by its μ rows
     for samples, length, source, mu in parse_grid(args.grid):
         if (samples, length, source, mu) in done:
             continue
         spec = TextSpec(samples, length, source=source)
-        calibration = calibration_tokens(DEFAULT_MODEL, model, tokenizer, spec)
+        if spec not in calibrations:
+            calibrations[spec] = calibration_tokens(DEFAULT_MODEL, model, tokenizer, spec)
+        calibration = calibrations[spec]
         config = MoDeGPTConfig(ratio=args.ratio, allocation="auto", refit_shrinkage=mu)
         t0 = time.perf_counter()
         _, report = compress_and_measure(DEFAULT_MODEL, model, tokenizer, config, spec, cache=cache,

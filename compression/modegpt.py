@@ -33,7 +33,8 @@ class MoDeGPTConfig(LayerwiseConfig):
                         flag="--leverage-ridge",
                         help="λ of the ridge leverage scores, relative to the mean eigenvalue of the "
                              "MLP correlation; larger → scores closer to the channels' energy")
-    refit_shrinkage: float = knob(0.5, kind="float", label="Refit shrinkage μ", low=0.0, advanced=True,
+    refit_shrinkage: float = knob(0.5, kind="float", label="Refit shrinkage μ", low=0.0, high=1e6,
+                                  advanced=True,
                                   help="shrinks the least-squares refit of down_proj toward keeping its "
                                        "columns as they are, relative to the mean kept-channel energy; "
                                        "0 = the paper's plain least squares (fits the calibration "

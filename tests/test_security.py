@@ -282,6 +282,7 @@ def cli(*args):
     (["--method", "modegpt", "--epsilon", "nan", "--allocation", "auto"], "epsilon must be a finite number"),
     (["--method", "modegpt", "--leverage-ridge", "0"], "ridge must be in"),
     (["--method", "modegpt", "--refit-shrinkage", "-0.5"], "refit_shrinkage must be in"),
+    (["--method", "modegpt", "--refit-shrinkage", "1e308"], "refit_shrinkage must be in"),
     (["--method", "olica", "--refit-shrinkage", "1"], "--refit-shrinkage does not apply to olica"),
     (["--method", "modegpt", "--calibration-ridge", "1"], "--calibration-ridge does not apply to modegpt"),
     (["--method", "slicegpt", "--leverage-ridge", "1"], "--leverage-ridge does not apply to slicegpt"),
