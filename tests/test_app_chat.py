@@ -72,6 +72,10 @@ def test_chat_streams_both_models_with_same_seed(tabs, compressed):
     assert len(steps) >= 2
     dense, comp, unused2, unused3, cleared = steps[-1]
     assert cleared == "" and dense[0] == {"role": "user", "content": "Hello!"} and unused2 == unused3 == []
+    # on the page the message box is emptied by the first step only: what the user types meanwhile stays
+    paged = list(tabs.chat.chat_page(compressed, "Hello!", [], [], "r1", "", 0.8, 0.9, 6, 1.1, 3))
+    assert paged[0][-1] == "" and all(step[-1] == {"__type__": "update"} for step in paged[1:])
+    assert [STATS.sub("", h[-1]["content"]) for h in paged[-1][:2]] == [STATS.sub("", h[-1]["content"]) for h in (dense, comp)]
     for history in (dense, comp):
         assert history[-1]["role"] == "assistant" and "tok/s" in history[-1]["content"]
         assert re.search(r"first token \d+\.\d\d s · \d+\.\d tok/s</sub>$", history[-1]["content"])

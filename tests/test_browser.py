@@ -81,7 +81,7 @@ PAINTED_TEXT = """text => [...document.querySelectorAll('.prose, .md')].some(e =
   const r = e.getBoundingClientRect(), st = getComputedStyle(e);
   return r.height > 0 && r.width > 0 && st.visibility !== 'hidden' && st.opacity !== '0'; })"""
 WAIT_REPLIES = """n => [...document.querySelectorAll('[data-testid="bot"]')]
-  .filter(e => e.innerText.includes('first token')).length >= n"""
+  .filter(e => e.innerText.includes('tok/s')).length >= n"""  # every reply's stats line, an empty reply's too
 SCROLL_USER_MESSAGE_TO_TOP = """i => {
   const list = document.querySelectorAll('.chat-panes .bubble-wrap')[i];
   const user = list.querySelector('.user-row .message');
@@ -92,6 +92,11 @@ SCROLL_USER_MESSAGE_TO_TOP = """i => {
     .map(r => ({top: r.top, bottom: r.bottom}));
   return {scrolled: u.top < l.top, header, visible: {top: Math.max(u.top, l.top), bottom: Math.min(u.bottom, l.bottom)}};
 }"""
+
+
+PAGE_AT_FAILURE = """() => [...document.body.innerText.split('\\n').filter(l => /⚠|rror|Stopp/.test(l)),
+  ...[...document.querySelectorAll('.chat-panes [data-testid="bot"]')].map(e => 'reply: ' + e.innerText)]
+  .join('\\n').slice(0, 4000)"""
 
 
 def _wait_quiet(page, locator, quiet_s: float = 2.0):
@@ -148,6 +153,7 @@ def shot_on_failure(page, path: Path, close: bool = False):
     except Exception:
         page.screenshot(path=str(path), full_page=True)
         print("page at failure:", path)
+        print("its warnings and chat panes:\n" + page.evaluate(PAGE_AT_FAILURE))  # CI keeps no screenshot
         raise
     finally:
         if close:
@@ -290,7 +296,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
             box.press("Enter")
             page.wait_for_function(WAIT_REPLIES, arg=2 * (turn + 1), timeout=TIMEOUT_MS)
             _wait_quiet(page, page.locator(".chat-panes"))  # streamed to the end
-        replies = page.locator('[data-testid="bot"]').filter(has_text="first token")
+        replies = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
         assert replies.count() == 4
         # scrolled so the first user message is cut at the top: what is left of it shows below the
         # pane's label and buttons, never under them

@@ -59,6 +59,12 @@ class ChatTab:
         finally:
             session.end_job(stop)
 
+    def chat_page(self, *args):
+        """:meth:`chat` as the page streams it: the message box is emptied by the first step only, so
+        what the user types while the replies stream stays (and is sent when they end)."""
+        for step, out in enumerate(self.chat(*args)):
+            yield *out[:-1], out[-1] if step == 0 else gr.update()
+
     @staticmethod
     def runs(session, run_ids, run_id=None) -> list:
         """The session's runs for the panes: at most :data:`MAX_RUNS`, of one dense model."""
@@ -198,8 +204,11 @@ class ChatTab:
         run_dd.change(self.choices, [state, run_dd, c.runs], c.runs, **HIDDEN)
         c.runs.change(self.panes, [state, c.runs], panes, **HIDDEN, **LAST)
         inputs = [state, c.msg, panes[0], panes[1], run_dd, model, *c.sampling, c.runs, *panes[2:]]
-        chat_evt = page.endpoint([c.msg.submit], self.chat, inputs, [*panes, c.msg], c.status, api_name="chat",
-                                 **JOB)
+        page.api_only.click(self.chat, inputs, [*panes, c.msg], api_name="chat", **JOB)
+        # always_last: Enter while a reply streams sends that message once the reply ends (the page's
+        # default, "once", silently dropped it)
+        chat_evt = page.endpoint([c.msg.submit], self.chat_page, inputs, [*panes, c.msg], c.status,
+                                 trigger_mode="always_last", **JOB)
         compare_evt = page.endpoint([c.compare_btn.click], self.compare, [state, c.runs, model, *c.sampling],
                                     [c.compare_progress, c.compare_table], c.status, clear=[c.compare_progress],
                                     show_progress="hidden", hold=c.compare_btn, **JOB)
