@@ -294,10 +294,12 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
             box.fill(f"Hello! Turn {turn}: a long message that wraps over the width of a pane, as a real "
                      "question about something would, with a few more words to be sure of it.")
             box.press("Enter")
-            page.wait_for_function(WAIT_REPLIES, arg=2 * (turn + 1), timeout=TIMEOUT_MS)
-            _wait_quiet(page, page.locator(".chat-panes"))  # streamed to the end
+            # the second turn is typed and sent while the first replies stream: kept, and sent after them
+            page.wait_for_function("() => document.querySelectorAll('[data-testid=\"bot\"]').length >= 2")
+        page.wait_for_function(WAIT_REPLIES, arg=4, timeout=TIMEOUT_MS)
+        _wait_quiet(page, page.locator(".chat-panes"))  # streamed to the end
         replies = page.locator('[data-testid="bot"]').filter(has_text="tok/s")
-        assert replies.count() == 4
+        assert replies.count() == 4 and page.locator('[data-testid="user"]').filter(has_text="Turn 1").count() == 2
         # scrolled so the first user message is cut at the top: what is left of it shows below the
         # pane's label and buttons, never under them
         for pane in range(2):
