@@ -76,9 +76,10 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
         c = Gram.of(z).mean
         with stage("errors"):
             m_dense = mlp_outputs(layer, h_mid[:probe.dense_batches], z)
+        single = resolve_precision(None, c.device) == "mixed"  # the Grams' own precision
         with stage("decompositions"):
             index, w_down, scores = nystrom_mlp(c, mlp.down_proj.weight, spec["mlp_dim"], config.ridge,
-                                                    config.refit_shrinkage)
+                                                config.refit_shrinkage, single)
         cut = spec["mlp_dim"] < mlp.gate_proj.out_features
         if cut:
             select_outputs(mlp.gate_proj, index)
@@ -89,7 +90,6 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
         errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
         hidden = [x + m for x, m in zip(mid, m_new)]
         with stage("decompositions"):
-            single = resolve_precision(None, c.device) == "mixed"  # the Grams' own precision
             spectra = {"mlp_corr": eigenvalues(c, single).tolist(),
                        "attn_input": eigenvalues(g_attn, single).tolist()}
         spectra.update({f"vo_group{g}": s for g, s in enumerate(vo_spectra)})

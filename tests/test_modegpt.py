@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from compression import compress
 from compression.arch import count_params
 from compression.modegpt import MoDeGPTConfig
-from compression.ops import (eigenvalues, nystrom_mlp, ridge_leverage, rotary_pair_scores, solve_psd,
-                             triangular_inverse, vo_decomposition)
+from compression.ops import (eigenvalues, nystrom_mlp, ridge_leverage, rotary_pair_scores, shifted_cond_bound,
+                             solve_psd, triangular_inverse, vo_decomposition)
 from compression.plan import Allocation, entropic_allocation
 
 
@@ -58,6 +58,24 @@ def test_shrunk_refit_generalises_better_from_a_small_sample():
         index, w_new, _ = nystrom_mlp(fit.T @ fit / 40, w_down, k, ridge=1.0, shrinkage=mu)
         errors[mu] = float((fresh[:, index] @ w_new.T - fresh @ w_down.T).norm())
     assert errors[0.5] < 0.9 * errors[0.0]
+
+
+def test_single_precision_nystrom_is_float32_where_the_shifts_bound_the_condition_and_float64_else():
+    torch.manual_seed(0)
+    n, m, k, D = 2000, 96, 60, 12
+    z = torch.randn(n, m, dtype=torch.float64) * torch.logspace(0, -2, m, dtype=torch.float64)
+    c, w_down = z.T @ z / n, torch.randn(D, m, dtype=torch.float64)
+    index, exact, scores = nystrom_mlp(c, w_down, k, ridge=1.0, shrinkage=0.5)
+    index_s, single, scores_s = nystrom_mlp(c, w_down, k, ridge=1.0, shrinkage=0.5, single=True)
+    assert torch.equal(index, index_s) and single.dtype == scores_s.dtype == torch.float64
+    assert 0 < (scores_s - scores).abs().max() < 1e-5  # it ran in float32, at float32's accuracy
+    assert 0 < (single - exact).abs().max() / exact.abs().max() < 1e-5
+    # no bound, float64 (the same bits as without single): the paper's refit (μ = 0), a tiny ridge's scores
+    plain, plain_single = nystrom_mlp(c, w_down, k, 1.0), nystrom_mlp(c, w_down, k, 1.0, single=True)
+    assert torch.equal(plain[1], plain_single[1]) and not torch.equal(plain[2], plain_single[2])
+    tiny, tiny_single = nystrom_mlp(c, w_down, k, 1e-6, 0.5), nystrom_mlp(c, w_down, k, 1e-6, 0.5, single=True)
+    assert torch.equal(tiny[2], tiny_single[2]) and not torch.equal(tiny[1], tiny_single[1])
+    assert shifted_cond_bound(10.0, 0.5) == 21.0 and shifted_cond_bound(1.0, 0.0) == float("inf")
 
 
 def test_ridge_leverage_is_the_definition_also_for_a_rank_deficient_correlation():
