@@ -297,6 +297,8 @@ class Probe:
         self.hidden = None if held_out is None else held_out.hidden
         self.mid: list[torch.Tensor] | None = None
         self.mlp_new: list[torch.Tensor] | None = None
+        self.mlp_in: list[torch.Tensor] | None = None  # the MLP's normalised probe inputs
+        self._z: list[torch.Tensor] | None = None  # the dense MLP's probe activations, until its error
         self.where = "calibration (in-sample)" if held_out is None else "held-out"
         # Calibration batches whose dense outputs the methods must keep for in-sample errors.
         self.dense_batches = IN_SAMPLE_BATCHES if held_out is None else 0
@@ -317,14 +319,24 @@ class Probe:
             return _error(new, dense_probe)
 
     def mlp(self, layer) -> list[torch.Tensor] | None:
+        """The dense MLP's outputs on the probe; its normalised inputs and activations are kept
+        (``mlp_in``, for :meth:`mlp_error`'s ``kept`` and Olica's moments)."""
+        if self.mid is None:
+            return None
         with stage("errors"):
-            return None if self.mid is None else [layer.mlp_out(x) for x in self.mid]
+            self.mlp_in, self._z = mlp_activations(layer, self.mid)
+            return mlp_outputs(layer, self.mlp_in, self._z)
 
-    def mlp_error(self, layer, dense_probe, new_fit, dense_fit) -> float:
+    def mlp_error(self, layer, dense_probe, new_fit, dense_fit, kept: torch.Tensor | None = None) -> float:
+        """kept: the MLP was only cut to these channels (gate/up rows as they were), so its new output
+        is the new down_proj on the kept channels of the dense activations: gate/up do not run again."""
         with stage("errors"):
             if dense_probe is None:
                 return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
-            self.mlp_new = self.mlp(layer)  # kept: Olica's residual moments reuse these outputs
+            if kept is None:
+                self.mlp_in, self._z = mlp_activations(layer, self.mid)
+            self.mlp_new = mlp_outputs(layer, self.mlp_in, self._z, kept)  # Olica's moments reuse these
+            self._z = None
             self.hidden = [x + m for x, m in zip(self.mid, self.mlp_new)]
             return _error(self.mlp_new, dense_probe)
 

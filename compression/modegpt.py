@@ -87,7 +87,7 @@ def run(model, config: MoDeGPTConfig, calibration, progress, held_out=None, infl
             set_linear(mlp.down_proj, w_down)
         m_new = mlp_outputs(layer, h_mid, z, index if cut else None)
         del z, h_mid
-        errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense)
+        errors["mlp"] = probe.mlp_error(layer, p_mlp, m_new, m_dense, index if cut else None)
         hidden = [x + m for x, m in zip(mid, m_new)]
         with stage("decompositions"):
             spectra = {"mlp_corr": eigenvalues(c, single).tolist(),

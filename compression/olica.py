@@ -172,7 +172,6 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None, influe
         if m_dense is None:
             m_dense = m_new if dropped is None else [m + dropped(zb) for m, zb in zip(m_new, z)]
         del z
-        norm = layer.post_attention_layernorm
         with stage("statistics"):
             fit = residual_moments(h_mid, m_dense, m_new, g_x)
         with stage("decompositions"):
@@ -183,10 +182,9 @@ def run(model, config: OlicaConfig, calibration, progress, held_out=None, influe
             probe_fits.append(fit)
             errors["mlp"] = (fit["r_sq"] / max(fit["dense_sq"], 1e-30)) ** 0.5
         else:
-            p_in = [norm(x) for x in probe.mid]
-            errors["mlp"] = probe.mlp_error(layer, p_mlp, None, None)
+            errors["mlp"] = probe.mlp_error(layer, p_mlp, None, None, index if cut else None)
             with stage("errors"):
-                probe_fits.append(residual_moments(p_in, p_mlp, probe.mlp_new))
+                probe_fits.append(residual_moments(probe.mlp_in, p_mlp, probe.mlp_new))
         hidden = [x + m for x, m in zip(mid, m_new)]
         del h_mid, m_dense, m_new
         with stage("decompositions"):
