@@ -168,7 +168,7 @@ def test_the_chat_tab_stop_cancels_both_streams_and_rewrites_the_table(tiny_fold
     fns = list(demo.fns.values())
     compare = next(fn for fn in fns if getattr(fn.fn, "__name__", "") == "compare")
     cancel = next(fn for fn in fns if compare._id in (fn.cancels or []))
-    assert {getattr(demo.fns[i].fn, "__name__", "") for i in cancel.cancels} == {"chat", "compare"}
+    assert {getattr(demo.fns[i].fn, "__name__", "") for i in cancel.cancels} == {"chat_page", "compare"}  # the page's events
     stop = next(fn for fn in fns if getattr(fn.fn, "__name__", "") == "stopped" and fn.targets == cancel.targets)
     table = compare.outputs[1]
     assert isinstance(table, gr.Dataframe) and table in stop.inputs and table in stop.outputs
