@@ -324,8 +324,8 @@ class Probe:
         if self.mid is None:
             return None
         with stage("errors"):
-            self.mlp_in, self._z = mlp_activations(layer, self.mid)
-            return mlp_outputs(layer, self.mlp_in, self._z)
+            self.mlp_in, self._z = _mlp_activations(layer, self.mid)
+            return _mlp_outputs(layer, self.mlp_in, self._z)
 
     def mlp_error(self, layer, dense_probe, new_fit, dense_fit, kept: torch.Tensor | None = None) -> float:
         """kept: the MLP was only cut to these channels (gate/up rows as they were), so its new output
@@ -334,8 +334,8 @@ class Probe:
             if dense_probe is None:
                 return _error(new_fit[:IN_SAMPLE_BATCHES], dense_fit[:IN_SAMPLE_BATCHES])
             if kept is None:
-                self.mlp_in, self._z = mlp_activations(layer, self.mid)
-            self.mlp_new = mlp_outputs(layer, self.mlp_in, self._z, kept)  # Olica's moments reuse these
+                self.mlp_in, self._z = _mlp_activations(layer, self.mid)
+            self.mlp_new = _mlp_outputs(layer, self.mlp_in, self._z, kept)  # Olica's moments reuse these
             self._z = None
             self.hidden = [x + m for x, m in zip(self.mid, self.mlp_new)]
             return _error(self.mlp_new, dense_probe)
@@ -346,17 +346,25 @@ def mlp_activations(layer, mid: list[torch.Tensor]) -> tuple[list, list]:
     the MoDeGPT and Olica statistics come from these, and a cut MLP's output from z's kept channels
     (:func:`mlp_outputs`), so gate/up run once per block."""
     with stage("forwards"):
-        h = [layer.post_attention_layernorm(x) for x in mid]
-        return h, [layer.mlp.inner(x) for x in h]
+        return _mlp_activations(layer, mid)
 
 
 def mlp_outputs(layer, h: list, z: list, index: torch.Tensor | None = None) -> list[torch.Tensor]:
     """What ``layer``'s MLP adds to the stream, from :func:`mlp_activations`' (h, z); ``index``: the
     channels the MLP was cut to (z's other channels are skipped)."""
     with stage("forwards"):
-        if index is not None:
-            z = [b[..., index.to(b.device)] for b in z]
-        return [layer.mlp_finish(a, b) for a, b in zip(h, z)]
+        return _mlp_outputs(layer, h, z, index)
+
+
+def _mlp_activations(layer, mid: list) -> tuple[list, list]:  # untimed: the caller names the stage
+    h = [layer.post_attention_layernorm(x) for x in mid]
+    return h, [layer.mlp.inner(x) for x in h]
+
+
+def _mlp_outputs(layer, h: list, z: list, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    if index is not None:
+        z = [b[..., index.to(b.device)] for b in z]
+    return [layer.mlp_finish(a, b) for a, b in zip(h, z)]
 
 
 def _error(new: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
