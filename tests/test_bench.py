@@ -98,5 +98,5 @@ def test_refit_shrinkage_bench_reads_its_grid_and_writes_its_table(tmp_path):
     (tmp_path / "refit_shrinkage.json").write_text(json.dumps(result))
     text = refit_shrinkage.section(tmp_path / "refit_shrinkage.json")
     assert text.index("| 0 | 31.60 |") < text.index("| 0.5 | 29.90 |")  # rows by μ within a calibration
-    assert refit_shrinkage.SECTION[0] in text and "default 0.5" in text
+    assert refit_shrinkage.SECTION[0] in text and "6,144 / n for n calibration tokens" in text
     assert refit_shrinkage.section(tmp_path / "absent.json") == ""

@@ -155,9 +155,11 @@ def test_the_least_squares_curve_bounds_the_shrunk_refit_in_sample(tiny):
     worse than least squares (the curve), by a little."""
     model, tokens, st = tiny
     config = MoDeGPTConfig(ratio=0.3, allocation="auto")
-    assert config.refit_shrinkage > 0
+    assert config.refit_shrinkage is None  # automatic: ∝ 1/tokens
     curve = predict(st, config, model.config)["mlp"][0]
-    measured = compress(model, config, tokens).report.layers[0].errors["mlp"]
+    report = compress(model, config, tokens).report
+    assert report.extra["refit_shrinkage"] == pytest.approx(0.5 * 12_288 / tokens.numel())
+    measured = report.layers[0].errors["mlp"]
     assert curve * (1 + 1e-3) < measured < 2 * curve
 
 
