@@ -82,6 +82,8 @@ def test_forecast_shows_problems_without_raising(tabs, tiny_folder):
     (dict(method="modegpt", epsilon=float("nan"), allocation="auto"), "epsilon must be a finite number"),
     (dict(method="modegpt", options={"modegpt_ridge": float("nan")}), "ridge must be a finite number"),
     (dict(method="olica", options={"olica_ridge": -1.0}), "ridge must be in"),
+    (dict(method="modegpt", options={"modegpt_refit_shrinkage": "lots"}), "Refit shrinkage μ must be a number or empty"),
+    (dict(method="modegpt", options={"modegpt_refit_shrinkage": "-1"}), "refit_shrinkage must be in"),
     (dict(method="modegpt", batch_size=0), "batch_size must be in"),
     (dict(calib_text="Far too little text."), "calibration"),
     (dict(calib_samples=100000, calib_len=2048), "calibration"),
@@ -287,3 +289,22 @@ def test_heal_changes_only_the_runs_model(tabs, tiny_folder):
     assert _checksum(dense) == before and _checksum(session.get("r1").model) != run_before
     assert "below one optimizer step" in refusal(tabs.compress.heal, session, "r1", tokens=10, lora_rank=2,
                                                  seq_len=64, ppl_windows=0, outputs=3, status=1)
+
+
+def test_an_optional_number_option_is_a_text_box_whose_empty_value_means_automatic(tabs, tiny_folder):
+    """A gr.Number cannot be empty (it shows and sends 0, which for the refit shrinkage is the paper's
+    least squares, not the automatic default): optional numbers are text boxes, empty = None."""
+    import gradio as gr
+    from compression.modegpt import MoDeGPTConfig
+    from ui import forms
+    from ui.page import option_control
+
+    knob = next(k for m, k in forms.option_knobs() if m == "modegpt" and k.name == "refit_shrinkage")
+    box = option_control(knob)
+    assert isinstance(box, gr.Textbox) and box.value == "" and box.placeholder == "automatic"
+    assert isinstance(option_control(next(k for m, k in forms.option_knobs() if k.name == "ridge")), gr.Number)
+    config = lambda value: tabs.compress._config(tiny_folder, "modegpt", 0.3, "uniform", "", False,  # noqa: E731
+                                                 options={"modegpt_refit_shrinkage": value})
+    assert config("").refit_shrinkage is None and config("  ").refit_shrinkage is None
+    assert config("0").refit_shrinkage == 0.0 and config(0.25).refit_shrinkage == 0.25
+    assert MoDeGPTConfig().refit_shrinkage is None

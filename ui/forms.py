@@ -56,13 +56,28 @@ def make_config(method: str, ratio: float, allocation: str, per_layer, *, num_la
     if allocation not in m.allocations:
         shown = " / ".join(ALLOCATION_LABELS[a] for a in m.allocations)
         raise ValueError(f"{m.label} supports allocation {shown}, not {allocation!r}")
-    values = {k.name: (options or {}).get(option_param(method, k)) for k in m.knobs() if k.name not in CORE}
+    values = {k.name: option_value(k, (options or {}).get(option_param(method, k))) for k in m.knobs()
+              if k.name not in CORE}
     values["batch_size"] = batch_size
     per = None
     if allocation == "manual":
         per = _block_indices(per_layer) if m.per_layer == "blocks" else _per_layer_values(per_layer, num_layers)
     return m.from_form(FormInput(values, ratio, allocation, per, slicing=slicing, epsilon=epsilon,
                                  hidden_size=hidden_size, num_layers=num_layers))
+
+
+def option_value(k: Knob, value):
+    """An option control's value for ``k``: an optional number's text box (empty: automatic, None)
+    gives a number; anything else is passed on as it is (the knob checks it)."""
+    if not (isinstance(value, str) and k.kind in ("float", "int")):
+        return value
+    if not value.strip():
+        return None if k.optional else value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{k.label} must be a number{' or empty (automatic)' if k.optional else ''}, "
+                         f"got {value[:40]!r}") from None
 
 
 def _block_indices(per_layer) -> tuple[int, ...]:

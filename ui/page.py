@@ -121,6 +121,8 @@ def option_control(k: Knob):
     info = knob_info(k)
     if k.kind == "bool":
         return gr.Checkbox(k.default, label=k.label, info=info, elem_classes=HOVER)
+    if k.kind in ("float", "int") and k.optional and k.default is None:  # a Number shows (and sends) 0
+        return gr.Textbox("", label=k.label, info=info, placeholder="automatic", elem_classes=HOVER)
     if k.kind in ("float", "int"):
         return gr.Number(k.default, label=k.label, info=info, elem_classes=HOVER,
                          precision=0 if k.kind == "int" else None)
