@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     from compression.evaluate import perplexity
     from compression.methods import get
     from compression.models import load_model
+    from compression.modegpt import refit_shrinkage
     from compression.pipeline import calibration_tokens
     from compression.preview import collect, predict
     from compression.preview import best_allocation
@@ -181,7 +182,7 @@ def main(argv=None) -> None:
                     "device": "cpu", "load_average": round(load, 2)},
         "settings": {"model": MODEL, "calibration": [samples, length, "wiki"], "windows": args.windows,
                      "held_out_sequences": 0 if held_out is None else int(held_out.shape[0]),
-                     "modegpt_refit_shrinkage": configs[0][1].refit_shrinkage},
+                     "modegpt_refit_shrinkage": refit_shrinkage(configs[0][1], samples * length)},  # the μ used
         "collect_s": round(collect_s, 1), "predict_ms": round(statistics.median(predict_ms), 2),
         "predict_ms_max": round(max(predict_ms), 2), "dense_ppl": dense_ppl,
         **correlations(rows, st),
@@ -248,7 +249,7 @@ def markdown(result: dict) -> str:
               "Levels, forecast ÷ measured per-layer error (median [min, max] over every layer of every setting): "
               + "; ".join(f"{k} {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
                           for k, v in result.get("levels", {}).items()) + ".", ""]
-    mu = result["settings"].get("modegpt_refit_shrinkage", 0.0)  # runs before it existed: least squares
+    mu = result["settings"].get("modegpt_refit_shrinkage") or 0.0  # runs before it existed: least squares
     refit = ("- **MoDeGPT's refit here was least squares** (`refit_shrinkage` 0), the error the curve gives "
              "exactly in-sample." if mu == 0 else
              f"- **MoDeGPT's refit here was shrunk** (`refit_shrinkage` {mu:g}): in-sample, the least-squares "
