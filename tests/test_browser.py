@@ -256,7 +256,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         for title in ("MLP activation correlation (Nyström)", "attention input", "value–output, kv group 0",
                       "normalised spectra by layer", "MLP channel ridge leverage", "Reconstruction error per layer",
                       "Parameters per layer"):
-            assert page.get_by_text(title).count() >= 1, title
+            page.get_by_text(title).first.wait_for()  # Plotly draws each figure's SVG text after the div exists
         page.get_by_text("the dense model's, on").first.wait_for()  # computed on demand, not "no data"
         layer_box = page.get_by_label("number input for Layer", exact=True)
         layer_box.fill("1")
@@ -314,7 +314,7 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.wait_for_function("() => document.body.innerText.includes('Compare 100%')", timeout=TIMEOUT_MS)
         table = page.locator(".compare-table")
         for text in ("Write a haiku about autumn.", "dense", "r1 · modegpt"):
-            assert table.get_by_text(text).count() >= 1, text
+            table.get_by_text(text).first.wait_for()  # the table's cells may land after the progress text
 
         # a reload starts a new session: r1 was saved under the runs root and loads back in one click
         page.reload()
