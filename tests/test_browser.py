@@ -321,4 +321,4 @@ def test_compress_inspect_evaluate_and_chat_in_the_browser(page, tmp_path):
         page.get_by_role("tab", name="Runs").click()
         page.wait_for_function("() => [...document.querySelectorAll('input')].some(i => /^r1-/.test(i.value))")
         page.get_by_role("button", name="Load saved run").click()
-        page.get_by_text("loaded from r1-").first.wait_for()
+        page.get_by_text("loaded from r1-").locator("visible=true").first.wait_for()  # not the hidden table cell
